@@ -1,0 +1,382 @@
+"""Typed recipe schemas and the recipe loader.
+
+A recipe is a YAML file whose top-level sections match `Recipe` below. Each component reads its own
+section (the model gets `ModelConfig`, the data module `DataConfig`, ...), never the whole recipe.
+
+Loading goes through `OmegaConf.structured(Recipe)` + merge + `to_object`, so an unknown key or a
+value of the wrong type fails at load time with one line naming the key and the file. A recipe may
+list other recipe files under `defaults:` (paths relative to it), merged first, in order; values may
+use omegaconf interpolation (`${model.max_seq_len}`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DOMAINS = ("text", "code", "dna")
+
+
+class ConfigError(ValueError):
+    """A user's recipe or argument is wrong. Its message is one line, shown without a traceback."""
+
+
+# ----------------------------------------------------------------------------- model
+
+# Named sizes. Explicit fields in a recipe override the preset's values.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384, max_seq_len=512),
+    "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, ffn_dim=1024, max_seq_len=1024),
+    "base": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048, max_seq_len=2048),
+}
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts FFN. `experts` empty means a dense model."""
+
+    experts: list[str] = field(default_factory=list)  # expert names, usually domains
+    expert_ffn_dim: int | None = None  # hidden size of each expert; None = the model's ffn_dim
+    router: str = "learned"  # learned (softmax top-k) | domain (hard, by the token's domain id)
+    top_k: int = 1  # experts per token for the learned router
+    shared_expert_ffn_dim: int = 0  # >0 adds an always-on shared expert of this hidden size
+    normalize_weights: bool = True  # renormalise top-k weights to sum to 1
+    load_balance_coef: float = 0.01  # Switch Transformer auxiliary loss weight
+    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    jitter: float = 0.0  # multiplicative jitter on router input during training
+    backend: str = "auto"  # auto | triton | torch | loop (see moe_kernels.moe_mlp)
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder. `size` picks a preset; any field set here overrides it."""
+
+    size: str = "debug"  # debug | tiny | small | base
+    vocab_size: int = 259  # 256 bytes + BOS, EOS, PAD (the byte tokenizer)
+    dim: int | None = None  # model width
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None  # grouped-query attention when < n_heads
+    ffn_dim: int | None = None  # SwiGLU hidden size
+    max_seq_len: int | None = None  # longest context RoPE is prepared for
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def resolved(self) -> ModelConfig:
+        """A copy with the preset's values filled into fields left unset."""
+        if self.size not in MODEL_SIZES:
+            raise ConfigError(
+                f"model.size: unknown size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}"
+            )
+        out = ModelConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for k, v in MODEL_SIZES[self.size].items():
+            if getattr(out, k) is None:
+                setattr(out, k, v)
+        if out.dim % out.n_heads:
+            raise ConfigError(f"model.dim ({out.dim}) must be divisible by n_heads ({out.n_heads})")
+        if out.n_heads % out.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({out.n_heads}) must be divisible by n_kv_heads ({out.n_kv_heads})"
+            )
+        if (out.dim // out.n_heads) % 2:
+            raise ConfigError("model.dim / model.n_heads must be even (RoPE rotates pairs)")
+        return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    """Where one domain's documents come from.
+
+    kind: builtin (shipped/standard-library corpora, no network), files (local text, json, jsonl,
+    parquet or FASTA files read through `datasets.load_dataset`, FASTA by our own reader), or hf (a
+    Hugging Face hub dataset name; needs network or a warm cache).
+    """
+
+    kind: str = "builtin"
+    paths: list[str] = field(default_factory=list)  # files/globs for kind=files
+    name: str | None = None  # hub dataset name for kind=hf
+    subset: str | None = None  # hub dataset config name
+    split: str = "train"
+    text_field: str = "text"  # column holding the document text (json/parquet/hub)
+
+
+@dataclass
+class DataConfig:
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    sources: dict[str, SourceConfig] = field(default_factory=dict)  # per-domain override
+    bytes_per_domain: int = 400_000  # each domain's corpus is cut to this many bytes (balance)
+    seq_len: int = 128  # tokens per training sequence
+    heldout_fraction: float = 0.1  # share of documents held out (by document hash)
+    stream: str = "mixed"  # mixed | separate | per_domain
+    weights: dict[str, float] = field(default_factory=dict)  # mixture weights; empty = uniform
+    batch_size: int = 8  # sequences per step (per domain for stream=per_domain)
+    num_workers: int = 0
+    cache_dir: str | None = None  # where tokenized corpora are cached; None = no cache
+
+
+# ----------------------------------------------------------------------------- optim/trainer
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `lightning.Trainer`: loop, precision, devices and strategy live there."""
+
+    max_steps: int = 100
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    val_check_interval: int = 50  # steps between held-out evaluations
+    limit_val_batches: int = 4  # held-out batches per domain at each evaluation
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50  # Lightning resume checkpoints (last.ckpt)
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+
+
+@dataclass
+class BranchConfig:
+    """Independent branch training: shared weights plus one expert, on one domain's stream."""
+
+    domain: str | None = None
+    freeze_shared: bool = False  # train only the expert's FFN
+
+
+@dataclass
+class RouterTrainConfig:
+    freeze_experts: bool = True  # router fine-tune: train only the routers
+
+
+@dataclass
+class EvalConfig:
+    max_batches: int = 16  # held-out batches per domain (0 = all)
+    batch_size: int = 8
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    stage: str = "dense"  # dense | branch | joint | router
+    seed: int = 1234
+    out_dir: str = "runs/${name}"  # run directory
+    init: str | None = None  # checkpoint directory to start from (else random init)
+    resume: str | None = None  # Lightning .ckpt (or run dir) to resume from
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
+    router: RouterTrainConfig = field(default_factory=RouterTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+STAGES = ("dense", "branch", "joint", "router")
+STREAMS = ("mixed", "separate", "per_domain")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _all_keys(schema: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            out.extend(_all_keys(type(default), key + "."))
+    return out
+
+
+def _closest(key: str, schema: type) -> str:
+    # suggest the closest valid key, comparing full dotted paths and then last segments
+    keys = _all_keys(schema)
+    hit = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not hit:
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        hit = [by_leaf[near[0]]] if near else []
+    return f" (did you mean '{hit[0]}'?)" if hit else ""
+
+
+def _explain(err: OmegaConfBaseException, where: str, schema: type) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    name = type(err).__name__
+    if "ConfigKeyError" in name or "ConfigAttributeError" in name or "not in struct" in msg:
+        return ConfigError(f"{where}: unknown key '{key}'{_closest(key, schema)}")
+    if "ValidationError" in name:
+        return ConfigError(f"{where}: wrong type for '{key}': {msg}")
+    if "Interpolation" in name:
+        return ConfigError(f"{where}: bad interpolation at '{key}': {msg}")
+    return ConfigError(f"{where}: {msg}" + (f" (at '{key}')" if key else ""))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one recipe file with its `defaults:` merged in (no schema yet)."""
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `defaults` include themselves in a cycle")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors carry a multi-line message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from None
+    if raw is None or isinstance(raw, ListConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, data:, ...)")
+    defaults = raw.pop("defaults", None) if "defaults" in raw else None
+    merged = OmegaConf.create({})
+    if defaults is not None:
+        if isinstance(defaults, str):
+            defaults = [defaults]
+        if not isinstance(defaults, (list, ListConfig)):
+            raise ConfigError(f"{path}: `defaults` must be a list of recipe files")
+        for d in defaults:
+            merged = OmegaConf.merge(
+                merged, _read_yaml(path.parent / str(d), seen + (path.resolve(),))
+            )
+    return OmegaConf.merge(merged, raw)
+
+
+def load_recipe(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Load a recipe file (or only defaults when `path` is None) with `key=value` overrides."""
+    schema = OmegaConf.structured(Recipe)
+    where = str(path) if path is not None else "recipe"
+    try:
+        layers = [schema]
+        if path is not None:
+            layers.append(_read_yaml(Path(path)))
+        cfg = OmegaConf.merge(*layers)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise _explain(e, where, Recipe) from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {ov!r}", Recipe) from None
+    try:
+        recipe = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, where, Recipe) from None
+    validate(recipe, where)
+    return recipe
+
+
+def validate(r: Recipe, where: str = "recipe") -> None:
+    """Checks that span fields (the schema already checked each field's type)."""
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {msg}")
+
+    if r.stage not in STAGES:
+        raise bad(f"stage: unknown stage {r.stage!r}; choose one of {', '.join(STAGES)}")
+    m = r.model.resolved()
+    d = r.data
+    if not d.domains:
+        raise bad("data.domains: at least one domain is needed")
+    for dom in list(d.domains) + list(d.sources) + list(d.weights):
+        if dom not in DOMAINS and dom not in d.sources:
+            raise bad(
+                f"data: unknown domain {dom!r}; built-in domains are {', '.join(DOMAINS)} "
+                "(a new domain needs an entry under data.sources)"
+            )
+    if len(set(d.domains)) != len(d.domains):
+        raise bad("data.domains: a domain is listed twice")
+    if d.seq_len < 2:
+        raise bad(f"data.seq_len must be at least 2, got {d.seq_len}")
+    if d.seq_len > m.max_seq_len:
+        raise bad(
+            f"data.seq_len ({d.seq_len}) is larger than the model's context "
+            f"model.max_seq_len ({m.max_seq_len})"
+        )
+    if not 0.0 < d.heldout_fraction < 1.0:
+        raise bad(f"data.heldout_fraction must be in (0, 1), got {d.heldout_fraction}")
+    if d.stream not in STREAMS:
+        raise bad(f"data.stream: unknown stream {d.stream!r}; choose one of {', '.join(STREAMS)}")
+    if d.stream == "separate" and len(d.domains) != 1:
+        raise bad("data.stream=separate needs exactly one domain in data.domains")
+    if any(w < 0 for w in d.weights.values()) or (d.weights and sum(d.weights.values()) <= 0):
+        raise bad("data.weights must be non-negative with a positive sum")
+    if d.batch_size < 1 or d.bytes_per_domain < 1:
+        raise bad("data.batch_size and data.bytes_per_domain must be positive")
+    for dom, s in d.sources.items():
+        if s.kind not in ("builtin", "files", "hf"):
+            raise bad(f"data.sources.{dom}.kind: unknown kind {s.kind!r} (builtin, files, hf)")
+        if s.kind == "files" and not s.paths:
+            raise bad(f"data.sources.{dom}.paths: kind=files needs at least one path")
+        if s.kind == "hf" and not s.name:
+            raise bad(f"data.sources.{dom}.name: kind=hf needs a dataset name")
+    moe = m.moe
+    if moe.experts:
+        if moe.router not in ("learned", "domain"):
+            raise bad(f"model.moe.router: unknown router {moe.router!r} (learned, domain)")
+        if not 1 <= moe.top_k <= len(moe.experts):
+            raise bad(
+                f"model.moe.top_k ({moe.top_k}) must be between 1 and the number of experts "
+                f"({len(moe.experts)})"
+            )
+        if moe.backend not in ("auto", "triton", "torch", "loop"):
+            raise bad(f"model.moe.backend: unknown backend {moe.backend!r}")
+    if r.stage == "branch" and r.branch.domain is None:
+        raise bad("stage=branch needs branch.domain (e.g. branch.domain=code)")
+    if r.trainer.max_steps < 1:
+        raise bad(f"trainer.max_steps must be at least 1, got {r.trainer.max_steps}")
+    if r.trainer.nan_policy not in ("stop", "skip"):
+        raise bad(f"trainer.nan_policy: {r.trainer.nan_policy!r} is not one of stop, skip")
+    if r.optim.lr <= 0:
+        raise bad(f"optim.lr must be positive, got {r.optim.lr}")
+
+
+def to_yaml(r: Any) -> str:
+    """The resolved recipe (or any schema object) as YAML, for saving beside a run."""
+    return OmegaConf.to_yaml(OmegaConf.structured(r))
+
+
+def to_dict(r: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(r), resolve=True)  # type: ignore[return-value]
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Rebuild a ModelConfig from checkpoint config.json, refusing unknown keys."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), d)
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _explain(e, "config.json", ModelConfig) from None

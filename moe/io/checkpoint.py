@@ -1,0 +1,233 @@
+"""Checkpoint directories: `model.safetensors` + `config.json` (model config) + `meta.json` (lineage).
+
+A checkpoint is written into a temporary sibling directory and renamed into place when complete,
+so a kill at any moment leaves the old checkpoint or the new one, never a half-written one. The
+meta records the sha256 of each weights file and loading verifies it. Nothing is ever unpickled.
+
+meta.json fields:
+    format        "moe-forge/1"
+    id            short unique id of this checkpoint
+    parents       ids of the checkpoints it was made from (training init, merge inputs, branches)
+    base_id       id of the dense seed model the lineage started from (own id for a seed)
+    family        expert family: which expert a fine-tune belongs to (e.g. "code"), or null
+    domain        domain the checkpoint was trained on (null for mixed streams)
+    kind          dense | moe | branch | merge | ...
+    tokens_seen   training tokens over the whole lineage
+    train_flops   training FLOPs over the whole lineage
+    recipe        the resolved recipe (or merge config) that produced it
+    sha256        {filename: hex digest} of each weights file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moe.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+
+FORMAT = "moe-forge/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+META = "meta.json"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, truncated, corrupted or incompatible."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temporary name + rename: readers see the old or the new text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    config: ModelConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def make_meta(**kw: Any) -> dict[str, Any]:
+    """A meta dict with every field present (defaults for those not given)."""
+    meta = dict(
+        format=FORMAT,
+        id=new_id(),
+        parents=[],
+        base_id=None,
+        family=None,
+        domain=None,
+        kind="dense",
+        tokens_seen=0,
+        train_flops=0.0,
+        recipe=None,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    meta.update(kw)
+    if meta["base_id"] is None:
+        meta["base_id"] = meta["id"]
+    return meta
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    config: ModelConfig | dict,
+    meta: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint directory atomically. Refuses an existing one unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"checkpoint {path} already exists (pass --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{new_id()}")
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        cfg = config if isinstance(config, dict) else to_dict(config)
+        meta = dict(meta)
+        meta["sha256"] = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
+        for name, obj in ((CONFIG, cfg), (META, meta)):
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, default=str)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+        with open(tmp / WEIGHTS, "rb") as f:
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            # two renames: a kill between them leaves the old version at `old`, which
+            # load_checkpoint names in its error
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    _check_dir(path)
+    try:
+        with open(path / META, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / META}: corrupted JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / META}: not a moe-forge checkpoint meta (format != {FORMAT})")
+    return meta
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    _check_dir(path)
+    try:
+        with open(path / CONFIG, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / CONFIG}: corrupted JSON ({e})") from None
+    try:
+        return model_config_from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / CONFIG}: {e}") from None
+
+
+def _check_dir(path: Path) -> None:
+    if not path.exists():
+        olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
+        hint = f" (an interrupted overwrite left the previous version at {olds[0]})" if olds else ""
+        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a checkpoint is a directory holding {WEIGHTS}, {CONFIG}, {META}")
+    for name in (WEIGHTS, CONFIG, META):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: incomplete checkpoint, {name} is missing")
+
+
+def load_state_dict(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    meta = read_meta(path)
+    if verify:
+        want = (meta.get("sha256") or {}).get(WEIGHTS)
+        if want is None:
+            raise CheckpointError(f"{path / META}: no sha256 recorded for {WEIGHTS}")
+        got = sha256_file(path / WEIGHTS)
+        if got != want:
+            raise CheckpointError(
+                f"{path / WEIGHTS}: sha256 mismatch (file is corrupted or truncated; "
+                f"expected {want[:12]}..., got {got[:12]}...)"
+            )
+    try:
+        return load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: cannot read weights ({str(e).splitlines()[0]})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Load a checkpoint directory (weights verified against meta.json's sha256)."""
+    path = Path(path)
+    meta = read_meta(path)
+    config = read_config(path)
+    return Checkpoint(path=path, state_dict=load_state_dict(path, verify), config=config, meta=meta)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / META).is_file() and (p / WEIGHTS).is_file()
