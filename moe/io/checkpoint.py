@@ -1,4 +1,4 @@
-"""Checkpoint directories: `model.safetensors` + `config.json` (model config) + `meta.json` (lineage).
+"""Checkpoint directories: `model.safetensors`, `config.json` (model config), `meta.json` (lineage).
 
 A checkpoint is written into a temporary sibling directory and renamed into place when complete,
 so a kill at any moment leaves the old checkpoint or the new one, never a half-written one. The
@@ -169,9 +169,13 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         with open(path / META, encoding="utf-8") as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / META}: corrupted JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        raise CheckpointError(
+            f"{path / META}: corrupted JSON ({e.msg if hasattr(e, 'msg') else e})"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / META}: not a moe-forge checkpoint meta (format != {FORMAT})")
+        raise CheckpointError(
+            f"{path / META}: not a moe-forge checkpoint meta (format != {FORMAT})"
+        )
     return meta
 
 
@@ -195,7 +199,9 @@ def _check_dir(path: Path) -> None:
         hint = f" (an interrupted overwrite left the previous version at {olds[0]})" if olds else ""
         raise CheckpointError(f"checkpoint not found: {path}{hint}")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: a checkpoint is a directory holding {WEIGHTS}, {CONFIG}, {META}")
+        raise CheckpointError(
+            f"{path}: a checkpoint is a directory holding {WEIGHTS}, {CONFIG}, {META}"
+        )
     for name in (WEIGHTS, CONFIG, META):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: incomplete checkpoint, {name} is missing")
@@ -217,7 +223,9 @@ def load_state_dict(path: str | os.PathLike, verify: bool = True) -> dict[str, t
     try:
         return load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path / WEIGHTS}: cannot read weights ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path / WEIGHTS}: cannot read weights ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:

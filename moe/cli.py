@@ -1,0 +1,150 @@
+"""The `moe` command: maps each subcommand to a plain library function. No logic of its own.
+
+A user mistake (ConfigError and its subclasses) prints one line `moe: error: ...` and exits 2,
+with no traceback. Set MOE_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moe.config import ConfigError
+
+
+def _recipe(args) -> object:
+    from moe.config import load_recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_train(args) -> int:
+    from moe.train.stages import train
+
+    out = train(_recipe(args))
+    print(out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from moe.eval.evaluate import evaluate_checkpoint, format_table, resolve_checkpoint
+    from moe.io.checkpoint import write_json
+
+    doms = args.domains.split(",") if args.domains else None
+    reports = []
+    for path in args.checkpoints:
+        rep = evaluate_checkpoint(
+            path,
+            doms,
+            max_batches=args.max_batches,
+            batch_size=args.batch_size,
+            progress=sys.stderr.isatty(),
+        )
+        reports.append(rep)
+    print(format_table(reports))
+    if args.json:
+        write_json(args.json, reports if len(reports) > 1 else reports[0])
+    else:
+        for path, rep in zip(args.checkpoints, reports):
+            p = Path(path)
+            target = p / "eval.json" if resolve_checkpoint(p) != p else p / "eval.json"
+            write_json(target, rep)
+            print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from moe.data.datamodule import DomainDataModule
+
+    r = _recipe(args)
+    dm = DomainDataModule(r.data, seed=r.seed)
+    rows = dm.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    cols = [
+        "domain",
+        "documents",
+        "bytes",
+        "train_documents",
+        "heldout_documents",
+        "train_sequences",
+        "heldout_sequences",
+    ]
+    print("| " + " | ".join(cols) + " | origin |")
+    print("|" + "---|" * (len(cols) + 1))
+    for row in rows:
+        cells = [
+            f"{row.get(c):,}" if isinstance(row.get(c), int) else str(row.get(c)) for c in cols
+        ]
+        print("| " + " | ".join(cells) + f" | {row.get('origin', '')} |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe",
+        description="moe-forge: domain experts from dense LMs: split, train, merge, measure.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_cmd(name: str, help: str, func, optional: bool = False):
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("recipe", nargs="?" if optional else None, help="recipe YAML file")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = recipe_cmd("train", "run one training stage from a recipe", cmd_train)
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    sp = sub.add_parser("eval", help="per-domain held-out loss and bits per byte")
+    sp.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
+    sp.add_argument("--domains", help="comma-separated domains (default: text,code,dna)")
+    sp.add_argument("--max-batches", type=int, default=16, help="held-out batches per domain")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--json", help="write results here (default: eval.json in each directory)")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = recipe_cmd("data", "show what each domain corpus holds", cmd_data, optional=True)
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+    import warnings
+
+    # Lightning's per-run banners (GPU available, etc.) drown the progress bar on a laptop
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        if os.environ.get("MOE_DEBUG"):
+            raise
+        print(f"moe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from moe.train.module import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError) and not os.environ.get("MOE_DEBUG"):
+            print(f"moe: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

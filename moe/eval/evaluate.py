@@ -1,0 +1,198 @@
+"""Per-domain held-out evaluation: loss (nats/token) and bits per byte, plus routing analytics.
+
+Bits per byte = total nats over the held-out targets / total raw bytes those targets cover / ln 2.
+With the shared byte-level tokenizer it is comparable across domains and across models.
+
+The held-out data is rebuilt from the data section of the checkpoint's own recipe (same sources,
+budget and seed), so the documents a model was trained on are never in its held-out set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from moe.config import DOMAINS, ConfigError, DataConfig
+from moe.data.datamodule import DomainDataModule
+from moe.io.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
+from moe.model.transformer import IGNORE_INDEX, Transformer
+from moe.train.module import domain_to_expert
+
+DEAD_SHARE = 0.01  # an expert receiving under 1% of a layer's assignments on every domain is "dead"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory holding one at `model/`."""
+    p = Path(path)
+    if is_checkpoint(p):
+        return p
+    if is_checkpoint(p / "model"):
+        return p / "model"
+    if not p.exists():
+        raise CheckpointError(f"no such checkpoint or run directory: {p}")
+    raise CheckpointError(f"{p} is neither a checkpoint nor a run directory holding model/")
+
+
+def data_config_of(meta: dict) -> tuple[DataConfig, int]:
+    """The data section (and seed) of the recipe that produced a checkpoint; defaults if none."""
+    recipe = meta.get("recipe") or {}
+    base = OmegaConf.structured(DataConfig)
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    if data:
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        base = OmegaConf.merge(base, {k: v for k, v in data.items() if k in known})
+    cfg: DataConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    return cfg, int(recipe.get("seed", 1234)) if isinstance(recipe, dict) else 1234
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Transformer,
+    data: DataConfig,
+    seed: int,
+    domains: list[str],
+    max_batches: int = 16,
+    batch_size: int = 8,
+    progress: bool = True,
+    datamodule: DomainDataModule | None = None,
+) -> dict:
+    """{domain: {loss, bpb, tokens, bytes}} and routing shares for an in-memory model."""
+    cfg = dataclasses.replace(data, domains=list(domains), stream="mixed", weights={})
+    dm = datamodule or DomainDataModule(cfg, seed=seed)
+    dm.setup("validate")
+    model.eval()
+    device = next(model.parameters()).device
+    experts = list(model.config.moe.experts)
+    hard = bool(experts) and model.config.moe.router == "domain"
+    e_of_d = domain_to_expert(dm.domain_names, experts).to(device) if hard else None
+    results: dict[str, dict] = {}
+    routing: dict[str, list[list[float]]] = {}
+    for dom in domains:
+        if hard and dom not in experts:
+            results[dom] = {
+                "loss": None,
+                "bpb": None,
+                "tokens": 0,
+                "bytes": 0,
+                "note": "no expert for this domain",
+            }
+            continue
+        nats, toks, nbytes = 0.0, 0, 0
+        counts = None
+        loader = dm.heldout_loader(dom, batch_size=batch_size, max_batches=max_batches)
+        for batch in tqdm(loader, desc=f"eval {dom}", leave=False, disable=not progress):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hint = e_of_d[batch["domain"]] if hard else None
+            out = model(batch["input_ids"], domain=hint)
+            tgt = batch["targets"]
+            loss = F.cross_entropy(
+                out.logits.float().view(-1, out.logits.size(-1)),
+                tgt.view(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            nats += float(loss.double())
+            toks += int((tgt != IGNORE_INDEX).sum())
+            nbytes += int(batch["target_bytes"].sum())
+            if out.router_stats:
+                c = torch.stack(
+                    [
+                        torch.bincount(
+                            s["expert_ids"].reshape(-1), minlength=s["num_experts"]
+                        ).cpu()
+                        for s in out.router_stats
+                    ]
+                )  # (layers, E)
+                counts = c if counts is None else counts + c
+        if toks == 0:
+            raise ConfigError(f"domain {dom!r} has no held-out sequences to evaluate")
+        results[dom] = {
+            "loss": nats / toks,
+            "bpb": nats / max(nbytes, 1) / math.log(2),
+            "tokens": toks,
+            "bytes": nbytes,
+        }
+        if counts is not None:
+            share = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
+            routing[dom] = share.tolist()
+    report: dict = {"domains": results}
+    if routing:
+        n_layers = len(next(iter(routing.values())))
+        dead = []
+        for li in range(n_layers):
+            for e, name in enumerate(experts):
+                if all(routing[d][li][e] < DEAD_SHARE for d in routing):
+                    dead.append({"layer": li, "expert": name})
+        report["routing"] = {"experts": experts, "share": routing, "dead_experts": dead}
+    return report
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike,
+    domains: list[str] | None = None,
+    max_batches: int = 16,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    ckpt_dir = resolve_checkpoint(path)
+    ck = load_checkpoint(ckpt_dir)
+    model = Transformer(ck.config)
+    model.load_state_dict(ck.state_dict)
+    data, seed = data_config_of(ck.meta)
+    doms = list(domains) if domains else list(DOMAINS)
+    for d in doms:
+        if d not in DOMAINS and d not in data.sources:
+            raise ConfigError(f"unknown domain {d!r}; built-in domains are {', '.join(DOMAINS)}")
+    if data.seq_len > model.config.max_seq_len:
+        data = dataclasses.replace(data, seq_len=model.config.max_seq_len)
+    rep = evaluate_model(model, data, seed, doms, max_batches, batch_size, progress)
+    rep.update(
+        checkpoint=str(ckpt_dir),
+        id=ck.meta.get("id"),
+        kind=ck.meta.get("kind"),
+        family=ck.meta.get("family"),
+        tokens_seen=ck.meta.get("tokens_seen"),
+        train_flops=ck.meta.get("train_flops"),
+    )
+    return rep
+
+
+def format_table(reports: list[dict]) -> str:
+    """A markdown table: one row per checkpoint, loss and bits per byte per domain."""
+    doms: list[str] = []
+    for r in reports:
+        doms += [d for d in r["domains"] if d not in doms]
+    head = "| checkpoint | " + " | ".join(f"{d} loss | {d} bpb" for d in doms) + " |"
+    sep = "|---|" + "---:|---:|" * len(doms)
+    rows = [head, sep]
+    for r in reports:
+        cells = []
+        for d in doms:
+            v = r["domains"].get(d) or {}
+            loss, bpb = v.get("loss"), v.get("bpb")
+            cells += ["-" if loss is None else f"{loss:.4f}", "-" if bpb is None else f"{bpb:.4f}"]
+        rows.append(f"| {r.get('checkpoint', '?')} | " + " | ".join(cells) + " |")
+    for r in reports:
+        rt = r.get("routing")
+        if not rt:
+            continue
+        rows.append("")
+        rows.append(f"routing of {r.get('checkpoint')} (share of assignments, layer-averaged):")
+        rows.append("| domain | " + " | ".join(rt["experts"]) + " |")
+        rows.append("|---|" + "---:|" * len(rt["experts"]))
+        for d, share in rt["share"].items():
+            avg = [sum(layer[e] for layer in share) / len(share) for e in range(len(rt["experts"]))]
+            rows.append(f"| {d} | " + " | ".join(f"{a:.2f}" for a in avg) + " |")
+        if rt["dead_experts"]:
+            rows.append(
+                "dead experts: "
+                + ", ".join(f"layer {x['layer']} {x['expert']}" for x in rt["dead_experts"])
+            )
+    return "\n".join(rows)

@@ -1,0 +1,192 @@
+"""Llama-style decoder-only transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU FFN.
+
+One model with a switch: each block's FFN is a dense SwiGLU, or a mixture of SwiGLU experts
+(`moe.model.moe_layer.MoEFFN`) when `config.moe.experts` is non-empty. A plain `nn.Module`: it runs
+without Lightning.
+
+Legend: B batch, T sequence length, C model dim, H heads, Hkv key/value heads, Dh head dim,
+F FFN hidden dim, V vocabulary.
+
+Parameter names are stable (checkpoints, merges and the Hugging Face adapters rely on them):
+    tok_emb.weight                      (V, C)
+    layers.{i}.attn_norm.weight         (C,)
+    layers.{i}.attn.{wq,wk,wv,wo}.weight
+    layers.{i}.ffn_norm.weight          (C,)
+    layers.{i}.ffn.{w1,w3}.weight       (F, C)   dense FFN (w1 gate, w3 up)
+    layers.{i}.ffn.w2.weight            (C, F)   dense FFN (down)
+    layers.{i}.ffn.{...}                MoE FFN: see moe_layer.py
+    norm.weight                         (C,)
+    lm_head.weight                      (V, C)   absent when embeddings are tied
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 for stability under bf16 autocast
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim/2) for rotary embeddings (Llama's half-split layout)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)  # (T, Dh/2)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, Dh); rotate the two halves of the head dim (same layout as HF Llama)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, Dh/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, Dh)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.moe.experts:
+            from moe.model.moe_layer import MoEFFN
+
+            self.ffn: nn.Module = MoEFFN(cfg, layer_idx)
+        else:
+            self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, domain=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x), domain=domain)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # mean cross-entropy over non-ignored targets (nats/token)
+    aux_loss: torch.Tensor | None = None  # router losses (load balance + z), already weighted
+    router_stats: list = field(default_factory=list)  # per MoE layer, see MoEFFN.last_stats
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        cfg = config.resolved()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        )
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        # not part of the state dict: derived from the config
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", ".w2")):
+                # scale residual-stream outputs by depth (GPT-2 style) to keep activations stable
+                nn.init.normal_(p, std=std / (2 * self.config.n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        domain: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids (B, T); targets (B, T) with IGNORE_INDEX for no target; domain (B,) ids."""
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {T} exceeds the model's context max_seq_len="
+                f"{self.config.max_seq_len}"
+            )
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for layer in self.layers:
+            x = layer(x, cos, sin, domain=domain)
+        x = self.norm(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head)  # (B, T, V)
+        out = ModelOutput(logits=logits)
+        moe_layers = [lay.ffn for lay in self.layers if hasattr(lay.ffn, "last_stats")]
+        if moe_layers:
+            auxes = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
+            out.aux_loss = torch.stack(auxes).sum() if auxes else None
+            out.router_stats = [m.last_stats for m in moe_layers]
+        if targets is not None:
+            out.loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                targets.view(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return out
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n

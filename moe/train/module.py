@@ -1,0 +1,210 @@
+"""A thin LightningModule around `Transformer`: loss, per-domain logging, AdamW + warmup/cosine.
+
+The model itself is a plain nn.Module (moe.model.transformer); this file only adds what training
+needs. Lightning's Trainer owns the loop, precision, devices and strategy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from moe.config import ModelConfig, OptimConfig
+from moe.model.flops import train_flops_per_token
+from moe.model.transformer import IGNORE_INDEX, Transformer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss (message names the step and the domains in the batch)."""
+
+
+def domain_to_expert(domain_names: list[str], experts: list[str]) -> torch.Tensor:
+    """Map global domain ids to expert indices (-1 where a domain has no expert)."""
+    return torch.tensor([experts.index(d) if d in experts else -1 for d in domain_names])
+
+
+class LitLM(pl.LightningModule):
+    def __init__(
+        self,
+        model: Transformer,
+        optim: OptimConfig,
+        domain_names: list[str],
+        max_steps: int,
+        seq_len: int,
+        val_domains: list[str] | None = None,
+        nan_policy: str = "stop",
+        trainable: str = "all",
+    ):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.domain_names = list(domain_names)
+        self.val_domains = list(val_domains or domain_names)
+        self.max_steps = max_steps
+        self.nan_policy = nan_policy
+        self.flops_per_token = train_flops_per_token(model.config, seq_len)
+        cfg: ModelConfig = model.config
+        experts = list(cfg.moe.experts)
+        self.register_buffer(
+            "expert_of_domain", domain_to_expert(self.domain_names, experts), persistent=False
+        )
+        self.set_trainable(trainable)
+        # counted here (not derived from steps) so resumed and skipped steps stay exact
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self._val_sums: dict[int, list[float]] = {}
+
+    # ------------------------------------------------------------------ parameters
+
+    def set_trainable(self, which: str) -> None:
+        """all | router (only routers) | ffn (only FFN/expert weights)."""
+        for name, p in self.model.named_parameters():
+            if which == "all":
+                p.requires_grad_(True)
+            elif which == "router":
+                p.requires_grad_(".router." in name)
+            elif which == "ffn":
+                p.requires_grad_(".ffn." in name and ".router." not in name)
+            else:
+                raise ValueError(f"unknown trainable set {which!r}")
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(f"trainable={which!r} leaves no parameter to train in this model")
+
+    # ------------------------------------------------------------------ forward
+
+    def _expert_hint(self, domain: torch.Tensor) -> torch.Tensor | None:
+        if not self.model.config.moe.experts or self.model.config.moe.router != "domain":
+            return None
+        hint = self.expert_of_domain[domain]
+        if (hint < 0).any():
+            missing = sorted({self.domain_names[int(d)] for d in domain[hint < 0]})
+            raise ValueError(f"domain(s) {', '.join(missing)} have no expert in this model")
+        return hint
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Per-token losses (B, T) and the model output."""
+        out = self.model(batch["input_ids"], domain=self._expert_hint(batch["domain"]))
+        logits = out.logits.float()
+        tgt = batch["targets"]
+        loss_BT = F.cross_entropy(
+            logits.view(-1, logits.size(-1)),
+            tgt.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(tgt.shape)
+        return loss_BT, (tgt != IGNORE_INDEX), out
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss_BT, mask_BT, out = self(batch)
+        n_tok = mask_BT.sum()
+        loss = loss_BT.sum() / n_tok.clamp(min=1)
+        total = loss + out.aux_loss if out.aux_loss is not None else loss
+        if not torch.isfinite(total):
+            doms = sorted({self.domain_names[int(d)] for d in batch["domain"].unique()})
+            msg = (
+                f"non-finite loss ({loss.item()}) at step {self.global_step} "
+                f"on domain(s) {', '.join(doms)}"
+            )
+            if self.nan_policy == "skip":
+                self.skipped_steps += 1
+                self.print(f"warning: {msg}; step skipped (trainer.nan_policy=skip)")
+                return None
+            raise NonFiniteLossError(msg + " (set trainer.nan_policy=skip to skip such steps)")
+        self.tokens_seen += int(n_tok)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if out.aux_loss is not None:
+            self.log("train/aux_loss", out.aux_loss, batch_size=bs)
+        for d in batch["domain"].unique().tolist():
+            sel = batch["domain"] == d
+            dl = loss_BT[sel].sum() / mask_BT[sel].sum().clamp(min=1)
+            self.log(f"train/loss_{self.domain_names[d]}", dl, batch_size=int(sel.sum()))
+        self._log_routing(out, batch, prefix="train")
+        return total
+
+    def _log_routing(self, out, batch: dict, prefix: str) -> None:
+        if not out.router_stats or self.global_step % max(1, self.trainer.log_every_n_steps):
+            return
+        B, T = batch["input_ids"].shape
+        dom_N = batch["domain"].view(B, 1).expand(B, T).reshape(-1)
+        for li, st in enumerate(out.router_stats):
+            ids_NK, E = st["expert_ids"], st["num_experts"]
+            names = self.model.config.moe.experts
+            for d in dom_N.unique().tolist():
+                share = torch.bincount(ids_NK[dom_N == d].reshape(-1), minlength=E).float()
+                share = share / share.sum().clamp(min=1)
+                for e in range(E):
+                    self.log(
+                        f"{prefix}_route/l{li}_{self.domain_names[d]}_to_{names[e]}",
+                        share[e],
+                        batch_size=B,
+                    )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.log("train/tokens", float(self.tokens_seen), batch_size=1)
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
+        loss_BT, mask_BT, _ = self(batch)
+        s = self._val_sums.setdefault(dataloader_idx, [0.0, 0.0, 0.0])
+        s[0] += float(loss_BT[mask_BT].double().sum())
+        s[1] += float(mask_BT.sum())
+        s[2] += float(batch["target_bytes"].sum())
+
+    def on_validation_epoch_end(self):
+        for idx, (nats, toks, nbytes) in sorted(self._val_sums.items()):
+            name = self.val_domains[idx]
+            self.log(f"val/loss_{name}", nats / max(toks, 1), add_dataloader_idx=False)
+            self.log(
+                f"val/bpb_{name}", nats / max(nbytes, 1) / math.log(2), add_dataloader_idx=False
+            )
+        self._val_sums = {}
+
+    # ------------------------------------------------------------------ optimizer
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # norms (1-D) and embeddings are not decayed
+            (no_decay if p.ndim < 2 or "tok_emb" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": o.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ resume state
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["moe_forge"] = {"tokens_seen": self.tokens_seen, "skipped": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        st = checkpoint.get("moe_forge", {})
+        self.tokens_seen = int(st.get("tokens_seen", 0))
+        self.skipped_steps = int(st.get("skipped", 0))
+
+
+def lr_lambda(o: OptimConfig, max_steps: int):
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / max(1, o.warmup_steps)
+        span = max(1, max_steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f

@@ -1,0 +1,219 @@
+"""Training stages as plain functions: `train(recipe)` runs one stage into one run directory.
+
+Stages (recipe `stage:`):
+    dense   a dense model (random init, or continued from `init`) on the recipe's stream
+    branch  one expert's branch on its own domain only: `init` is an MoE checkpoint (from
+            `moe split`) whose shared weights + expert `branch.domain` become a dense model, or a
+            dense checkpoint trained as is; the stream is forced to that single domain
+    joint   an MoE (from `init`, or random) trained in one job; with router=domain every token goes
+            to its domain's expert, batches composed per domain
+    router  fine-tune the learned router(s) of an assembled MoE on the mixed stream (experts
+            frozen unless router.freeze_experts=false)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from moe.config import ConfigError, Recipe, to_dict, to_yaml
+from moe.data.datamodule import DomainDataModule
+from moe.io.checkpoint import atomic_write_text, load_checkpoint, make_meta, save_checkpoint
+from moe.io.rundir import (
+    AtomicCheckpointIO,
+    RunLock,
+    find_resume_ckpt,
+    prepare_run_dir,
+    read_resume_step,
+)
+from moe.model.transformer import Transformer
+from moe.train.module import LitLM
+
+
+@dataclasses.dataclass
+class StagePlan:
+    model: Transformer
+    data: object  # DataConfig for this stage
+    trainable: str
+    meta: dict  # lineage fields for the final checkpoint (parents, base_id, family, ...)
+    parent_tokens: int = 0
+    parent_flops: float = 0.0
+
+
+def _load_init(path: str) -> tuple[Transformer, dict]:
+    ck = load_checkpoint(path)
+    model = Transformer(ck.config)
+    missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"init {path}: weights do not match its config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model, ck.meta
+
+
+def plan_stage(r: Recipe) -> StagePlan:
+    data = dataclasses.replace(r.data)
+    if r.init:
+        model, pmeta = _load_init(r.init)
+    else:
+        model, pmeta = Transformer(r.model), None
+    lineage = {}
+    if pmeta is not None:
+        lineage = dict(
+            parents=[pmeta["id"]],
+            base_id=pmeta.get("base_id") or pmeta["id"],
+            family=pmeta.get("family"),
+        )
+    trainable = "all"
+    kind = "moe" if model.config.moe.experts else "dense"
+    if r.stage == "branch":
+        dom = r.branch.domain
+        if model.config.moe.experts:
+            from moe.model.split import extract_branch
+
+            model = extract_branch(model, dom)
+            lineage["shared_ffn_dim"] = model.shared_ffn_dim
+        elif pmeta is not None:
+            lineage["shared_ffn_dim"] = int(pmeta.get("shared_ffn_dim", 0))
+        data = dataclasses.replace(data, domains=[dom], stream="separate", weights={})
+        trainable = "ffn" if r.branch.freeze_shared else "all"
+        lineage.update(family=dom, domain=dom)
+        kind = "branch"
+    elif r.stage == "joint":
+        if not model.config.moe.experts:
+            raise ConfigError(
+                "stage=joint needs an MoE model: set model.moe.experts or init=<moe checkpoint>"
+            )
+        if model.config.moe.router == "domain":
+            missing = [d for d in data.domains if d not in model.config.moe.experts]
+            if missing:
+                raise ConfigError(
+                    f"stage=joint with router=domain: domain(s) {', '.join(missing)} have no expert"
+                )
+    elif r.stage == "router":
+        if not model.config.moe.experts or model.config.moe.router != "learned":
+            raise ConfigError("stage=router needs init=<MoE checkpoint with a learned router>")
+        trainable = "router" if r.router.freeze_experts else "all"
+    elif r.stage == "dense" and model.config.moe.experts:
+        raise ConfigError("stage=dense got an MoE model; use stage=joint or stage=router")
+    if r.stage in ("dense", "joint", "router") and len(data.domains) == 1:
+        lineage.setdefault("domain", data.domains[0])
+    if data.seq_len > model.config.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len ({data.seq_len}) is larger than the model's context "
+            f"max_seq_len ({model.config.max_seq_len})"
+        )
+    lineage["kind"] = kind
+    return StagePlan(
+        model=model,
+        data=data,
+        trainable=trainable,
+        meta=lineage,
+        parent_tokens=int(pmeta.get("tokens_seen", 0)) if pmeta else 0,
+        parent_flops=float(pmeta.get("train_flops", 0.0)) if pmeta else 0.0,
+    )
+
+
+def _loggers(run: Path) -> list:
+    loggers: list = [CSVLogger(str(run), name="logs", version="")]
+    try:
+        import tensorboard  # noqa: F401
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(run), name="logs", version="tb"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def train(r: Recipe) -> Path:
+    """Run one training stage; returns the final checkpoint directory (`out_dir/model`)."""
+    resume_ckpt = find_resume_ckpt(r.resume) if r.resume else None
+    run = prepare_run_dir(r.out_dir, overwrite=r.overwrite, resume=resume_ckpt is not None)
+    with RunLock(run):
+        start_step = read_resume_step(resume_ckpt) if resume_ckpt else 0
+        pl.seed_everything(r.seed, workers=True, verbose=False)
+        plan = plan_stage(r)
+        t = r.trainer
+        dm = DomainDataModule(
+            plan.data, seed=r.seed, start_step=start_step * t.accumulate_grad_batches
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        lit = LitLM(
+            plan.model,
+            r.optim,
+            dm.domain_names,
+            max_steps=t.max_steps,
+            seq_len=plan.data.seq_len,
+            val_domains=list(plan.data.domains),
+            nan_policy=t.nan_policy,
+            trainable=plan.trainable,
+        )
+        ckpt_cb = ModelCheckpoint(
+            dirpath=str(run / "resume"),
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=t.checkpoint_every_n_steps,
+            enable_version_counter=False,
+        )
+        trainer = pl.Trainer(
+            max_steps=t.max_steps,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=r.optim.grad_clip or None,
+            val_check_interval=min(t.val_check_interval, t.max_steps) * t.accumulate_grad_batches,
+            check_val_every_n_epoch=None,
+            limit_val_batches=t.limit_val_batches,
+            num_sanity_val_steps=0,
+            log_every_n_steps=t.log_every_n_steps,
+            enable_progress_bar=t.enable_progress_bar,
+            deterministic=t.deterministic,
+            callbacks=[ckpt_cb],
+            logger=_loggers(run),
+            plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False,
+            default_root_dir=str(run),
+        )
+        atomic_write_text(run / "recipe.yaml", to_yaml(r))
+        t0 = time.perf_counter()
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        wall = time.perf_counter() - t0
+        stage_tokens = lit.tokens_seen
+        stage_flops = stage_tokens * lit.flops_per_token
+        out = run / "model"
+        if trainer.is_global_zero:
+            meta = make_meta(
+                **plan.meta,
+                tokens_seen=plan.parent_tokens + stage_tokens,
+                train_flops=plan.parent_flops + stage_flops,
+                stage=dict(
+                    name=r.stage,
+                    steps=int(trainer.global_step),
+                    tokens=stage_tokens,
+                    flops=stage_flops,
+                    wall_s=round(wall, 2),
+                    skipped_steps=lit.skipped_steps,
+                    tokens_per_s=round(stage_tokens / max(wall, 1e-9), 1),
+                ),
+                recipe=to_dict(r),
+            )
+            model = lit.model.to("cpu")
+            save_checkpoint(out, model.state_dict(), model.config, meta, overwrite=True)
+            print(
+                f"saved {out}  ({stage_tokens:,} tokens in {wall:.1f}s, "
+                f"{stage_tokens / max(wall, 1e-9):,.0f} tokens/s)",
+                file=sys.stderr,
+            )
+        return out
