@@ -1,0 +1,12 @@
+"""moe_kernels: routing, grouped GEMM and the MoE SwiGLU layer, in Triton and torch.
+
+Installed from the top-level folder kernels/ under the import name `moe_kernels`. Importing
+it never requires triton; the 'triton' backend raises a clear error where it cannot run.
+"""
+
+from ._common import HAS_TRITON, INTERPRET
+from .grouped_gemm import grouped_mm
+from .moe_mlp import moe_mlp
+from .routing import Plan, plan, topk_route
+
+__all__ = ["HAS_TRITON", "INTERPRET", "Plan", "grouped_mm", "moe_mlp", "plan", "topk_route"]

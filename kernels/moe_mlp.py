@@ -1,0 +1,301 @@
+"""The MoE SwiGLU layer: y[t] = sum_j weights[t,j] * (silu(x[t] @ w1[e]) * (x[t] @ w3[e])) @ w2[e].
+
+Shape legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token,
+N = T*K assignments; a suffix "_N*" on an activation means rows in expert-sorted order.
+
+Backends (all differentiable in x, w1, w3, w2 and weights):
+  triton  CUDA (or CPU under TRITON_INTERPRET=1): routing-plan, gathered grouped GEMMs,
+          split dW, deterministic combine kernels; no host synchronisation.
+  torch   sort + torch.nn.functional.grouped_mm (per-expert mm where grouped_mm cannot run:
+          float64, unaligned strides); the CPU default.
+  loop    a per-expert python loop of plain torch ops under autograd; the slow reference.
+  auto    triton on CUDA when triton is installed, else torch.
+
+Determinism: the combine never uses atomics. Expert outputs are computed per assignment in
+sorted order, gathered back through the inverse permutation and summed over j = 0..K-1 in a
+fixed order; dx is reduced the same way; dW partials are summed in a fixed order. The
+weights' gradient is dweights[t,j] = dot(dy[t], expert_out[t,j]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as nnf
+
+from ._common import HAS_TRITON, next_pow2, resolve_backend, tl, triton
+from .grouped_gemm import (
+    grouped_dw_torch,
+    grouped_dw_triton,
+    grouped_mm_torch,
+    grouped_mm_triton,
+)
+from .routing import Plan, plan_torch, plan_triton
+
+# --------------------------------------------------------------------------- triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _combine_kernel(
+        o_ptr, inv_ptr, w_ptr, y_ptr,
+        D, stride_on, stride_yt,
+        K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # y[t] = sum_{j<K} w[t,j] * o[inv[t*K+j]], j in a fixed order, fp32 accumulate.
+        t = tl.program_id(0).to(tl.int64)
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(inv_ptr + t * K + j).to(tl.int64)
+            v = tl.load(o_ptr + r * stride_on + dd, mask=dmask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
+            acc += v
+        tl.store(y_ptr + t * stride_yt + dd, acc.to(y_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _combine_bwd_kernel(
+        dy_ptr, o_ptr, inv_ptr, w_ptr, do_ptr, dwt_ptr,
+        D, stride_dyt, stride_on, stride_don,
+        K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # For token t and each j: dweights[t,j] = dot(dy[t], o[r]) and do[r] = w[t,j]*dy[t],
+        # r = inv[t*K+j]. Each sorted row r belongs to exactly one (t, j): plain stores.
+        t = tl.program_id(0).to(tl.int64)
+        for j in tl.static_range(K):
+            r = tl.load(inv_ptr + t * K + j).to(tl.int64)
+            wt = tl.load(w_ptr + t * K + j).to(tl.float32)
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                dmask = dd < D
+                g = tl.load(dy_ptr + t * stride_dyt + dd, mask=dmask, other=0.0).to(tl.float32)
+                v = tl.load(o_ptr + r * stride_on + dd, mask=dmask, other=0.0).to(tl.float32)
+                acc += g * v
+                tl.store(do_ptr + r * stride_don + dd, (wt * g).to(do_ptr.dtype.element_ty),
+                         mask=dmask)
+            tl.store(dwt_ptr + t * K + j, tl.sum(acc, 0))
+
+
+def combine_triton(o_ND: torch.Tensor, inv_N: torch.Tensor, weights_TK: torch.Tensor | None,
+                   T: int, K: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """y[t] = sum_j weights[t,j] * o[inv[t*K+j]] (weights None: plain sum). Deterministic."""
+    D = o_ND.shape[1]
+    y_TD = torch.empty(T, D, dtype=out_dtype, device=o_ND.device)
+    if T == 0 or D == 0:
+        return y_TD
+    BLOCK_D = min(1024, max(16, next_pow2(D)))
+    w = weights_TK.contiguous() if weights_TK is not None else inv_N  # dummy when unused
+    _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](
+        o_ND, inv_N, w, y_TD,                         # in, in, in, out
+        D, o_ND.stride(0), y_TD.stride(0),            # size, strides
+        K=K, HAS_W=weights_TK is not None, BLOCK_D=BLOCK_D,
+    )
+    return y_TD
+
+
+def combine_bwd_triton(dy_TD: torch.Tensor, o_ND: torch.Tensor, inv_N: torch.Tensor,
+                       weights_TK: torch.Tensor):
+    """Returns (do_ND in sorted order, dweights_TK fp32)."""
+    T, K = weights_TK.shape
+    N, D = o_ND.shape
+    do_ND = torch.empty(N, D, dtype=o_ND.dtype, device=o_ND.device)
+    dwt_TK = torch.empty(T, K, dtype=torch.float32, device=o_ND.device)
+    if T == 0:
+        return do_ND, dwt_TK
+    BLOCK_D = min(1024, max(16, next_pow2(D)))
+    _combine_bwd_kernel[(T,)](
+        dy_TD, o_ND, inv_N, weights_TK.contiguous(), do_ND, dwt_TK,  # in x4, out x2
+        D, dy_TD.stride(0), o_ND.stride(0), do_ND.stride(0),        # size, strides
+        K=K, BLOCK_D=BLOCK_D,
+    )
+    return do_ND, dwt_TK
+
+
+def combine_torch(o_ND: torch.Tensor, inv_N: torch.Tensor, weights_TK: torch.Tensor | None,
+                  T: int, K: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Torch twin of combine_triton: gather by inverse permutation, reduce over K in order."""
+    g_TKD = o_ND.index_select(0, inv_N).view(T, K, -1)
+    if weights_TK is None:
+        return g_TKD.sum(1).to(out_dtype)
+    acc = torch.float64 if o_ND.dtype == torch.float64 else torch.float32
+    # (T,1,K) @ (T,K,D): the weighted sum over K as one batched matmul, fp32 accumulate.
+    y_T1D = torch.bmm(weights_TK.to(acc).unsqueeze(1), g_TKD.to(acc))
+    return y_T1D.squeeze(1).to(out_dtype)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_moe_args(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK):
+    def shape(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    for name, t, nd in [("x_TD", x_TD, 2), ("w1_EDF", w1_EDF, 3), ("w3_EDF", w3_EDF, 3),
+                        ("w2_EFD", w2_EFD, 3), ("expert_ids_TK", expert_ids_TK, 2),
+                        ("weights_TK", weights_TK, 2)]:
+        if not isinstance(t, torch.Tensor) or t.ndim != nd:
+            raise ValueError(f"moe_mlp: {name} must be a {nd}-D tensor; got {shape(t)}")
+    T, D = x_TD.shape
+    E, D1, F = w1_EDF.shape
+    if D1 != D:
+        raise ValueError(f"moe_mlp: D mismatch: x_TD has D={D} but w1_EDF has D={D1}")
+    if tuple(w3_EDF.shape) != (E, D, F):
+        raise ValueError(f"moe_mlp: w3_EDF must have shape {(E, D, F)} like w1; got "
+                         f"{shape(w3_EDF)}")
+    if tuple(w2_EFD.shape) != (E, F, D):
+        raise ValueError(f"moe_mlp: w2_EFD must have shape {(E, F, D)}; got {shape(w2_EFD)}")
+    if expert_ids_TK.shape[0] != T or tuple(weights_TK.shape) != tuple(expert_ids_TK.shape):
+        raise ValueError(
+            f"moe_mlp: expert_ids_TK {shape(expert_ids_TK)} and weights_TK {shape(weights_TK)} "
+            f"must both be (T={T}, K)"
+        )
+    if expert_ids_TK.shape[1] < 1:
+        raise ValueError("moe_mlp: K must be >= 1")
+    if expert_ids_TK.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"moe_mlp: expert_ids_TK must be int32/int64; got {expert_ids_TK.dtype}")
+    if not weights_TK.is_floating_point():
+        raise ValueError(f"moe_mlp: weights_TK must be floating point; got {weights_TK.dtype}")
+    for name, t in [("w1_EDF", w1_EDF), ("w3_EDF", w3_EDF), ("w2_EFD", w2_EFD)]:
+        if t.dtype != x_TD.dtype:
+            raise ValueError(f"moe_mlp: {name} is {t.dtype} but x_TD is {x_TD.dtype}")
+    for name, t in [("w1_EDF", w1_EDF), ("w3_EDF", w3_EDF), ("w2_EFD", w2_EFD),
+                    ("expert_ids_TK", expert_ids_TK), ("weights_TK", weights_TK)]:
+        if t.device != x_TD.device:
+            raise ValueError(f"moe_mlp: {name} on {t.device} but x_TD on {x_TD.device}")
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _swiglu_fwd(h1_NF, h3_NF):
+    return nnf.silu(h1_NF) * h3_NF
+
+
+def _swiglu_bwd(h1_NF, h3_NF, da_NF):
+    """Gradients of a = silu(h1) * h3, computed in fp32 (bf16 sigmoid loses too much)."""
+    acc = torch.float64 if h1_NF.dtype == torch.float64 else torch.float32
+    h1, h3, da = h1_NF.to(acc), h3_NF.to(acc), da_NF.to(acc)
+    sig = torch.sigmoid(h1)
+    silu = h1 * sig
+    dh3 = (da * silu).to(h1_NF.dtype)
+    dh1 = (da * h3 * sig * (1 + h1 * (1 - sig))).to(h1_NF.dtype)
+    return dh1, dh3
+
+
+class _MoeMLP(torch.autograd.Function):
+    """Shared forward/backward for the triton and torch backends; `ops` picks the kernels."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, plan, use_triton):
+        T, K = weights_TK.shape
+        off = plan.offsets
+        if use_triton:
+            # Rows of x are gathered inside the kernel (no permuted copy of x).
+            h1_NF = grouped_mm_triton(x_TD, w1_EDF, off, gather_N=plan.token)
+            h3_NF = grouped_mm_triton(x_TD, w3_EDF, off, gather_N=plan.token)
+            a_NF = _swiglu_fwd(h1_NF, h3_NF)
+            o_ND = grouped_mm_triton(a_NF, w2_EFD, off)
+            y_TD = combine_triton(o_ND, plan.inv, weights_TK, T, K, x_TD.dtype)
+            xs_ND = None
+        else:
+            xs_ND = x_TD.index_select(0, plan.token)
+            h1_NF = grouped_mm_torch(xs_ND, w1_EDF, off)
+            h3_NF = grouped_mm_torch(xs_ND, w3_EDF, off)
+            a_NF = _swiglu_fwd(h1_NF, h3_NF)
+            o_ND = grouped_mm_torch(a_NF, w2_EFD, off)
+            y_TD = combine_torch(o_ND, plan.inv, weights_TK, T, K, x_TD.dtype)
+        ctx.save_for_backward(x_TD, xs_ND, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF,
+                              o_ND, plan.token, plan.order, plan.inv, off)
+        ctx.use_triton = use_triton
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        (x_TD, xs_ND, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF, o_ND, token_N,
+         order_N, inv_N, off) = ctx.saved_tensors
+        T, K = weights_TK.shape
+        dy_TD = dy_TD.contiguous().to(o_ND.dtype)
+        a_NF = _swiglu_fwd(h1_NF, h3_NF)  # recomputed: cheaper than keeping it
+        if ctx.use_triton:
+            do_ND, dwt_TK = combine_bwd_triton(dy_TD, o_ND, inv_N, weights_TK)
+            dw2 = grouped_dw_triton(a_NF, do_ND, off)
+            da_NF = grouped_mm_triton(do_ND, w2_EFD.transpose(1, 2), off)
+            dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, da_NF)
+            dw1 = grouped_dw_triton(x_TD, dh1_NF, off, gather_N=token_N)
+            dw3 = grouped_dw_triton(x_TD, dh3_NF, off, gather_N=token_N)
+            dxs_ND = grouped_mm_triton(dh1_NF, w1_EDF.transpose(1, 2), off)
+            dxs_ND += grouped_mm_triton(dh3_NF, w3_EDF.transpose(1, 2), off)
+            dx_TD = combine_triton(dxs_ND, inv_N, None, T, K, x_TD.dtype)
+        else:
+            acc = torch.float64 if o_ND.dtype == torch.float64 else torch.float32
+            og_TKD = o_ND.index_select(0, inv_N).view(T, K, -1)
+            # dweights[t, j] = dot(dy[t], o[t, j]) as a batched matmul.
+            dwt_TK = torch.bmm(og_TKD.to(acc), dy_TD.to(acc).unsqueeze(2)).squeeze(2)
+            do_TKD = (weights_TK.to(acc).unsqueeze(2) * dy_TD.to(acc).unsqueeze(1))
+            do_ND = do_TKD.view(T * K, -1).index_select(0, order_N).to(o_ND.dtype)
+            dw2 = grouped_dw_torch(a_NF, do_ND, off)
+            da_NF = grouped_mm_torch(do_ND, w2_EFD.transpose(1, 2), off)
+            dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, da_NF)
+            dw1 = grouped_dw_torch(xs_ND, dh1_NF, off)
+            dw3 = grouped_dw_torch(xs_ND, dh3_NF, off)
+            dxs_ND = grouped_mm_torch(dh1_NF, w1_EDF.transpose(1, 2), off)
+            dxs_ND += grouped_mm_torch(dh3_NF, w3_EDF.transpose(1, 2), off)
+            dx_TD = combine_torch(dxs_ND, inv_N, None, T, K, x_TD.dtype)
+        return dx_TD, dw1, dw3, dw2, dwt_TK.to(weights_TK.dtype), None, None
+
+
+def _moe_mlp_loop(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK):
+    """Per-expert loop under plain autograd: the slow reference backend."""
+    T, K = expert_ids_TK.shape
+    flat_N = expert_ids_TK.reshape(-1)
+    idx_list, out_list = [], []
+    for e in range(w1_EDF.shape[0]):
+        idx = torch.nonzero(flat_N == e).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        xe = x_TD.index_select(0, idx // K)
+        out_list.append((nnf.silu(xe @ w1_EDF[e]) * (xe @ w3_EDF[e])) @ w2_EFD[e])
+        idx_list.append(idx)
+    idx_N = torch.cat(idx_list)
+    inv_N = torch.empty_like(idx_N)
+    inv_N[idx_N] = torch.arange(idx_N.numel(), device=idx_N.device)
+    o_TKD = torch.cat(out_list).index_select(0, inv_N).view(T, K, -1)
+    acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    y_TD = (weights_TK.to(acc).unsqueeze(2) * o_TKD.to(acc)).sum(1)
+    return y_TD.to(x_TD.dtype)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def moe_mlp(
+    x_TD: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    backend: str = "auto",
+    routing_plan: Plan | None = None,
+) -> torch.Tensor:
+    """y[t] = sum_j weights[t,j] * (silu(x[t] @ w1[e]) * (x[t] @ w3[e])) @ w2[e], e = ids[t,j].
+
+    Differentiable in x, w1, w3, w2 and weights (not in expert_ids). x and the three weights
+    must share a dtype; weights_TK may be float32 with bf16 activations. routing_plan: a Plan
+    from moe_kernels.plan(expert_ids_TK, E) to reuse (else built here).
+    """
+    _check_moe_args(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK)
+    b = resolve_backend(backend, x_TD, "moe_mlp")
+    E = w1_EDF.shape[0]
+    if b == "loop":
+        from .routing import _check_ids
+
+        _check_ids(expert_ids_TK, E, "moe_mlp")
+        return _moe_mlp_loop(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK)
+    if routing_plan is None:
+        routing_plan = (plan_triton if b == "triton" else plan_torch)(expert_ids_TK, E)
+    elif routing_plan.num_experts != E or routing_plan.order.numel() != expert_ids_TK.numel():
+        raise ValueError("moe_mlp: routing_plan does not match expert_ids_TK / num experts")
+    return _MoeMLP.apply(x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, routing_plan, b == "triton")
