@@ -87,6 +87,34 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_split(args) -> int:
+    from moe.experts import split_checkpoint
+
+    out = split_checkpoint(
+        args.checkpoint, args.out, _names(args.experts), method=args.method, router=args.router,
+        top_k=args.top_k, shared_dim=args.shared_dim, seed=args.seed,
+        calib_batches=args.calib_batches, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_assemble(args) -> int:
+    from moe.experts import assemble_checkpoints
+
+    out = assemble_checkpoints(
+        args.branches, args.out, experts=_names(args.experts) if args.experts else None,
+        shared=args.shared, base=args.base, router=args.router, top_k=args.top_k,
+        router_init=args.router_init, seed=args.seed, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moe",
@@ -111,6 +139,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--json", help="write results here (default: eval.json in each directory)")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("split", help="split a dense checkpoint into domain experts")
+    sp.add_argument("checkpoint", help="dense checkpoint or run directory")
+    sp.add_argument("--experts", required=True, help="comma-separated expert names (domains)")
+    sp.add_argument(
+        "--method", default="copy", choices=["copy", "random", "kmeans", "activation"],
+        help="copy the FFN (upcycling) or partition its neurons",
+    )
+    sp.add_argument("--router", default="learned", choices=["learned", "domain"])
+    sp.add_argument("--top-k", type=int, default=1, help="experts per token (learned router)")
+    sp.add_argument(
+        "--shared-dim", type=int, default=0,
+        help="activation split: neurons every domain needs form a shared expert of this size",
+    )
+    sp.add_argument("--calib-batches", type=int, default=8, help="activation split: batches/domain")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_split)
+
+    sp = sub.add_parser("assemble", help="assemble dense branches into one MoE (Branch-Train-Mix)")
+    sp.add_argument("branches", nargs="+", help="branch checkpoints or run directories")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--experts", help="names in branch order (default: the branch domains)")
+    sp.add_argument(
+        "--shared", default="average", choices=["average", "base"],
+        help="non-FFN weights: average of the branches, or taken from --base",
+    )
+    sp.add_argument("--base", help="checkpoint whose non-FFN weights to use with --shared base")
+    sp.add_argument("--router", default="learned", choices=["learned", "domain"])
+    sp.add_argument("--top-k", type=int, default=1)
+    sp.add_argument(
+        "--router-init", default="random", choices=["random", "domain_mean"],
+        help="router rows random, or each domain's mean hidden state",
+    )
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_assemble)
 
     sp = recipe_cmd("data", "show what each domain corpus holds", cmd_data, optional=True)
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")

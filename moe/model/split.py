@@ -249,7 +249,7 @@ def extract_branch(moe: Transformer, expert: str) -> Transformer:
     _copy_shared(moe, dense)
     for src, dst in zip(moe.layers, dense.layers):
         m, d = src.ffn, dst.ffn
-        parts1, parts3, parts2 = [m.w1.data[e].T], [m.w3.data[e].T], [m.w2.data[e].T]
+        parts1, parts3, parts2 = [m.w1.data[e].T], [m.w3.data[e].T], [m.w2.data[e]]
         if fs:
             parts1.insert(0, m.shared.w1.weight.data)
             parts3.insert(0, m.shared.w3.weight.data)

@@ -1,0 +1,169 @@
+"""Checkpoint-level expert operations behind `moe split` and `moe assemble`.
+
+These read and write checkpoint directories (with lineage) around the tensor-level functions of
+`moe.model.split`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from pathlib import Path
+
+from moe.config import DOMAINS, ConfigError, DataConfig
+from moe.data.datamodule import DomainDataModule
+from moe.eval.evaluate import data_config_of, resolve_checkpoint
+from moe.io.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from moe.model.split import assemble, domain_mean_router, neuron_importance, split_model
+from moe.model.transformer import Transformer
+
+
+def _load(path: str | os.PathLike) -> tuple[Transformer, dict]:
+    ck = load_checkpoint(resolve_checkpoint(path))
+    model = Transformer(ck.config)
+    model.load_state_dict(ck.state_dict)
+    return model, ck.meta
+
+
+def domain_batches(
+    data: DataConfig, seed: int, domain: str, n_batches: int, batch_size: int = 8
+) -> list[dict]:
+    """`n_batches` training batches of one domain (never held-out data: splits use these)."""
+    cfg = dataclasses.replace(
+        data, domains=[domain], stream="separate", weights={}, batch_size=batch_size
+    )
+    dm = DomainDataModule(cfg, seed=seed)
+    dm.setup("fit")
+    return list(itertools.islice(iter(dm.train_dataloader()), n_batches))
+
+
+def split_checkpoint(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    experts: list[str],
+    method: str = "copy",
+    router: str = "learned",
+    top_k: int = 1,
+    shared_dim: int = 0,
+    seed: int = 0,
+    calib_batches: int = 8,
+    overwrite: bool = False,
+) -> Path:
+    """Split a dense checkpoint into an MoE checkpoint whose experts are named `experts`."""
+    if Path(out).exists() and not overwrite:
+        raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
+    dense, meta = _load(path)
+    importance = None
+    if method == "activation":
+        # neuron scores come from training documents only, so held-out evaluation stays clean
+        data, dseed = data_config_of(meta)
+        for e in experts:
+            if e not in DOMAINS and e not in data.sources:
+                raise ConfigError(
+                    f"activation split: expert {e!r} is not a domain with data "
+                    f"(built-in domains: {', '.join(DOMAINS)})"
+                )
+        seq = min(data.seq_len, dense.config.max_seq_len)
+        data = dataclasses.replace(data, seq_len=seq)
+        batches = {e: domain_batches(data, dseed, e, calib_batches) for e in experts}
+        importance = neuron_importance(dense, batches)
+    moe, info = split_model(
+        dense,
+        experts,
+        method,
+        router=router,
+        top_k=top_k,
+        shared_dim=shared_dim,
+        seed=seed,
+        importance=importance,
+    )
+    new_meta = make_meta(
+        parents=[meta["id"]],
+        base_id=meta.get("base_id") or meta["id"],
+        kind="moe",
+        tokens_seen=meta.get("tokens_seen", 0),
+        train_flops=meta.get("train_flops", 0.0),
+        recipe=meta.get("recipe"),
+        split=info,
+    )
+    return save_checkpoint(out, moe.state_dict(), moe.config, new_meta, overwrite=overwrite)
+
+
+def assemble_checkpoints(
+    paths: list[str | os.PathLike],
+    out: str | os.PathLike,
+    experts: list[str] | None = None,
+    shared: str = "average",
+    base: str | os.PathLike | None = None,
+    router: str = "learned",
+    top_k: int = 1,
+    router_init: str = "random",
+    seed: int = 0,
+    calib_batches: int = 4,
+    overwrite: bool = False,
+) -> Path:
+    """Branch-Train-Mix: dense branch checkpoints become one MoE (experts named by domain)."""
+    if Path(out).exists() and not overwrite:
+        raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
+    if shared not in ("average", "base"):
+        raise ConfigError(f"--shared must be average or base, got {shared!r}")
+    if shared == "base" and base is None:
+        raise ConfigError("--shared base needs --base CKPT")
+    if router_init not in ("random", "domain_mean"):
+        raise ConfigError(f"--router-init must be random or domain_mean, got {router_init!r}")
+    loaded = [_load(p) for p in paths]
+    branches = [m for m, _ in loaded]
+    metas = [meta for _, meta in loaded]
+    names = list(experts) if experts else [m.get("domain") or m.get("family") for m in metas]
+    for p, n in zip(paths, names):
+        if not n:
+            raise ConfigError(f"{p}: branch has no domain in its meta; pass --experts")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two branches claim the same expert: {names}")
+    bases = {m.get("base_id") for m in metas}
+    if len(bases) > 1:
+        raise ConfigError(
+            "branches come from different base models (base_id "
+            + ", ".join(sorted(str(b) for b in bases))
+            + "); assemble only branches of one seed"
+        )
+    fs = {int(m.get("shared_ffn_dim", 0)) for m in metas}
+    if len(fs) > 1:
+        raise ConfigError(f"branches disagree on the shared expert size: {sorted(fs)}")
+    base_model = _load(base)[0] if shared == "base" and base is not None else None
+    init = None
+    if router_init == "domain_mean" and router == "learned":
+        data, dseed = data_config_of(metas[0])
+        batches = [domain_batches(data, dseed, n, calib_batches) for n in names]
+        init = domain_mean_router(branches, batches)
+    moe = assemble(
+        branches,
+        names,
+        shared_ffn_dim=fs.pop(),
+        base=base_model,
+        router=router,
+        top_k=top_k,
+        router_init=init,
+        seed=seed,
+    )
+    meta = make_meta(
+        parents=[m["id"] for m in metas],
+        base_id=bases.pop(),
+        kind="moe",
+        # a BTX model has consumed the shared ancestry once plus every branch's own training
+        tokens_seen=_lineage_total(metas, "tokens_seen", "tokens"),
+        train_flops=_lineage_total(metas, "train_flops", "flops"),
+        recipe=metas[0].get("recipe"),
+        assembled=dict(experts=names, shared=shared, router=router, router_init=router_init),
+    )
+    return save_checkpoint(out, moe.state_dict(), moe.config, meta, overwrite=overwrite)
+
+
+
+def _lineage_total(metas: list[dict], total_key: str, stage_key: str) -> float:
+    """Shared ancestry counted once + each branch's own stage (from meta.stage when recorded)."""
+    own = [float((m.get("stage") or {}).get(stage_key, 0.0)) for m in metas]
+    ancestry = max(float(m.get(total_key, 0.0)) - o for m, o in zip(metas, own))
+    total = ancestry + sum(own)
+    return int(total) if total_key == "tokens_seen" else total
