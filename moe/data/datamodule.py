@@ -1,0 +1,232 @@
+"""`DomainDataModule`: per-domain corpora as Lightning dataloaders.
+
+    dm = DomainDataModule(cfg, seed=1234)          # cfg: moe.config.DataConfig
+    dm.setup()                                     # build (or load cached) tokenized corpora
+    dm.train_dataloader()                          # infinite; batch i = f(seed, i)
+    dm.val_dataloader()                            # one held-out loader per cfg.domains entry
+    dm.heldout_loader("dna", batch_size=8, max_batches=16)
+    dm.describe()                                  # one dict per domain, for `moe data`
+
+Every batch is a dict: input_ids (B, T), targets (B, T) (IGNORE_INDEX = -100 where there is no
+target), domain (B,) global domain ids (`dm.domain_names`), target_bytes (B,) raw bytes covered by
+each row's targets (bits per byte = summed nats / summed target_bytes / ln 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from moe.config import DOMAINS, ConfigError, DataConfig, SourceConfig
+from moe.data.corpus import build_corpus, source_for
+from moe.data.documents import BLOCK_BYTES, DNA_WINDOW
+from moe.data.source_files import expand_paths
+from moe.data.streams import (
+    CollateHeldout,
+    HeldoutSequences,
+    PackedSequences,
+    TrainBatches,
+    domain_names,
+    mixture_probs,
+    pack,
+)
+from moe.data.tokenizer import ByteTokenizer
+
+CACHE_FORMAT = 1  # bump when packing or document splitting changes
+
+
+@dataclass
+class DomainTokens:
+    """One domain's tokenized corpus: packed train and held-out streams plus their statistics."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    stats: dict  # documents, bytes, train_/heldout_ documents and bytes, origin, ...
+
+
+_MEMORY: dict[str, DomainTokens] = {}  # in-process cache, keyed like the disk cache
+
+
+def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) -> str:
+    ident: dict = {
+        "format": CACHE_FORMAT, "domain": domain, "source": asdict(src),
+        "budget": cfg.bytes_per_domain, "heldout_fraction": cfg.heldout_fraction,
+        "tokenizer": tokenizer.name, "dna_window": DNA_WINDOW, "block_bytes": BLOCK_BYTES,
+    }
+    if src.kind == "builtin":
+        ident["python"] = sys.version  # the code corpus is this interpreter's stdlib
+    elif src.kind == "files":
+        # a changed file must not be served from a stale cache
+        ident["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                          for p in expand_paths(src.paths, domain)]
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) -> DomainTokens:
+    c = build_corpus(domain, src, cfg.bytes_per_domain, cfg.heldout_fraction)
+    train_bytes = sum(len(d.data) for d in c.train)
+    held_bytes = sum(len(d.data) for d in c.heldout)
+    stats = {
+        "documents": len(c.train) + len(c.heldout), "bytes": train_bytes + held_bytes,
+        "train_documents": len(c.train), "heldout_documents": len(c.heldout),
+        "train_bytes": train_bytes, "heldout_bytes": held_bytes,
+        "source_documents": c.source_documents, "source_bytes": c.source_bytes,
+        "origin": c.origin,
+    }
+    return DomainTokens(pack(c.train, tokenizer), pack(c.heldout, tokenizer), stats)
+
+
+def _save(path: Path, t: DomainTokens) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, train=t.train, heldout=t.heldout, stats=np.array(json.dumps(t.stats)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> DomainTokens | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return DomainTokens(z["train"], z["heldout"], json.loads(str(z["stats"])))
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or foreign file: rebuild it
+
+
+def domain_tokens(domain: str, cfg: DataConfig, tokenizer) -> DomainTokens:
+    """Tokenized corpus of one domain: from memory, else `cfg.cache_dir`, else built."""
+    src = source_for(cfg, domain)
+    key = _cache_key(domain, src, cfg, tokenizer)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = Path(cfg.cache_dir) / f"{domain}-{key}.npz" if cfg.cache_dir else None
+    tokens = _load(path) if path is not None and path.is_file() else None
+    if tokens is None:
+        tokens = _build_tokens(domain, src, cfg, tokenizer)
+        if path is not None:
+            _save(path, tokens)
+    _MEMORY[key] = tokens
+    return tokens
+
+
+class DomainDataModule(pl.LightningDataModule):
+    def __init__(self, cfg: DataConfig, seed: int = 0, tokenizer=None, start_step: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.start_step = start_step
+        self.domain_names = domain_names(cfg)
+        for d in list(cfg.domains) + list(cfg.weights):
+            self.domain_id(d)  # unknown domains fail here, before any corpus is built
+        if not cfg.domains:
+            raise ConfigError("data.domains: at least one domain is needed")
+        if cfg.stream not in ("mixed", "separate", "per_domain"):
+            raise ConfigError(f"data.stream: unknown stream {cfg.stream!r} (mixed, separate, "
+                              "per_domain)")
+        if cfg.stream == "separate" and len(cfg.domains) != 1:
+            raise ConfigError("data.stream=separate needs exactly one domain in data.domains")
+        self._tokens: dict[str, DomainTokens] = {}
+
+    def domain_id(self, domain: str) -> int:
+        if domain not in self.domain_names:
+            raise ConfigError(
+                f"data: unknown domain {domain!r}; built-in domains are {', '.join(DOMAINS)} "
+                "(a new domain needs an entry under data.sources)"
+            )
+        return self.domain_names.index(domain)
+
+    # ------------------------------------------------------------------ building
+
+    def _ensure(self, domains: list[str]) -> None:
+        todo = [d for d in domains if d not in self._tokens]
+        # the bar appears only when building takes more than a second (cold corpora)
+        bar = tqdm(todo, desc="building corpora", unit="domain", delay=1.0, file=sys.stderr,
+                   disable=not todo or not sys.stderr.isatty())
+        for d in bar:
+            bar.set_postfix_str(d)
+            self._tokens[d] = domain_tokens(d, self.cfg, self.tokenizer)
+
+    def prepare_data(self) -> None:
+        self._ensure(list(self.cfg.domains))
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure(list(self.cfg.domains))
+
+    def tokens(self, domain: str) -> DomainTokens:
+        self.domain_id(domain)
+        self._ensure([domain])
+        return self._tokens[domain]
+
+    def sequences(self, domain: str, split: str) -> PackedSequences:
+        """Packed windows of one domain's `train` or `heldout` stream."""
+        t = self.tokens(domain)
+        return PackedSequences(
+            t.train if split == "train" else t.heldout, self.cfg.seq_len, self.domain_id(domain),
+            self.tokenizer.byte_lengths, self.tokenizer.pad_id, pad_tail=split != "train",
+        )
+
+    # ------------------------------------------------------------------ loaders
+
+    def train_batches(self, start_step: int | None = None) -> TrainBatches:
+        self.setup()
+        ids = [self.domain_id(d) for d in self.cfg.domains]
+        seqs = {self.domain_id(d): self.sequences(d, "train") for d in self.cfg.domains}
+        return TrainBatches(
+            seqs, ids, self.cfg.stream, mixture_probs(self.cfg), self.cfg.batch_size, self.seed,
+            self.tokenizer.byte_lengths,
+            start_step=self.start_step if start_step is None else start_step,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_batches(), batch_size=None, num_workers=self.cfg.num_workers)
+
+    def heldout_loader(self, domain: str, batch_size: int | None = None,
+                       max_batches: int | None = None) -> DataLoader:
+        """Held-out sequences of any known domain, in order; `max_batches` 0/None = all."""
+        bs = batch_size or self.cfg.batch_size
+        limit = max_batches * bs if max_batches else None
+        seqs = self.sequences(domain, "heldout")
+        if len(seqs) == 0:
+            raise ConfigError(f"data: domain {domain!r} has no held-out sequences")
+        return DataLoader(HeldoutSequences(seqs, limit), batch_size=bs, shuffle=False,
+                          num_workers=self.cfg.num_workers,
+                          collate_fn=CollateHeldout(self.tokenizer.byte_lengths))
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.heldout_loader(d) for d in self.cfg.domains]
+
+    # ------------------------------------------------------------------ reporting
+
+    def describe(self) -> list[dict]:
+        """One row per domain of `cfg.domains`: sizes of the corpus and of each split."""
+        rows = []
+        for d in self.cfg.domains:
+            s = self.tokens(d).stats
+            src = source_for(self.cfg, d)
+            rows.append({
+                "domain": d, "domain_id": self.domain_id(d), "source": src.kind,
+                "documents": s["documents"], "bytes": s["bytes"],
+                "train_documents": s["train_documents"],
+                "heldout_documents": s["heldout_documents"],
+                "train_bytes": s["train_bytes"], "heldout_bytes": s["heldout_bytes"],
+                "train_sequences": len(self.sequences(d, "train")),
+                "heldout_sequences": len(self.sequences(d, "heldout")),
+                "source_documents": s["source_documents"], "source_bytes": s["source_bytes"],
+                "origin": s["origin"],
+            })
+        return rows
