@@ -55,6 +55,7 @@ class DomainTokens:
 
 
 _MEMORY: dict[str, DomainTokens] = {}  # in-process cache, keyed like the disk cache
+_MEMORY_ENTRIES = 32  # enough for every domain of several configs; oldest entries go first
 
 
 def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) -> str:
@@ -119,6 +120,8 @@ def domain_tokens(domain: str, cfg: DataConfig, tokenizer) -> DomainTokens:
         tokens = _build_tokens(domain, src, cfg, tokenizer)
         if path is not None:
             _save(path, tokens)
+    while len(_MEMORY) >= _MEMORY_ENTRIES:
+        _MEMORY.pop(next(iter(_MEMORY)))
     _MEMORY[key] = tokens
     return tokens
 

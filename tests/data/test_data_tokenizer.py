@@ -44,3 +44,14 @@ def test_get_tokenizer():
     assert isinstance(get_tokenizer("byte"), ByteTokenizer)
     with pytest.raises(ConfigError, match="unknown tokenizer"):
         get_tokenizer("/no/such/tokenizer")
+
+
+def test_hf_tokenizer_without_transformers_is_a_clear_error(tmp_path):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs the transformers package"):
+            get_tokenizer(str(tmp_path))
+    else:
+        with pytest.raises(ConfigError, match="cannot load tokenizer"):
+            get_tokenizer(str(tmp_path))
