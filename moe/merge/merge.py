@@ -1,0 +1,288 @@
+"""`moe merge`: merge checkpoints tensor by tensor with a registered method.
+
+Flow: open every input without loading it (`sources.open_source`), check lineage (same base model,
+same expert family), architecture and every tensor's name and shape, then for each tensor read it
+from each input, merge it, and keep only the merged result. Peak memory is therefore about one
+model (the output being assembled) plus one tensor per input, whatever the number of inputs.
+
+Expert selection (`expert: code`) on MoE checkpoints merges only slice e of the expert tensors
+`layers.{i}.ffn.{w1,w3,w2}` (expert on dim 0, e = the expert's index in config.json's
+moe.experts); every other slice and tensor is copied from base_model (or the first model) unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from moe.config import ConfigError, model_config_from_dict, to_dict
+from moe.io.checkpoint import CheckpointError, make_meta, new_id, save_checkpoint
+from moe.merge import registry
+from moe.merge.config import MergeConfig, load_merge_config, validate
+from moe.merge.registry import MethodParams
+from moe.merge.sources import HF_INDEX, Source, open_source
+
+_EXPERT_TENSOR = re.compile(r"layers\.\d+\.ffn\.(w1|w3|w2)$")
+
+# Architecture fields that must agree between inputs (shapes alone miss e.g. head count)
+_ARCH_FIELDS = (
+    "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta",
+    "norm_eps", "tie_embeddings",
+)  # fmt: skip
+_MOE_ARCH_FIELDS = (
+    "experts", "expert_ffn_dim", "router", "top_k", "shared_expert_ffn_dim", "normalize_weights",
+)  # fmt: skip
+_HF_ARCH_FIELDS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "vocab_size", "head_dim", "rope_theta",
+    "rope_scaling", "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act",
+)  # fmt: skip
+_FAMILY_HINT = "(set allow_cross_family: true to merge anyway)"
+
+
+def _arch(src: Source) -> dict[str, Any]:
+    if src.kind == "hf":
+        return {k: src.config.get(k) for k in _HF_ARCH_FIELDS}
+    cfg = model_config_from_dict(src.config).resolved()
+    out = {k: getattr(cfg, k) for k in _ARCH_FIELDS}
+    out.update({f"moe.{k}": getattr(cfg.moe, k) for k in _MOE_ARCH_FIELDS})
+    return out
+
+
+def check_compatible(sources: list[Source]) -> None:
+    """Same kind, same architecture, same tensor names and shapes; messages name what differs."""
+    first = sources[0]
+    for s in sources[1:]:
+        if s.kind != first.kind:
+            raise ConfigError(
+                f"cannot merge a {first.kind} directory ({first.path}) with a {s.kind} one "
+                f"({s.path}); import Hugging Face models first (moe import)"
+            )
+    a0 = _arch(first)
+    for s in sources[1:]:
+        a = _arch(s)
+        for k, v in a0.items():
+            if a[k] != v:
+                raise ConfigError(
+                    f"architecture differs: config {k} is {v!r} in {first.path} but {a[k]!r} "
+                    f"in {s.path}"
+                )
+    names0 = set(first.names)
+    for s in sources[1:]:
+        names = set(s.names)
+        if names != names0:
+            extra = sorted(names - names0)
+            if extra:
+                raise ConfigError(f"tensor {extra[0]} is in {s.path} but not in {first.path}")
+            raise ConfigError(
+                f"tensor {sorted(names0 - names)[0]} is in {first.path} but not in {s.path}"
+            )
+        for n in first.names:
+            if s.shape(n) != first.shape(n):
+                raise ConfigError(
+                    f"tensor {n} has shape {tuple(first.shape(n))} in {first.path} but "
+                    f"{tuple(s.shape(n))} in {s.path}"
+                )
+
+
+def check_lineage(base: Source | None, models: list[Source], expert: str | None) -> None:
+    """Merged models must share a base model and an expert family (moe checkpoints only)."""
+    inputs = ([base] if base is not None else []) + models
+    if any(s.meta is None for s in inputs):
+        return  # Hugging Face directories carry no lineage: names, shapes and config decide
+    b0 = inputs[0].meta.get("base_id")
+    for s in inputs[1:]:
+        if s.meta.get("base_id") != b0:
+            raise ConfigError(
+                f"lineage differs: {inputs[0].path} descends from base {b0!r} but {s.path} from "
+                f"{s.meta.get('base_id')!r} {_FAMILY_HINT}"
+            )
+    fam0 = models[0].meta.get("family")
+    for s in models[1:]:
+        if s.meta.get("family") != fam0:
+            raise ConfigError(
+                f"models come from different expert families: {models[0].path} is {fam0!r}, "
+                f"{s.path} is {s.meta.get('family')!r} {_FAMILY_HINT}"
+            )
+    if base is not None and base.meta.get("family") not in (None, fam0):
+        raise ConfigError(
+            f"base_model {base.path} is of expert family {base.meta.get('family')!r} but the "
+            f"models are {fam0!r} {_FAMILY_HINT}"
+        )
+    if expert is not None and fam0 not in (None, expert):
+        raise ConfigError(
+            f"expert: {expert!r} but the models are fine-tunes of expert family {fam0!r} "
+            f"{_FAMILY_HINT}"
+        )
+
+
+def _expert_index(src: Source, expert: str | None) -> int | None:
+    """Index of the selected expert in an MoE checkpoint; None = merge every tensor whole."""
+    if expert is None:
+        return None
+    if src.kind == "hf":
+        raise ConfigError(
+            f"expert: {expert!r} selects an expert of a moe-forge MoE checkpoint; {src.path} "
+            "is a Hugging Face directory"
+        )
+    experts = list((src.config.get("moe") or {}).get("experts") or [])
+    if not experts:
+        return None  # a dense branch of that family: the whole model is the expert
+    if expert not in experts:
+        raise ConfigError(
+            f"expert: {expert!r} is not an expert of {src.path} (experts: {', '.join(experts)})"
+        )
+    return experts.index(expert)
+
+
+def _lineage_meta(cfg: MergeConfig, base: Source | None, models: list[Source]) -> dict[str, Any]:
+    metas = [m.meta or {} for m in models]
+    bmeta = (base.meta or {}) if base is not None else None
+    fams = {m.get("family") for m in metas}
+    doms = {m.get("domain") for m in metas}
+
+    def total(key: str) -> float:
+        # each fine-tune's count includes its base's; count the shared part once
+        s = sum(float(m.get(key) or 0) for m in metas)
+        if bmeta is not None:
+            s -= (len(metas) - 1) * float(bmeta.get(key) or 0)
+        return s
+
+    parents = ([bmeta["id"]] if bmeta and bmeta.get("id") else []) + [
+        m["id"] for m in metas if m.get("id")
+    ]
+    recipe = to_dict(cfg)
+    recipe["parameters"]["lambda"] = recipe["parameters"].pop("scale")
+    return make_meta(
+        parents=parents,
+        base_id=(bmeta or metas[0]).get("base_id"),
+        family=fams.pop() if len(fams) == 1 else None,
+        domain=doms.pop() if len(doms) == 1 else None,
+        kind="merge",
+        tokens_seen=int(total("tokens_seen")),
+        train_flops=total("train_flops"),
+        recipe=recipe,
+    )
+
+
+def _write_hf(out: Path, template: Source, tensors: dict[str, torch.Tensor], overwrite: bool,
+              dtype: str | None) -> None:  # fmt: skip
+    """HF output: weights + every non-weight file of the template, written to a temp dir first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{new_id()}")
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in template.path.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != HF_INDEX:
+                shutil.copy2(f, tmp / f.name)
+        if dtype is not None:
+            cfg = dict(template.config)
+            cfg["torch_dtype"] = dtype
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _operand(
+    src: Source, template: Source, t0: torch.Tensor, name: str, e: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Tensor `name` of `src` (slice e of dim 0 when given) in the compute dtype."""
+    t = t0 if src is template else src.read(name)
+    return (t[e] if e is not None else t).to(dtype)
+
+
+def merge(
+    config: MergeConfig | str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge the checkpoints a MergeConfig (or MERGE.yaml path) names; returns the output path.
+
+    The output is a moe-forge checkpoint (lineage: parents = input ids, kind "merge", recipe =
+    this config) when the inputs are, and a Hugging Face directory when the inputs are HF dirs.
+    """
+    if isinstance(config, MergeConfig):
+        cfg = config
+        validate(cfg)
+    else:
+        cfg = load_merge_config(config)
+    target = out if out is not None else cfg.out
+    if target is None:
+        raise ConfigError("merge: no output directory (pass out, --out, or set out: in the config)")
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"output {target} already exists (pass --overwrite to replace it)")
+    spec = registry.get(cfg.merge_method)
+
+    base = open_source(cfg.base_model) if cfg.base_model is not None else None
+    models = [open_source(m.model) for m in cfg.models]
+    inputs = ([base] if base is not None else []) + models
+    for s in inputs:
+        if s.path.resolve() == target.resolve():
+            raise ConfigError(f"output {target} is also an input of the merge")
+    check_compatible(inputs)
+    if not cfg.allow_cross_family:
+        check_lineage(base, models, cfg.expert)
+    template = inputs[0]
+    e = _expert_index(template, cfg.expert)
+
+    n = len(models)
+    params = dict(
+        weights=[cfg.weight(i) for i in range(n)],
+        densities=[cfg.density(i) for i in range(n)],
+        normalize=cfg.normalize(),
+        scale=cfg.parameters.scale,
+        t=cfg.parameters.t if cfg.parameters.t is not None else 0.5,
+        seed=cfg.parameters.seed,
+    )
+    out_dtype = getattr(torch, cfg.dtype) if cfg.dtype is not None else None
+    merged: dict[str, torch.Tensor] = {}
+    for name in tqdm(template.names, desc="merge", unit="tensor", disable=not progress):
+        t0 = template.read(name)
+        dtype = out_dtype or t0.dtype
+        if not t0.is_floating_point():
+            merged[name] = t0  # integer buffers (none in our models) are copied, never averaged
+            continue
+        expert_slice = e is not None and bool(_EXPERT_TENSOR.search(name))
+        if e is not None and not expert_slice:
+            merged[name] = t0.to(dtype)
+            continue
+        # compute in float32, or float64 when the inputs are float64
+        cdt = torch.float64 if t0.dtype == torch.float64 else torch.float32
+
+        sl = e if expert_slice else None
+        b = _operand(base, template, t0, name, sl, cdt) if base is not None else None
+        ts = [_operand(m, template, t0, name, sl, cdt) for m in models]
+        res = spec.fn(b, ts, MethodParams(name=name, **params))
+        if expert_slice:
+            full = t0.to(dtype).clone()
+            full[e] = res.to(dtype)
+            merged[name] = full
+        else:
+            merged[name] = res.to(dtype)
+        del b, ts, res
+
+    if template.kind == "hf":
+        _write_hf(target, template, merged, overwrite, cfg.dtype)
+        return target
+    return save_checkpoint(
+        target, merged, template.config, _lineage_meta(cfg, base, models), overwrite=overwrite
+    )

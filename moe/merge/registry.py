@@ -1,0 +1,111 @@
+"""Merge methods, registered by name.
+
+A method is a pure function on one tensor's values across the inputs:
+
+    method(base, tensors, params) -> merged
+
+`base` is the base model's tensor (None when the config names no base model), `tensors` the merged
+models' tensors (same shape), `params` a `MethodParams`. Inputs arrive in float32 (or float64) and
+the result is returned in the same dtype; the caller casts to the output dtype. Methods never see
+file names or lineage: `moe.merge.merge` does I/O and checks, so methods stay hand-checkable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moe.config import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Per-tensor parameters of one merge call (lists are per model, in config order)."""
+
+    weights: list[float]
+    densities: list[float]
+    normalize: bool
+    scale: float = 1.0  # the `lambda` of task arithmetic / TIES / DARE
+    t: float = 0.5  # slerp interpolation factor
+    seed: int = 0
+    name: str = ""  # tensor name: seeds DARE's per-tensor generator
+
+
+MergeFn = Callable[[torch.Tensor | None, list[torch.Tensor], MethodParams], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MergeFn
+    needs_base: bool  # task vectors (θ - base) need a base model
+    normalize_default: bool  # what `normalize` means when the config leaves it unset
+    uses_density: bool
+    exactly_two: bool = False  # slerp
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(
+    name: str,
+    *,
+    needs_base: bool,
+    normalize_default: bool,
+    uses_density: bool = False,
+    exactly_two: bool = False,
+) -> Callable[[MergeFn], MergeFn]:
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+        _METHODS[name] = MethodSpec(
+            name, fn, needs_base, normalize_default, uses_density, exactly_two
+        )
+        return fn
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # importing the modules runs their @register decorators
+    from moe.merge import dare, linear, slerp, task_arithmetic, ties  # noqa: F401
+
+
+def get(name: str) -> MethodSpec:
+    _load_builtin()
+    if name not in _METHODS:
+        raise ConfigError(
+            f"merge_method: unknown method {name!r}; choose one of {', '.join(names())}"
+        )
+    return _METHODS[name]
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_METHODS)
+
+
+def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, tensor name, model index).
+
+    Seeding per tensor (not one stream over the whole merge) makes a tensor's random mask
+    independent of the order tensors are visited and of which other tensors exist.
+    """
+    digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def task_vectors(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if base is None:
+        raise ConfigError("this merge method needs base_model (task vectors are θ - base)")
+    return [t - base for t in tensors]
+
+
+def weighted_sum(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights):
+        out.add_(d, alpha=w)
+    return out
