@@ -173,15 +173,12 @@ def _swiglu_fwd(h1_NF, h3_NF):
     return nnf.silu(h1_NF) * h3_NF
 
 
-def _swiglu_bwd(h1_NF, h3_NF, da_NF):
-    """Gradients of a = silu(h1) * h3, computed in fp32 (bf16 sigmoid loses too much)."""
-    acc = torch.float64 if h1_NF.dtype == torch.float64 else torch.float32
-    h1, h3, da = h1_NF.to(acc), h3_NF.to(acc), da_NF.to(acc)
-    sig = torch.sigmoid(h1)
-    silu = h1 * sig
-    dh3 = (da * silu).to(h1_NF.dtype)
-    dh1 = (da * h3 * sig * (1 + h1 * (1 - sig))).to(h1_NF.dtype)
-    return dh1, dh3
+def _swiglu_bwd(h1_NF, h3_NF, s_NF, da_NF):
+    """Gradients of a = silu(h1) * h3 given s = silu(h1): two fused elementwise kernels
+    (aten's silu_backward evaluates sigmoid in fp32 internally for bf16/fp16)."""
+    dh3_NF = da_NF * s_NF
+    dh1_NF = torch.ops.aten.silu_backward(da_NF * h3_NF, h1_NF)
+    return dh1_NF, dh3_NF
 
 
 class _MoeMLP(torch.autograd.Function):
@@ -217,12 +214,13 @@ class _MoeMLP(torch.autograd.Function):
          order_N, inv_N, off) = ctx.saved_tensors
         T, K = weights_TK.shape
         dy_TD = dy_TD.contiguous().to(o_ND.dtype)
-        a_NF = _swiglu_fwd(h1_NF, h3_NF)  # recomputed: cheaper than keeping it
+        s_NF = nnf.silu(h1_NF)  # recomputed: cheaper than keeping it
+        a_NF = s_NF * h3_NF
         if ctx.use_triton:
             do_ND, dwt_TK = combine_bwd_triton(dy_TD, o_ND, inv_N, weights_TK)
             dw2 = grouped_dw_triton(a_NF, do_ND, off)
             da_NF = grouped_mm_triton(do_ND, w2_EFD.transpose(1, 2), off)
-            dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, da_NF)
+            dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, s_NF, da_NF)
             dw1 = grouped_dw_triton(x_TD, dh1_NF, off, gather_N=token_N)
             dw3 = grouped_dw_triton(x_TD, dh3_NF, off, gather_N=token_N)
             dxs_ND = grouped_mm_triton(dh1_NF, w1_EDF.transpose(1, 2), off)
@@ -237,7 +235,7 @@ class _MoeMLP(torch.autograd.Function):
             do_ND = do_TKD.view(T * K, -1).index_select(0, order_N).to(o_ND.dtype)
             dw2 = grouped_dw_torch(a_NF, do_ND, off)
             da_NF = grouped_mm_torch(do_ND, w2_EFD.transpose(1, 2), off)
-            dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, da_NF)
+            dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, s_NF, da_NF)
             dw1 = grouped_dw_torch(xs_ND, dh1_NF, off)
             dw3 = grouped_dw_torch(xs_ND, dh3_NF, off)
             dxs_ND = grouped_mm_torch(dh1_NF, w1_EDF.transpose(1, 2), off)
