@@ -94,6 +94,23 @@ def _rename_lambda(raw: Any, where: str) -> None:
         params["scale"] = params.pop("lambda")
 
 
+def _check_entries(raw: DictConfig, where: str) -> None:
+    """Check each `models:` entry alone: omegaconf's error keys inside a list of dataclasses
+    lose the list index, and a message must say which model is wrong."""
+    models = raw.get("models")
+    if not isinstance(models, ListConfig):
+        return
+    for i, m in enumerate(models):
+        if not isinstance(m, DictConfig):
+            raise ConfigError(f"{where}: models[{i}] must be a mapping with model: and parameters:")
+        try:
+            OmegaConf.merge(OmegaConf.structured(ModelEntry), m)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or ""
+            msg = str(_explain(e, where, ModelEntry))
+            raise ConfigError(msg.replace(f"'{key}'", f"'models[{i}].{key}'", 1)) from None
+
+
 def merge_config_from_dict(
     d: dict[str, Any] | DictConfig, where: str = "merge config"
 ) -> MergeConfig:
@@ -103,6 +120,7 @@ def merge_config_from_dict(
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
     _rename_lambda(raw, where)
+    _check_entries(raw, where)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(MergeConfig), raw)
         obj: MergeConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
