@@ -182,6 +182,30 @@ class EvalConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`moe run`: the whole specialization study (seed → split → branches → merge → BTX → eval)."""
+
+    experts: list[str] = field(default_factory=lambda: list(DOMAINS))  # one expert per domain
+    seed_steps: int = 100  # dense seed model on the mixed stream
+    split_method: str = "copy"  # copy | random | kmeans | activation
+    shared_dim: int = 0  # activation split: size of the shared expert
+    branch_steps: int = 50  # each expert's branch on its own stream
+    finetune_family: str | None = "code"  # two fine-tunes of this expert, merged back; null = skip
+    finetune_steps: int = 25  # each fine-tune, continued from the family's branch
+    finetune_seeds: list[int] = field(default_factory=lambda: [1, 2])  # data order of each
+    merge_method: str = "ties"  # how the fine-tunes are merged (moe merge methods)
+    merge_density: float = 0.5  # ties/dare density
+    router_steps: int = 30  # router fine-tune of the assembled MoE on the mixed stream
+    router_top_k: int = 1
+    router_init: str = "domain_mean"  # random | domain_mean
+    router_lr: float = 1e-2
+    baselines: list[str] = field(
+        default_factory=lambda: ["compute_matched", "data_matched", "btm_ensemble", "param_average"]
+    )
+    eval_batches: int = 16  # held-out batches per domain for every model
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     stage: str = "dense"  # dense | branch | joint | router
@@ -197,6 +221,7 @@ class Recipe:
     branch: BranchConfig = field(default_factory=BranchConfig)
     router: RouterTrainConfig = field(default_factory=RouterTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 STAGES = ("dense", "branch", "joint", "router")
@@ -362,6 +387,37 @@ def validate(r: Recipe, where: str = "recipe") -> None:
         raise bad(f"trainer.nan_policy: {r.trainer.nan_policy!r} is not one of stop, skip")
     if r.optim.lr <= 0:
         raise bad(f"optim.lr must be positive, got {r.optim.lr}")
+    _validate_study(r.study, r, bad)
+
+
+BASELINES = ("compute_matched", "data_matched", "btm_ensemble", "param_average")
+
+
+def _validate_study(s: StudyConfig, r: Recipe, bad) -> None:
+    if not s.experts or len(set(s.experts)) != len(s.experts):
+        raise bad("study.experts: list each expert (domain) once")
+    for e in s.experts:
+        if e not in DOMAINS and e not in r.data.sources:
+            raise bad(f"study.experts: {e!r} is not a domain with data")
+    if s.split_method not in ("copy", "random", "kmeans", "activation"):
+        raise bad(f"study.split_method: unknown method {s.split_method!r}")
+    for k in ("seed_steps", "branch_steps", "finetune_steps", "router_steps", "eval_batches"):
+        if getattr(s, k) < 1:
+            raise bad(f"study.{k} must be at least 1, got {getattr(s, k)}")
+    if s.finetune_family is not None:
+        if s.finetune_family not in s.experts:
+            raise bad(f"study.finetune_family {s.finetune_family!r} is not one of study.experts")
+        if len(s.finetune_seeds) < 2:
+            raise bad("study.finetune_seeds: merging needs at least two fine-tunes")
+    if not 1 <= s.router_top_k <= len(s.experts):
+        raise bad(f"study.router_top_k must be between 1 and {len(s.experts)}")
+    if s.router_init not in ("random", "domain_mean"):
+        raise bad(f"study.router_init: {s.router_init!r} is not one of random, domain_mean")
+    for b in s.baselines:
+        if b not in BASELINES:
+            raise bad(f"study.baselines: unknown baseline {b!r} ({', '.join(BASELINES)})")
+    if not 0 < s.merge_density <= 1:
+        raise bad(f"study.merge_density must be in (0, 1], got {s.merge_density}")
 
 
 def to_yaml(r: Any) -> str:

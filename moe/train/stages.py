@@ -141,6 +141,8 @@ def train(r: Recipe) -> Path:
         start_step = read_resume_step(resume_ckpt) if resume_ckpt else 0
         pl.seed_everything(r.seed, workers=True, verbose=False)
         plan = plan_stage(r)
+        # what was really trained on (a branch forces its single domain) is what gets recorded
+        r = dataclasses.replace(r, data=plan.data)
         t = r.trainer
         dm = DomainDataModule(
             plan.data, seed=r.seed, start_step=start_step * t.accumulate_grad_batches
