@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from helpers import DEBUG
 
 from moe.cli import main
 from moe.io.checkpoint import load_checkpoint, read_meta
-
-from helpers import DEBUG
 
 QUIET = ["trainer.enable_progress_bar=false"]
 

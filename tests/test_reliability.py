@@ -9,10 +9,9 @@ import time
 
 import pytest
 import torch
+from helpers import DEBUG
 
 from moe.io.checkpoint import load_checkpoint
-
-from helpers import DEBUG
 
 pytestmark = pytest.mark.reliability
 
