@@ -1,0 +1,456 @@
+"""Hugging Face interop: import Llama checkpoints, export to LlamaForCausalLM / MixtralForCausalLM.
+
+Neither direction needs `transformers` to run: configs are written as JSON and weights are renamed
+tensor by tensor (transformers, the `hf` extra, is needed only to load the result). Our RoPE uses
+Llama's half-split layout (rotate_half), so q/k projections map without a permutation, and our
+RMSNorm/SwiGLU/GQA match Llama's, so an imported model computes the same logits.
+
+Names (ours ⇄ Llama):
+    tok_emb.weight                  model.embed_tokens.weight
+    layers.{i}.attn.w{q,k,v,o}      model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    layers.{i}.attn_norm.weight     model.layers.{i}.input_layernorm.weight
+    layers.{i}.ffn_norm.weight      model.layers.{i}.post_attention_layernorm.weight
+    layers.{i}.ffn.w{1,3,2}.weight  model.layers.{i}.mlp.{gate,up,down}_proj.weight
+    norm.weight                     model.norm.weight
+    lm_head.weight                  lm_head.weight (absent when tied)
+MoE with the learned router → Mixtral, in the per-expert layout every transformers version loads
+(transformers 5 fuses these into experts.gate_up_proj / down_proj while loading):
+    layers.{i}.ffn.router.weight (E, C)   model.layers.{i}.block_sparse_moe.gate.weight (E, C)
+    layers.{i}.ffn.w1[e] (C, Fe)          ...block_sparse_moe.experts.{e}.w1.weight = w1[e].T
+    layers.{i}.ffn.w3[e] (C, Fe)          ...block_sparse_moe.experts.{e}.w3.weight = w3[e].T
+    layers.{i}.ffn.w2[e] (Fe, C)          ...block_sparse_moe.experts.{e}.w2.weight = w2[e].T
+Mixtral's router is softmax → top-k → renormalise, which is ours with normalize_weights: true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from moe.config import ConfigError, ModelConfig
+from moe.io.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    make_meta,
+    new_id,
+    save_checkpoint,
+)
+
+# Files of a tokenizer directory that import carries over and export writes back
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+TOKENIZER_DIR = "tokenizer"
+
+# Our byte tokenizer's specials (moe.data.tokenizer.ByteTokenizer)
+BYTE_VOCAB, BYTE_BOS, BYTE_EOS, BYTE_PAD = 259, 256, 257, 258
+
+_LAYER_MAP = {
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+}
+_TOP_MAP = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+
+
+def hf_name(name: str) -> str:
+    """Our dense parameter name → the Llama name."""
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    m = _OUR_LAYER.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    raise ConfigError(f"tensor {name} has no Llama equivalent")
+
+
+_INV_TOP = {v: k for k, v in _TOP_MAP.items()}
+_INV_LAYER = {v: k for k, v in _LAYER_MAP.items()}
+
+
+def our_name(hf: str) -> str | None:
+    """Llama name → ours; None for tensors that carry no weights (rotary inv_freq buffers)."""
+    if hf in _INV_TOP:
+        return _INV_TOP[hf]
+    m = _HF_LAYER.match(hf)
+    if m:
+        if m.group(2) in _INV_LAYER:
+            return f"layers.{m.group(1)}.{_INV_LAYER[m.group(2)]}"
+        if m.group(2).endswith("rotary_emb.inv_freq"):
+            return None
+    raise ConfigError(f"tensor {hf} is not part of a Llama model this tool can import")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _finish_dir(tmp: Path, out: Path) -> None:
+    """Rename a fully written temp directory into place (old version removed after the swap)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _staging(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}-{new_id()}")
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists (pass --overwrite to replace it)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: corrupted JSON ({e})") from None
+
+
+def _rope_theta(hf: dict[str, Any], where: Path) -> float:
+    """rope_theta from a transformers 4 (top-level + rope_scaling) or 5 (rope_parameters) config."""
+    if hf.get("rope_scaling"):
+        raise ConfigError(
+            f"{where}: rope_scaling {hf['rope_scaling']!r} is not supported (this model uses "
+            "plain RoPE); only Llama models without RoPE scaling can be imported"
+        )
+    rp = hf.get("rope_parameters") or {}
+    if rp.get("rope_type", "default") != "default":
+        raise ConfigError(
+            f"{where}: rope_parameters.rope_type {rp['rope_type']!r} is not supported (only "
+            "default RoPE)"
+        )
+    return float(rp.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+
+
+def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
+    """Our ModelConfig for a Llama config.json; refuses what our model cannot compute exactly."""
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+        raise ConfigError(
+            f"{where}: only Llama-architecture dense models can be imported (model_type "
+            f"{hf.get('model_type')!r}, architectures {archs})"
+        )
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"{where}: {key}: true is not supported (this model has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+    dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * heads != dim:
+        raise ConfigError(
+            f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads "
+            f"({dim} / {heads}); this model derives head_dim from them"
+        )
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        dim=dim,
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        ffn_dim=int(hf["intermediate_size"]),
+        max_seq_len=int(hf.get("max_position_embeddings") or 2048),
+        rope_theta=_rope_theta(hf, where),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    ).resolved()
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Import a Llama-architecture Hugging Face directory (config.json + safetensors) as a dense
+    checkpoint; tokenizer files are carried into `out/tokenizer/`. Returns `out`."""
+    from moe.merge.sources import TensorFile, hf_weight_files, is_hf_dir
+
+    src, out = Path(hf_dir), Path(out)
+    _refuse_existing(out, overwrite)
+    if not is_hf_dir(src):
+        bins = src.is_dir() and any(src.glob("*.bin"))
+        raise ConfigError(
+            f"{src}: "
+            + (
+                "only safetensors weights can be imported (pickled .bin files are never loaded)"
+                if bins
+                else "not a Hugging Face model directory (config.json + *.safetensors)"
+            )
+        )
+    hf = _read_json(src / "config.json")
+    cfg = model_config_from_hf(hf, src / "config.json")
+
+    state: dict[str, torch.Tensor] = {}
+    opened: dict[Path, TensorFile] = {}
+    for hname, fpath in hf_weight_files(src).items():
+        name = our_name(hname)
+        if name is None:
+            continue
+        if fpath not in opened:
+            opened[fpath] = TensorFile(fpath)
+        state[name] = opened[fpath].read(hname)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # tied: the head is the embedding
+    for k, shape in _param_shapes(cfg).items():
+        if k not in state:
+            raise ConfigError(f"{src}: tensor {hf_name(k)} is missing")
+        if tuple(state[k].shape) != shape:
+            raise ConfigError(
+                f"{src}: tensor {hf_name(k)} has shape {tuple(state[k].shape)}, config implies "
+                f"{shape}"
+            )
+    meta = make_meta(
+        kind="dense",
+        family=None,
+        recipe=None,
+        hf_source=str(src.resolve()),
+        hf_token_ids={k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    )
+    tmp = _staging(out)
+    try:
+        save_checkpoint(tmp, state, cfg, meta)
+        tok = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+        if tok:
+            (tmp / TOKENIZER_DIR).mkdir()
+            for f in tok:
+                shutil.copy2(src / f, tmp / TOKENIZER_DIR / f)
+        _finish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of our model for `cfg`, without allocating weights (meta device)."""
+    from moe.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _dtype_name(sd: dict[str, torch.Tensor]) -> str:
+    return str(next(iter(sd.values())).dtype).removeprefix("torch.")
+
+
+def _token_ids(cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, int | None]:
+    """Special token ids: the imported model's own, else the byte tokenizer's."""
+    ids = meta.get("hf_token_ids")
+    if isinstance(ids, dict):
+        return {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if cfg.vocab_size == BYTE_VOCAB:
+        return {"bos_token_id": BYTE_BOS, "eos_token_id": BYTE_EOS, "pad_token_id": BYTE_PAD}
+    return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM (dense) or MixtralForCausalLM (MoE, learned router)."""
+    c: dict[str, Any] = {
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.dim // cfg.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 4 reads rope_theta, transformers 5 rope_parameters
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "initializer_range": cfg.init_std,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        **_token_ids(cfg, meta),
+    }
+    m = cfg.moe
+    if not m.experts:
+        c.update(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            attention_bias=False,
+            mlp_bias=False,
+            pretraining_tp=1,
+        )
+        return c
+    c.update(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        intermediate_size=m.expert_ffn_dim or cfg.ffn_dim,
+        num_local_experts=len(m.experts),
+        num_experts_per_tok=m.top_k,
+        router_aux_loss_coef=m.load_balance_coef,
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+        sliding_window=None,
+    )
+    return c
+
+
+def _check_exportable(cfg: ModelConfig, path: Path) -> None:
+    m = cfg.moe
+    if not m.experts:
+        return
+    if m.router != "learned":
+        raise ConfigError(
+            f"{path}: cannot export router={m.router!r} to Mixtral: it routes by each sequence's "
+            "domain id, which a transformers model is never given (export a learned-router MoE)"
+        )
+    if m.shared_expert_ffn_dim > 0:
+        raise ConfigError(
+            f"{path}: cannot export a shared expert: Mixtral has none, and the formats that do "
+            "(Qwen2-MoE) gate it with a sigmoid, so neither computes this model exactly"
+        )
+    if not m.normalize_weights:
+        raise ConfigError(
+            f"{path}: cannot export normalize_weights: false to Mixtral, whose router always "
+            "renormalises the top-k weights"
+        )
+
+
+def hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict → HF names (Llama, or Mixtral's per-expert layout for MoE)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        m = _OUR_LAYER.match(name)
+        if cfg.moe.experts and m and m.group(2).startswith("ffn."):
+            i, rest = m.group(1), m.group(2)
+            pre = f"model.layers.{i}.block_sparse_moe"
+            if rest == "ffn.router.weight":
+                out[f"{pre}.gate.weight"] = t
+            elif rest in ("ffn.w1", "ffn.w3", "ffn.w2"):
+                w = rest.removeprefix("ffn.")
+                for e in range(t.shape[0]):
+                    # kernel layout (in, out) → nn.Linear layout (out, in)
+                    out[f"{pre}.experts.{e}.{w}.weight"] = t[e].T.contiguous()
+            else:
+                raise ConfigError(f"tensor {name} has no Mixtral equivalent")
+            continue
+        out[hf_name(name)] = t
+    return out
+
+
+def _byte_tokenizer(out: Path) -> bool:
+    """Write a `tokenizers` byte-level tokenizer equal to ByteTokenizer (ids 0..255 = bytes,
+    <s>=256, </s>=257, <pad>=258). False when the tokenizers package is missing."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        return False
+    # ByteLevel maps each byte to a printable character; give that character the byte's id
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+    assert set(byte_char.values()) == set(alphabet)
+    vocab = {byte_char[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>"]
+    tok.add_special_tokens(specials)
+    tok.save(str(out / "tokenizer.json"))
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, indent=2) + "\n"
+    )
+    return True
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte → printable character table (the one ByteLevel uses), by byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1))
+    keep += list(range(0xAE, 0xFF + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return [chars[b] for b in range(256)]
+
+
+def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Export a checkpoint as a Hugging Face directory: dense → LlamaForCausalLM, MoE with the
+    learned top-k router → MixtralForCausalLM. Tokenizer: the one carried in at import, else the
+    byte tokenizer when the vocabulary is the byte vocabulary. Returns `out`."""
+    from moe.merge.sources import resolve_input
+
+    path, out = resolve_input(ckpt), Path(out)
+    _refuse_existing(out, overwrite)
+    ck = load_checkpoint(path)
+    cfg = ck.config.resolved()
+    _check_exportable(cfg, path)
+    tensors = hf_state_dict(cfg, ck.state_dict)
+    config = hf_config(cfg, ck.meta, _dtype_name(ck.state_dict))
+    tmp = _staging(out)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        carried = path / TOKENIZER_DIR
+        if carried.is_dir():
+            for f in carried.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        elif cfg.vocab_size == BYTE_VOCAB and not _byte_tokenizer(tmp):
+            (tmp / "TOKENIZER.md").write_text(
+                "This model uses moe-forge's byte tokenizer: token id = byte value (0-255), "
+                "BOS=256, EOS=257, PAD=258. Install `tokenizers` and export again to get "
+                "tokenizer.json.\n"
+            )
+        _finish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["export_hf", "import_hf", "hf_config", "hf_state_dict", "model_config_from_hf"]
