@@ -32,6 +32,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from moe.study import run_study
+
+    report = run_study(_recipe(args), only=args.stage, seeds=args.seeds, recipe_path=args.recipe)
+    print(report)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from moe.eval.evaluate import evaluate_checkpoint, format_table, resolve_checkpoint
     from moe.io.checkpoint import write_json
@@ -131,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = recipe_cmd("train", "run one training stage from a recipe", cmd_train)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    sp = recipe_cmd("run", "run the whole specialization study of a recipe", cmd_run)
+    sp.add_argument("--overwrite", action="store_true", help="start the study again from scratch")
+    sp.add_argument("--stage", help="re-run or resume this one stage (e.g. branch-code, eval)")
+    sp.add_argument("--seeds", type=int, default=1, help="repeat with N seeds; mean and spread")
 
     sp = sub.add_parser("eval", help="per-domain held-out loss and bits per byte")
     sp.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
