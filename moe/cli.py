@@ -41,7 +41,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from moe.eval.evaluate import evaluate_checkpoint, format_table, resolve_checkpoint
+    from moe.eval.evaluate import evaluate_checkpoint, format_table
     from moe.io.checkpoint import write_json
 
     doms = args.domains.split(",") if args.domains else None
@@ -60,8 +60,7 @@ def cmd_eval(args) -> int:
         write_json(args.json, reports if len(reports) > 1 else reports[0])
     else:
         for path, rep in zip(args.checkpoints, reports):
-            p = Path(path)
-            target = p / "eval.json" if resolve_checkpoint(p) != p else p / "eval.json"
+            target = Path(path) / "eval.json"
             write_json(target, rep)
             print(f"wrote {target}", file=sys.stderr)
     return 0
@@ -120,6 +119,30 @@ def cmd_assemble(args) -> int:
         router_init=args.router_init, seed=args.seed, overwrite=args.overwrite,
     )
     print(out)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from moe.merge import merge
+
+    out = merge(args.config, out=args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(out)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from moe.io.hf import import_hf
+
+    print(import_hf(args.hf_dir, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from moe.eval.evaluate import resolve_checkpoint
+    from moe.io.hf import export_hf
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    print(export_hf(ckpt, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -190,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_assemble)
+
+    sp = sub.add_parser("merge", help="merge fine-tunes of one expert family (MERGE.yaml)")
+    sp.add_argument("config", help="merge config YAML (models:, merge_method:, base_model: ...)")
+    sp.add_argument("--out", help="output directory (default: the config's out:)")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_merge)
+
+    sp = sub.add_parser("import", help="import a Hugging Face Llama directory as a checkpoint")
+    sp.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_import)
+
+    sp = sub.add_parser("export", help="export a checkpoint as Hugging Face Llama/Mixtral")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("--out", required=True, help="output Hugging Face directory")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_export)
 
     sp = recipe_cmd("data", "show what each domain corpus holds", cmd_data, optional=True)
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -348,6 +348,13 @@ class Study:
                 shutil.rmtree(out.parent, ignore_errors=True)
                 out.parent.mkdir(parents=True)
             st.run(out)
+            if only is not None:
+                later = [d.name for d in stages if st.name in self._upstream(d.name)]
+                if later:
+                    _log(
+                        f"note: {', '.join(later)} were built from the previous {st.name}; "
+                        "re-run them with --stage, or the whole study with --overwrite"
+                    )
             trained += st.planned_tokens
             done_tokens += st.planned_tokens
         results = None
@@ -364,6 +371,16 @@ class Study:
             path = write_report(results, self.run_dir)
             _log(f"wrote {path} ({_fmt_s(time.perf_counter() - t0)})")
         return results or {}
+
+    def _upstream(self, name: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(self._deps(name))
+        while todo:
+            d = todo.pop()
+            if d not in seen:
+                seen.add(d)
+                todo += self._deps(d)
+        return seen
 
     def _deps(self, name: str) -> list[str]:
         s = self.s
