@@ -126,6 +126,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically. Refuses an existing one unless `overwrite`."""
     path = Path(path)
+    recover(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"checkpoint {path} already exists (pass --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,11 +194,45 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
 
 
+def recover(path: str | os.PathLike) -> None:
+    """Finish an overwrite that a kill interrupted between its two renames.
+
+    `save_checkpoint` moves the old checkpoint aside to `.NAME.old-PID`, renames the complete new
+    one into place, then deletes the old one. Killed in between, the old version (complete) is
+    put back; killed after, the leftover is removed. Temporary directories of killed writes are
+    removed too. Either way `path` then holds a complete checkpoint, old or new, or nothing.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    for i, old in enumerate(olds):
+        if not path.exists() and i == len(olds) - 1:
+            os.replace(old, path)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_dir(path: Path) -> None:
+    recover(path)
     if not path.exists():
-        olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
-        hint = f" (an interrupted overwrite left the previous version at {olds[0]})" if olds else ""
-        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: a checkpoint is a directory holding {WEIGHTS}, {CONFIG}, {META}"
