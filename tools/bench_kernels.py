@@ -170,7 +170,10 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma list; default by device")
     ap.add_argument("--routing", default="balanced,skewed")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.shapes:
