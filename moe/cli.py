@@ -146,8 +146,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes print one line `moe: error: ...` and exit 2, like every other mistake."""
+
+    def error(self, message: str):
+        cmd = self.prog.removeprefix("moe").strip()
+        self.exit(2, f"moe: error: {cmd + ': ' if cmd else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="moe",
         description="moe-forge: domain experts from dense LMs: split, train, merge, measure.",
     )

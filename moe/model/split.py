@@ -280,6 +280,10 @@ def assemble(
     """
     if len(branches) != len(experts) or not branches:
         raise ConfigError("assemble needs one branch per expert name")
+    if router == "learned" and not 1 <= top_k <= len(experts):
+        raise ConfigError(
+            f"--top-k {top_k} must be between 1 and the number of experts ({len(experts)})"
+        )
     cfg0 = branches[0].config
     for b, name in zip(branches, experts):
         if b.config.moe.experts:
