@@ -191,7 +191,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     try:
         return model_config_from_dict(d)
     except ConfigError as e:
-        raise CheckpointError(f"{path / CONFIG}: {e}") from None
+        raise CheckpointError(f"{path / CONFIG}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def recover(path: str | os.PathLike) -> None:
