@@ -45,6 +45,8 @@ def cmd_eval(args) -> int:
     from moe.io.checkpoint import write_json
 
     doms = args.domains.split(",") if args.domains else None
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(f"--json {args.json} is a directory; give a file name")
     reports = []
     for path in args.checkpoints:
         rep = evaluate_checkpoint(

@@ -141,6 +141,10 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_batches < 0:
+        raise ConfigError(f"--max-batches must be 0 (all) or more, got {max_batches}")
     ckpt_dir = resolve_checkpoint(path)
     ck = load_checkpoint(ckpt_dir)
     model = Transformer(ck.config)

@@ -74,6 +74,8 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file through a temporary name + rename: readers see the old or the new text."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a file name to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
