@@ -19,8 +19,6 @@ weights' gradient is dweights[t,j] = dot(dy[t], expert_out[t,j]).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as nnf
 
@@ -201,8 +199,6 @@ def _check_moe_args(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK):
 
 # --------------------------------------------------------------------------- autograd
 
-_FUSE_W13 = os.environ.get("MOE_KERNELS_FUSE_W13", "1") == "1"
-
 
 def _swiglu_fwd(h1_NF, h3_NF):
     return nnf.silu(h1_NF) * h3_NF
@@ -217,7 +213,10 @@ def _swiglu_bwd(h1_NF, h3_NF, s_NF, da_NF):
 
 
 class _MoeMLP(torch.autograd.Function):
-    """Shared forward/backward for the triton and torch backends; `ops` picks the kernels."""
+    """Shared forward/backward of the triton and torch backends; use_triton picks the kernels.
+
+    (Fusing w1|w3 into one grouped GEMM was tried for the torch path: no measurable gain on
+    CPU, and it keeps a concatenated weight copy alive for the backward, so it is not used.)"""
 
     @staticmethod
     def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, plan, use_triton):
@@ -231,21 +230,6 @@ class _MoeMLP(torch.autograd.Function):
             o_ND = grouped_mm_triton(a_NF, w2_EFD, off)
             y_TD = combine_triton(o_ND, plan.inv, weights_TK, T, K, x_TD.dtype)
             xs_ND = None
-        elif _FUSE_W13:
-            # One grouped GEMM against [w1 | w3] instead of two: half the per-expert mm
-            # calls (CPU grouped_mm loops over experts) and one dX GEMM in the backward.
-            xs_ND = x_TD.index_select(0, plan.token)
-            w13_ED2F = torch.cat([w1_EDF, w3_EDF], dim=2)
-            h13_N2F = grouped_mm_torch(xs_ND, w13_ED2F, off)
-            F = w1_EDF.shape[2]
-            a_NF = _swiglu_fwd(h13_N2F[:, :F], h13_N2F[:, F:])
-            o_ND = grouped_mm_torch(a_NF, w2_EFD, off)
-            y_TD = combine_torch(o_ND, plan.inv, weights_TK, T, K, x_TD.dtype)
-            ctx.save_for_backward(xs_ND, w13_ED2F, w2_EFD, weights_TK, h13_N2F, o_ND,
-                                  plan.token, plan.order, plan.inv, off)
-            ctx.use_triton = use_triton
-            ctx.fused = True
-            return y_TD
         else:
             xs_ND = x_TD.index_select(0, plan.token)
             h1_NF = grouped_mm_torch(xs_ND, w1_EDF, off)
@@ -256,13 +240,10 @@ class _MoeMLP(torch.autograd.Function):
         ctx.save_for_backward(x_TD, xs_ND, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF,
                               o_ND, plan.token, plan.order, plan.inv, off)
         ctx.use_triton = use_triton
-        ctx.fused = False
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        if ctx.fused:
-            return _fused_torch_backward(ctx, dy_TD)
         (x_TD, xs_ND, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF, o_ND, token_N,
          order_N, inv_N, off) = ctx.saved_tensors
         T, K = weights_TK.shape
@@ -290,29 +271,6 @@ class _MoeMLP(torch.autograd.Function):
             dxs_ND += grouped_mm_torch(dh3_NF, w3_EDF.transpose(1, 2), off)
             dx_TD = combine_torch(dxs_ND, inv_N, None, T, K, x_TD.dtype)
         return dx_TD, dw1, dw3, dw2, dwt_TK.to(weights_TK.dtype), None, None
-
-
-def _fused_torch_backward(ctx, dy_TD):
-    (xs_ND, w13_ED2F, w2_EFD, weights_TK, h13_N2F, o_ND, token_N, order_N, inv_N,
-     off) = ctx.saved_tensors
-    T, K = weights_TK.shape
-    F = w2_EFD.shape[1]
-    dy_TD = dy_TD.contiguous().to(o_ND.dtype)
-    h1_NF, h3_NF = h13_N2F[:, :F], h13_N2F[:, F:]
-    s_NF = nnf.silu(h1_NF)
-    a_NF = s_NF * h3_NF
-    do_ND, dwt_TK = combine_bwd_torch(dy_TD, o_ND, token_N, order_N, inv_N, weights_TK)
-    dw2 = grouped_dw_torch(a_NF, do_ND, off)
-    da_NF = grouped_mm_torch(do_ND, w2_EFD.transpose(1, 2), off)
-    # dh13 = [dh1 | dh3] written in place, so it feeds one dW and one dX grouped GEMM.
-    dh13_N2F = torch.empty_like(h13_N2F)
-    torch.mul(da_NF, s_NF, out=dh13_N2F[:, F:])
-    torch.ops.aten.silu_backward.grad_input(da_NF * h3_NF, h1_NF, grad_input=dh13_N2F[:, :F])
-    dw13 = grouped_dw_torch(xs_ND, dh13_N2F, off)
-    dxs_ND = grouped_mm_torch(dh13_N2F, w13_ED2F.transpose(1, 2), off)
-    dx_TD = combine_torch(dxs_ND, inv_N, None, T, K, dy_TD.dtype)
-    return (dx_TD, dw13[:, :, :F], dw13[:, :, F:], dw2, dwt_TK.to(weights_TK.dtype), None,
-            None)
 
 
 def _moe_mlp_loop(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK):
