@@ -28,7 +28,7 @@ from moe.merge.ties import elect_and_merge
 def drop_and_rescale(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
     if density >= 1.0:
         return delta.clone()
-    keep = torch.rand(delta.shape, generator=gen, dtype=torch.float64) < density
+    keep = torch.rand(delta.shape, generator=gen) < density
     return torch.where(keep, delta / density, torch.zeros_like(delta))
 
 
