@@ -12,10 +12,13 @@ moe.experts); every other slice and tensor is copied from base_model (or the fir
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from moe.io.checkpoint import CheckpointError, make_meta, new_id, save_checkpoin
 from moe.merge import registry
 from moe.merge.config import MergeConfig, load_merge_config, validate
 from moe.merge.registry import MethodParams
-from moe.merge.sources import HF_INDEX, Source, open_source
+from moe.merge.sources import HF_INDEX, Source, open_source, page_tensor
 
 _EXPERT_TENSOR = re.compile(r"layers\.\d+\.ffn\.(w1|w3|w2)$")
 
@@ -200,6 +203,21 @@ def _write_hf(out: Path, template: Source, tensors: dict[str, torch.Tensor], ove
         raise
 
 
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's malloc_trim(0), or a no-op elsewhere.
+
+    Each tensor's temporaries are freed into the malloc heap, where small long-lived objects
+    allocated in between pin them; without a trim per tensor, heap fragmentation alone grew to
+    ~0.7x the model over a 100M-parameter merge (measured with tools/bench_merge.py).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
 def _operand(
     src: Source, template: Source, t0: torch.Tensor, name: str, e: int | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -255,6 +273,7 @@ def merge(
     )
     out_dtype = getattr(torch, cfg.dtype) if cfg.dtype is not None else None
     merged: dict[str, torch.Tensor] = {}
+    release = _malloc_trim()
     for name in tqdm(template.names, desc="merge", unit="tensor", disable=not progress):
         t0 = template.read(name)
         dtype = out_dtype or t0.dtype
@@ -263,22 +282,24 @@ def merge(
             continue
         expert_slice = e is not None and bool(_EXPERT_TENSOR.search(name))
         if e is not None and not expert_slice:
-            merged[name] = t0.to(dtype)
+            merged[name] = t0 if dtype == t0.dtype else page_tensor(t0.shape, dtype).copy_(t0)
             continue
         # compute in float32, or float64 when the inputs are float64
         cdt = torch.float64 if t0.dtype == torch.float64 else torch.float32
-
         sl = e if expert_slice else None
         b = _operand(base, template, t0, name, sl, cdt) if base is not None else None
         ts = [_operand(m, template, t0, name, sl, cdt) for m in models]
         res = spec.fn(b, ts, MethodParams(name=name, **params))
+        # the kept output lives in its own mapping (see sources.page_tensor)
+        out_t = page_tensor(t0.shape, dtype)
         if expert_slice:
-            full = t0.to(dtype).clone()
-            full[e] = res.to(dtype)
-            merged[name] = full
+            out_t.copy_(t0)
+            out_t[e] = res
         else:
-            merged[name] = res.to(dtype)
-        del b, ts, res
+            out_t.copy_(res)
+        merged[name] = out_t
+        del b, ts, res, t0
+        release()
 
     if template.kind == "hf":
         _write_hf(target, template, merged, overwrite, cfg.dtype)

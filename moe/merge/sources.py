@@ -14,6 +14,7 @@ Two kinds of input directory:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -49,6 +50,23 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def page_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in its own anonymous memory map, outside the malloc heap.
+
+    glibc serves allocations below its (self-raising) mmap threshold from the heap, where tensors
+    kept for the output interleave with freed temporaries and the freed space is never returned:
+    over a 100M-parameter merge that fragmentation grew to ~0.7x the model. A mapping per tensor
+    is returned to the OS the moment the tensor is freed.
+    """
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 class TensorFile:
     """One safetensors file: header parsed at open, tensors read on demand."""
 
@@ -79,14 +97,17 @@ class TensorFile:
         e = self.entries[name]
         start, end = e["data_offsets"]
         shape, dtype = tuple(e["shape"]), _DTYPES[e["dtype"]]
+        out = page_tensor(shape, dtype)
         if end == start:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - start)
+            return out
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if len(view) != end - start:
+            raise CheckpointError(f"{self.path}: tensor {name} has inconsistent offsets")
         with open(self.path, "rb") as f:
             f.seek(self._data_start + start)
-            if f.readinto(buf) != len(buf):
+            if f.readinto(view) != len(view):
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {name}")
-        return torch.frombuffer(buf, dtype=dtype).view(shape)
+        return out
 
 
 @dataclass
