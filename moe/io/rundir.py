@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,14 @@ def read_resume_step(path: Path) -> int:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad magic, or an object weights_only refuses
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunDirError(f"resume: {path} is not a readable checkpoint ({first[:160]})") from None
+        text = str(e).strip()
+        if "Weights only load failed" in text:
+            why = "it holds pickled Python objects; resume files are loaded with weights_only"
+        else:
+            first = text.splitlines()[0] if text else type(e).__name__
+            # torch's messages carry terminal escapes and advice; the first sentence says it
+            why = re.sub(r"\x1b\[[0-9;]*m", "", first).split(". ")[0][:160]
+        raise RunDirError(f"resume: {path} is not a readable checkpoint ({why})") from None
     if not isinstance(ck, dict) or "global_step" not in ck:
         raise RunDirError(f"resume: {path} is not a Lightning checkpoint (no global_step)")
     return int(ck["global_step"])
