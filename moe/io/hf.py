@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from moe.config import ConfigError, ModelConfig
+from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.io.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -71,6 +71,10 @@ _TOP_MAP = {
 }
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+_HF_EXPERT = re.compile(
+    r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"
+)
+_HF_GATE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 
 
 def hf_name(name: str) -> str:
@@ -151,12 +155,18 @@ def _rope_theta(hf: dict[str, Any], where: Path) -> float:
 
 
 def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
-    """Our ModelConfig for a Llama config.json; refuses what our model cannot compute exactly."""
+    """Our ModelConfig for a Llama (or Mixtral) config.json; refuses what our model cannot compute
+    exactly."""
     archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+    mixtral = hf.get("model_type") == "mixtral" or "MixtralForCausalLM" in archs
+    if not mixtral and hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise ConfigError(
-            f"{where}: only Llama-architecture dense models can be imported (model_type "
-            f"{hf.get('model_type')!r}, architectures {archs})"
+            f"{where}: only Llama-architecture dense models (and Mixtral MoEs) can be imported "
+            f"(model_type {hf.get('model_type')!r}, architectures {archs})"
+        )
+    if mixtral and hf.get("sliding_window") is not None:
+        raise ConfigError(
+            f"{where}: sliding_window {hf['sliding_window']} is not supported (full attention only)"
         )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
@@ -170,6 +180,20 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads "
             f"({dim} / {heads}); this model derives head_dim from them"
         )
+    moe = MoEConfig()
+    if mixtral:
+        n = int(hf["num_local_experts"])
+        # expert names survive a round trip through our own export; others get positional names
+        names = hf.get("moe_forge_experts") or [f"expert{e}" for e in range(n)]
+        moe = MoEConfig(
+            experts=list(names),
+            expert_ffn_dim=int(hf["intermediate_size"]),
+            router="learned",
+            top_k=int(hf.get("num_experts_per_tok", 2)),
+            normalize_weights=True,
+            load_balance_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+            jitter=float(hf.get("router_jitter_noise") or 0.0),
+        )
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         dim=dim,
@@ -182,6 +206,7 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        moe=moe,
     ).resolved()
 
 
@@ -189,8 +214,9 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Import a Llama-architecture Hugging Face directory (config.json + safetensors) as a dense
-    checkpoint; tokenizer files are carried into `out/tokenizer/`. Returns `out`."""
+    """Import a Hugging Face directory (config.json + safetensors) as a checkpoint: a Llama dense
+    model, or a Mixtral MoE (per-expert layout) as a learned-router MoE. Tokenizer files are
+    carried into `out/tokenizer/`. Returns `out`."""
     from moe.merge.sources import TensorFile, hf_weight_files, is_hf_dir
 
     src, out = Path(hf_dir), Path(out)
@@ -209,26 +235,39 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool
     cfg = model_config_from_hf(hf, src / "config.json")
 
     state: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (layer, w) -> {e: (in, out)}
     opened: dict[Path, TensorFile] = {}
     for hname, fpath in hf_weight_files(src).items():
-        name = our_name(hname)
-        if name is None:
-            continue
         if fpath not in opened:
             opened[fpath] = TensorFile(fpath)
+        m = _HF_EXPERT.match(hname) if cfg.moe.experts else None
+        if m:
+            # nn.Linear layout (out, in) → kernel layout (in, out)
+            t = opened[fpath].read(hname).T.contiguous()
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+            continue
+        g = _HF_GATE.match(hname) if cfg.moe.experts else None
+        name = f"layers.{g.group(1)}.ffn.router.weight" if g else our_name(hname)
+        if name is None:
+            continue
         state[name] = opened[fpath].read(hname)
+    for (layer, w), by_e in experts.items():
+        E = len(cfg.moe.experts)
+        if sorted(by_e) != list(range(E)):
+            raise ConfigError(f"{src}: layer {layer} {w} has experts {sorted(by_e)}, expected {E}")
+        state[f"layers.{layer}.ffn.{w}"] = torch.stack([by_e[e] for e in range(E)])
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: the head is the embedding
     for k, shape in _param_shapes(cfg).items():
         if k not in state:
-            raise ConfigError(f"{src}: tensor {hf_name(k)} is missing")
+            raise ConfigError(f"{src}: tensor {k} (our name) is missing")
         if tuple(state[k].shape) != shape:
             raise ConfigError(
-                f"{src}: tensor {hf_name(k)} has shape {tuple(state[k].shape)}, config implies "
-                f"{shape}"
+                f"{src}: tensor {k} (our name) has shape {tuple(state[k].shape)}, config "
+                f"implies {shape}"
             )
     meta = make_meta(
-        kind="dense",
+        kind="moe" if cfg.moe.experts else "dense",
         family=None,
         recipe=None,
         hf_source=str(src.resolve()),
@@ -319,6 +358,7 @@ def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, A
         router_jitter_noise=0.0,
         output_router_logits=False,
         sliding_window=None,
+        moe_forge_experts=list(m.experts),  # ignored by transformers; restores names on import
     )
     return c
 

@@ -133,16 +133,38 @@ def test_import_refusals(tmp_path, kw, why):
     assert not (tmp_path / "out").exists()
 
 
-def test_import_refuses_existing_out_and_non_llama(tmp_path):
+def test_import_refuses_existing_out_and_other_architectures(tmp_path):
     _save_llama(tmp_path / "hf")
     (tmp_path / "out").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         import_hf(tmp_path / "hf", tmp_path / "out")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="only Llama"):
+        import_hf(tmp_path / "hf", tmp_path / "o2")
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="pickled"):
+        import_hf(tmp_path / "hf", tmp_path / "o3")
+
+
+def test_import_mixtral_and_moe_round_trip(tmp_path, ids):
     torch.manual_seed(0)
     mcfg = transformers.MixtralConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, num_local_experts=2,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=259, num_local_experts=3, num_experts_per_tok=2,
     )  # fmt: skip
-    transformers.MixtralForCausalLM(mcfg).save_pretrained(tmp_path / "mx")
-    with pytest.raises(ConfigError, match="only Llama"):
-        import_hf(tmp_path / "mx", tmp_path / "o2")
+    hf = transformers.MixtralForCausalLM(mcfg).eval()
+    hf.save_pretrained(tmp_path / "mx")
+    a = import_hf(tmp_path / "mx", tmp_path / "a")
+    assert read_meta(a)["kind"] == "moe"
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(a)(ids).logits, hf(ids).logits, rtol=0, atol=ATOL)
+    # our MoE (named experts) → Mixtral → ours: bitwise, names kept
+    cfg = ModelConfig(size="debug", moe=MoEConfig(experts=["text", "code", "dna"], top_k=2))
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "moe", Transformer(cfg).state_dict(), cfg, make_meta(kind="moe"))
+    b = import_hf(export_hf(tmp_path / "moe", tmp_path / "mx2"), tmp_path / "b")
+    sa, sb = load_checkpoint(tmp_path / "moe").state_dict, load_checkpoint(b).state_dict
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert load_checkpoint(b).config.moe.experts == ["text", "code", "dna"]
