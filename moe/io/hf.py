@@ -1,4 +1,5 @@
-"""Hugging Face interop: import Llama checkpoints, export to LlamaForCausalLM / MixtralForCausalLM.
+"""Hugging Face interop: import Llama (and Mixtral) directories, export to LlamaForCausalLM /
+MixtralForCausalLM.
 
 Neither direction needs `transformers` to run: configs are written as JSON and weights are renamed
 tensor by tensor (transformers, the `hf` extra, is needed only to load the result). Our RoPE uses

@@ -58,6 +58,16 @@ def test_import_matches_transformers_logits(tmp_path, ids, tied):
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=0, atol=ATOL)
 
 
+def test_import_sharded(tmp_path, ids):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(_llama_cfg()).eval()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        got = _ours(import_hf(tmp_path / "hf", tmp_path / "ours"))(ids).logits
+        torch.testing.assert_close(got, hf(ids).logits, rtol=0, atol=ATOL)
+
+
 def test_export_dense_matches_and_round_trip_is_exact(tmp_path, ids):
     _save_llama(tmp_path / "hf")
     a = import_hf(tmp_path / "hf", tmp_path / "a")
