@@ -61,3 +61,78 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     for k in a.state_dict:
         assert torch.equal(a.state_dict[k], b.state_dict[k]), f"{k} differs after resume at {step}"
     assert a.meta["tokens_seen"] == b.meta["tokens_seen"]
+
+
+# ---------------------------------------------------------------------------- moe run
+
+
+def _study_ids(out) -> dict:
+    from moe.io.checkpoint import is_checkpoint, read_meta
+
+    stages = out / "stages"
+    return {d.name: read_meta(d / "model")["id"] for d in sorted(stages.iterdir())
+            if is_checkpoint(d / "model")} if stages.is_dir() else {}
+
+
+def _run_until(out, banner: str | None, delay: float = 0.0):
+    """`moe run` on the debug study; SIGKILL it `delay` s after stderr shows `banner` (or once
+    stages/branch-text/model exists, for the first kill). Returns (returncode, stderr)."""
+    import re
+    import threading
+
+    p = moe("run", DEBUG / "study.yaml", f"out_dir={out}", "trainer.enable_progress_bar=false")
+    lines: list[str] = []
+    seen = threading.Event()
+    pat = re.compile(rf"^\[\d+/\d+\] {re.escape(banner)} \(") if banner else None
+
+    def pump():
+        for raw in p.stderr:
+            line = raw.decode(errors="replace")
+            lines.append(line)
+            if pat is not None and pat.search(line):
+                seen.set()
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    if banner is not None:
+        deadline = time.time() + 900
+        while not seen.is_set() and p.poll() is None and time.time() < deadline:
+            if banner == "branch-code" and (out / "stages" / "branch-text" / "model").is_dir():
+                seen.set()
+            time.sleep(0.02)
+        assert seen.is_set(), "".join(lines)[-3000:]
+        time.sleep(delay)
+        assert p.poll() is None, "the study ended before it could be killed"
+        p.send_signal(signal.SIGKILL)
+    rc = p.wait(timeout=1800)
+    t.join(timeout=10)
+    return rc, "".join(lines)
+
+
+@pytest.mark.slow
+def test_moe_run_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_path):
+    out = tmp_path / "study"
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    # kill 1: as the second branch starts; kill 2: somewhere inside the router fine-tune
+    rc, err = _run_until(out, "branch-code", delay=rng.uniform(0.0, 2.0))
+    assert rc == -signal.SIGKILL
+    first = _study_ids(out)
+    assert {"seed", "split", "branch-text"} <= set(first), (first, err[-2000:])
+    assert not (out / "report.md").exists()
+
+    rc, err = _run_until(out, "router", delay=rng.uniform(0.0, 1.0))
+    assert rc == -signal.SIGKILL
+    for name in first:
+        assert f"] {name}: done, kept" in err, err[-3000:]
+    second = _study_ids(out)
+    assert {k: second[k] for k in first} == first
+    assert not (out / "report.md").exists()
+
+    rc, err = _run_until(out, None)
+    assert rc == 0, err[-3000:]
+    for name in second:
+        assert f"] {name}: done, kept" in err, err[-3000:]
+    final = _study_ids(out)
+    assert {k: final[k] for k in second} == second, "a finished stage was redone"
+    assert "router" in final and (out / "report.md").is_file()
+    assert (out / "results.json").is_file()

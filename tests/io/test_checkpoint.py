@@ -11,6 +11,8 @@ from moe.io.checkpoint import (
     save_checkpoint,
 )
 
+pytestmark = pytest.mark.reliability  # atomic writes, recovery, sha256 (docs/reliability.md)
+
 
 def _save(path, **kw):
     sd = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4)}

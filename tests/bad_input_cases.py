@@ -1,0 +1,445 @@
+"""The bad-input catalogue: one table shared by tests/test_bad_input.py and
+tools/bad_input_catalogue.py (which prints it as the table in docs/reliability.md).
+
+Each case is a `moe` command line built from fixtures (`build_fixtures`) and the substring its
+one-line message must contain. `accepted` cases are inputs that look wrong but are valid on
+purpose (bytes-level text, IUPAC DNA letters): they must succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = REPO / "recipes" / "debug"
+QUIET = "trainer.enable_progress_bar=false"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    input: str  # what is wrong, in words (the catalogue's "input" column)
+    argv: Callable[[dict[str, Path]], list[str]]
+    expect: str  # substring of the message ("" for accepted cases)
+    accepted: bool = False  # valid on purpose: must exit 0
+    subprocess: bool = False  # also run through `python -m moe.cli` in the test
+
+
+def _train(fx, *over, recipe="dense.yaml"):
+    return ["train", str(DEBUG / recipe), f"out_dir={fx['tmp'] / 'new-run'}", QUIET,
+            "trainer.max_steps=1", *over]
+
+
+def _files(fx, dom, path, *over):
+    return _train(fx, f"data.domains=[{dom}]", f"data.sources.{dom}.kind=files",
+                  f"data.sources.{dom}.paths=[{path}]", *over)
+
+
+def _merge_yaml(fx, name):
+    return ["merge", str(fx["merge"] / f"{name}.yaml"), "--out", str(fx["tmp"] / "merged")]
+
+
+CASES: list[Case] = [
+    # ------------------------------------------------------------------ recipes
+    Case("recipe-unknown-key-top", "recipe: unknown top-level key",
+         lambda fx: _train(fx, "epochs=3"), "epochs", subprocess=True),
+    Case("recipe-unknown-key-nested", "recipe: unknown nested key (typo)",
+         lambda fx: _train(fx, "optim.learning_rate=0.1"), "learning_rate"),
+    Case("recipe-wrong-type-int", "recipe: int field given a string",
+         lambda fx: _train(fx, "trainer.max_steps=many"), "max_steps"),
+    Case("recipe-wrong-type-list", "recipe: list field given a scalar",
+         lambda fx: _train(fx, "data.domains=text"), "data.domains"),
+    Case("recipe-missing-file", "recipe file does not exist",
+         lambda fx: ["train", str(fx["tmp"] / "nope.yaml")], "recipe file not found"),
+    Case("recipe-bad-yaml", "recipe is not valid YAML",
+         lambda fx: ["train", str(fx["recipes"] / "bad.yaml")], "not valid YAML"),
+    Case("recipe-not-mapping", "recipe is a YAML list, not a mapping",
+         lambda fx: ["train", str(fx["recipes"] / "list.yaml")], "must be a mapping"),
+    Case("recipe-defaults-cycle", "recipe `defaults` include each other in a cycle",
+         lambda fx: ["train", str(fx["recipes"] / "cycle_a.yaml")], "cycle"),
+    Case("recipe-non-utf8", "recipe file is not UTF-8 (Latin-1 bytes)",
+         lambda fx: ["train", str(fx["recipes"] / "latin1.yaml")], "latin1.yaml"),
+    Case("override-no-equals", "override without `=`",
+         lambda fx: _train(fx, "trainer.max_steps"), "not of the form key=value"),
+    Case("unknown-domain", "data.domains names an unknown domain",
+         lambda fx: _train(fx, "data.domains=[klingon]"), "klingon"),
+    Case("unknown-stage", "recipe stage: unknown",
+         lambda fx: _train(fx, "stage=pretrain"), "unknown stage"),
+    Case("seq-len-zero", "zero-length sequences (data.seq_len=0)",
+         lambda fx: _train(fx, "data.seq_len=0"), "data.seq_len must be at least 2"),
+    Case("seq-len-one", "one-token sequences (data.seq_len=1)",
+         lambda fx: _train(fx, "data.seq_len=1"), "data.seq_len must be at least 2"),
+    Case("seq-len-over-context", "data.seq_len larger than the model's context",
+         lambda fx: _train(fx, "data.seq_len=4096"), "max_seq_len"),
+    Case("batch-size-zero", "data.batch_size=0",
+         lambda fx: _train(fx, "data.batch_size=0"), "batch_size"),
+    Case("heldout-fraction", "data.heldout_fraction=1.5",
+         lambda fx: _train(fx, "data.heldout_fraction=1.5"), "heldout_fraction"),
+    Case("max-steps-zero", "trainer.max_steps=0",
+         lambda fx: _train(fx, "trainer.max_steps=0"), "max_steps"),
+    Case("nan-policy-unknown", "trainer.nan_policy=ignore",
+         lambda fx: _train(fx, "trainer.nan_policy=ignore"), "nan_policy"),
+    Case("moe-top-k-zero", "model.moe.top_k=0 in a recipe",
+         lambda fx: _train(fx, "model.moe.top_k=0", recipe="joint.yaml"), "top_k"),
+    Case("moe-top-k-over", "model.moe.top_k larger than the number of experts",
+         lambda fx: _train(fx, "model.moe.top_k=9", "model.moe.router=learned",
+                           recipe="joint.yaml"), "top_k"),
+    Case("study-top-k-over", "study.router_top_k larger than the number of experts",
+         lambda fx: ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}",
+                     "study.router_top_k=9"], "router_top_k"),
+    # ------------------------------------------------------------------ data
+    Case("corpus-empty", "files source is an empty .txt",
+         lambda fx: _files(fx, "text", fx["data"] / "empty.txt"), "text"),
+    Case("corpus-missing", "files source path does not exist",
+         lambda fx: _files(fx, "text", fx["data"] / "missing.txt"), "no file matches"),
+    Case("corpus-unsupported-type", "files source with an unsupported extension",
+         lambda fx: _files(fx, "text", fx["data"] / "corpus.docx"), "unsupported file type"),
+    Case("corpus-non-utf8-text", "text corpus with non-UTF-8 bytes (Latin-1)",
+         lambda fx: _files(fx, "text", fx["data"] / "latin1.txt"), "", accepted=True),
+    Case("dna-iupac", "DNA FASTA with IUPAC letters (N, R, Y, ...)",
+         lambda fx: _files(fx, "dna", fx["data"] / "iupac.fa"), "", accepted=True),
+    Case("dna-no-header", "FASTA with no `>` header line",
+         lambda fx: _files(fx, "dna", fx["data"] / "noheader.fa"), "not FASTA"),
+    Case("dna-binary", "FASTA file holding binary garbage",
+         lambda fx: _files(fx, "dna", fx["data"] / "garbage.fa"), "garbage.fa"),
+    # ------------------------------------------------------------------ checkpoints
+    Case("eval-truncated-weights", "eval: model.safetensors truncated",
+         lambda fx: ["eval", str(fx["trunc"])], "model.safetensors", subprocess=True),
+    Case("eval-corrupted-meta", "eval: meta.json is not JSON",
+         lambda fx: ["eval", str(fx["badmeta"])], "meta.json"),
+    Case("eval-config-unknown-key", "eval: config.json with an unknown key",
+         lambda fx: ["eval", str(fx["badcfg"])], "config.json"),
+    Case("eval-not-checkpoint", "eval: a directory that is not a checkpoint",
+         lambda fx: ["eval", str(fx["notckpt"])], "neither a checkpoint nor a run directory"),
+    Case("eval-missing-path", "eval: path does not exist",
+         lambda fx: ["eval", str(fx["tmp"] / "nowhere")], "no such checkpoint"),
+    Case("eval-unknown-domain", "eval --domains klingon",
+         lambda fx: ["eval", str(fx["dense"]), "--domains", "klingon"], "klingon"),
+    Case("eval-batch-size-zero", "eval --batch-size 0",
+         lambda fx: ["eval", str(fx["dense"]), "--batch-size", "0"], "batch"),
+    Case("eval-json-is-dir", "eval --json pointing at an existing directory",
+         lambda fx: ["eval", str(fx["dense"]), "--json", str(fx["notckpt"])], "not-a-checkpoint"),
+    Case("init-not-checkpoint", "train init= a directory that is not a checkpoint",
+         lambda fx: _train(fx, f"init={fx['notckpt']}"), "not-a-checkpoint"),
+    Case("init-moe-dense-stage", "stage=dense with init= an MoE checkpoint",
+         lambda fx: _train(fx, f"init={fx['moe']}"), "stage=dense got an MoE"),
+    Case("out-dir-is-file", "out_dir is an existing file",
+         lambda fx: ["train", str(DEBUG / "dense.yaml"), f"out_dir={fx['data'] / 'empty.txt'}"],
+         "not a directory"),
+    Case("data-weights-negative", "data.weights with a negative weight",
+         lambda fx: _train(fx, "data.weights={text: -1.0, code: 1.0}"), "data.weights"),
+    Case("init-truncated-weights", "train init= a checkpoint with truncated weights",
+         lambda fx: _train(fx, f"init={fx['trunc']}"), "model.safetensors"),
+    Case("resume-missing", "resume= a file that does not exist",
+         lambda fx: _train(fx, f"resume={fx['tmp'] / 'none.ckpt'}"), "no Lightning checkpoint"),
+    Case("resume-pickled-object", "resume= a .ckpt holding a pickled object (code on load)",
+         lambda fx: _train(fx, f"resume={fx['evil_ckpt']}"), "holds pickled Python objects"),
+    Case("resume-truncated", "resume= a truncated .ckpt",
+         lambda fx: _train(fx, f"resume={fx['trunc_ckpt']}"), "not a readable checkpoint"),
+    # ------------------------------------------------------------------ split / assemble
+    Case("split-unknown-method", "split --method nonsense",
+         lambda fx: ["split", str(fx["dense"]), "--experts", "text,code", "--method", "nonsense",
+                     "--out", str(fx["tmp"] / "s")], "--method", subprocess=True),
+    Case("split-missing-experts", "split without the required --experts",
+         lambda fx: ["split", str(fx["dense"]), "--out", str(fx["tmp"] / "s")], "--experts"),
+    Case("split-shared-dim-copy", "split --shared-dim with the copy method",
+         lambda fx: ["split", str(fx["dense"]), "--experts", "text,code", "--shared-dim", "16",
+                     "--out", str(fx["tmp"] / "s")], "activation split only"),
+    Case("split-duplicate-experts", "split --experts text,text",
+         lambda fx: ["split", str(fx["dense"]), "--experts", "text,text",
+                     "--out", str(fx["tmp"] / "s")], "distinct"),
+    Case("split-top-k-over", "split --top-k 9 with 3 experts",
+         lambda fx: ["split", str(fx["dense"]), "--experts", "text,code,dna", "--top-k", "9",
+                     "--out", str(fx["tmp"] / "s")], "--top-k 9"),
+    Case("split-top-k-zero", "split --top-k 0",
+         lambda fx: ["split", str(fx["dense"]), "--experts", "text,code,dna", "--top-k", "0",
+                     "--out", str(fx["tmp"] / "s")], "--top-k 0"),
+    Case("split-moe", "split of a checkpoint that is already an MoE",
+         lambda fx: ["split", str(fx["moe"]), "--experts", "text,code",
+                     "--out", str(fx["tmp"] / "s")], "already an MoE"),
+    Case("assemble-other-base", "assemble: one branch from a different base model",
+         lambda fx: ["assemble", str(fx["branch_text"]), str(fx["branch_other"]),
+                     "--out", str(fx["tmp"] / "a")], "different base"),
+    Case("assemble-shapes", "assemble: branches with mismatched shapes",
+         lambda fx: ["assemble", str(fx["branch_text"]), str(fx["branch_small"]),
+                     "--out", str(fx["tmp"] / "a")], "branch"),
+    Case("assemble-duplicate-domain", "assemble: two branches of the same domain",
+         lambda fx: ["assemble", str(fx["branch_text"]), str(fx["branch_text"]),
+                     "--out", str(fx["tmp"] / "a")], "same expert"),
+    Case("assemble-top-k-over", "assemble --top-k 5 with 2 branches",
+         lambda fx: ["assemble", str(fx["branch_text"]), str(fx["branch_code"]), "--top-k", "5",
+                     "--out", str(fx["tmp"] / "a")], "--top-k 5"),
+    # ------------------------------------------------------------------ merge configs
+    Case("merge-unknown-key", "merge config: unknown key",
+         lambda fx: _merge_yaml(fx, "unknown_key"), "merge_mthod"),
+    Case("merge-unknown-method", "merge config: unknown merge_method",
+         lambda fx: _merge_yaml(fx, "unknown_method"), "frankenmerge"),
+    Case("merge-slerp-three", "merge config: slerp with 3 models",
+         lambda fx: _merge_yaml(fx, "slerp3"), "exactly two models"),
+    Case("merge-density-zero", "merge config: density 0",
+         lambda fx: _merge_yaml(fx, "density0"), "density must be in (0, 1]"),
+    Case("merge-density-two", "merge config: density 2",
+         lambda fx: _merge_yaml(fx, "density2"), "density must be in (0, 1]"),
+    Case("merge-missing-model", "merge config: model path does not exist",
+         lambda fx: _merge_yaml(fx, "missing_model"), "no-such-model"),
+    Case("merge-shapes", "merge config: models of different shapes",
+         lambda fx: _merge_yaml(fx, "shapes"), "differs"),
+    Case("merge-cross-family", "merge config: two expert families, no allow_cross_family",
+         lambda fx: _merge_yaml(fx, "cross_family"), "allow_cross_family"),
+    Case("merge-slerp-no-t", "merge config: slerp without parameters.t",
+         lambda fx: _merge_yaml(fx, "slerp_no_t"), "needs t"),
+    Case("merge-not-mapping", "merge config is a YAML list",
+         lambda fx: _merge_yaml(fx, "list"), "must be a mapping"),
+    Case("merge-non-utf8", "merge config file is not UTF-8",
+         lambda fx: _merge_yaml(fx, "latin1"), "latin1.yaml"),
+    Case("merge-truncated-input", "merge: an input's model.safetensors truncated",
+         lambda fx: _merge_yaml(fx, "truncated"), "model.safetensors"),
+    # ------------------------------------------------------------------ import / export
+    Case("import-no-config", "import: directory without config.json",
+         lambda fx: ["import", str(fx["hf_noconfig"]), "--out", str(fx["tmp"] / "i")],
+         "config.json"),
+    Case("import-not-llama", "import: a non-Llama architecture",
+         lambda fx: ["import", str(fx["hf_mistral"]), "--out", str(fx["tmp"] / "i")],
+         "only Llama-architecture"),
+    Case("import-missing-dir", "import of a directory that does not exist",
+         lambda fx: ["import", str(fx["tmp"] / "nothing"), "--out", str(fx["tmp"] / "i")],
+         "nothing"),
+    Case("export-domain-router", "export of an MoE with a domain router",
+         lambda fx: ["export", str(fx["moe_domain"]), "--out", str(fx["tmp"] / "e")], "domain"),
+    # ------------------------------------------------------------------ existing outputs
+    Case("exists-train", "train into an existing run directory without --overwrite",
+         lambda fx: ["train", str(DEBUG / "dense.yaml"), f"out_dir={fx['dense']}", QUIET],
+         "already exists"),
+    Case("exists-split", "split --out an existing directory",
+         lambda fx: ["split", str(fx["dense"]), "--experts", "text,code",
+                     "--out", str(fx["moe"])], "already exists"),
+    Case("exists-assemble", "assemble --out an existing directory",
+         lambda fx: ["assemble", str(fx["branch_text"]), str(fx["branch_code"]),
+                     "--out", str(fx["moe"])], "already exists"),
+    Case("exists-merge", "merge --out an existing directory",
+         lambda fx: ["merge", str(fx["merge"] / "ok.yaml"), "--out", str(fx["moe"])],
+         "already exists"),
+    Case("exists-import", "import --out an existing directory",
+         lambda fx: ["import", str(fx["hf_dense"]), "--out", str(fx["moe"])], "already exists"),
+    Case("exists-export", "export --out an existing directory",
+         lambda fx: ["export", str(fx["dense"]), "--out", str(fx["hf_dense"])],
+         "already exists"),
+    # ------------------------------------------------------------------ CLI arguments
+    Case("run-seeds-zero", "moe run --seeds 0",
+         lambda fx: ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}",
+                     "--seeds", "0"], "--seeds"),
+    Case("run-unknown-stage", "moe run --stage nonsense",
+         lambda fx: ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}",
+                     "--stage", "nonsense"], "nonsense"),
+    Case("cli-int-arg", "eval --max-batches given a word",
+         lambda fx: ["eval", str(fx["dense"]), "--max-batches", "lots"], "--max-batches"),
+    Case("cli-unknown-command", "unknown subcommand",
+         lambda fx: ["frobnicate"], "frobnicate"),
+]
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+class Touch:
+    """Unpickling this creates `marker` (what a hostile resume file could do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _save_variant(src: Path, dst: Path, **meta_changes) -> Path:
+    """A copy of checkpoint `src` with some meta.json fields changed (weights untouched)."""
+    from moe.io.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(src)
+    meta = {**ck.meta, **meta_changes}
+    meta.pop("sha256", None)
+    return save_checkpoint(dst, ck.state_dict, ck.config, meta)
+
+
+def build_fixtures(root: Path) -> dict[str, Path]:
+    """Every input the catalogue needs, under `root` (a trained debug model: a few seconds)."""
+    import dataclasses
+
+    import torch
+
+    from moe.cli import main
+    from moe.io.checkpoint import load_checkpoint, make_meta, read_meta, save_checkpoint
+    from moe.model.transformer import Transformer
+
+    root = Path(root)
+    fx: dict[str, Path] = {"tmp": root / "scratch"}
+    fx["tmp"].mkdir(parents=True, exist_ok=True)
+    run = root / "dense"
+    assert main(["train", str(DEBUG / "dense.yaml"), f"out_dir={run}", "trainer.max_steps=2",
+                 "trainer.checkpoint_every_n_steps=1", QUIET]) == 0
+    fx["dense"] = run
+    dense = run / "model"
+    ck = load_checkpoint(dense)
+    base_id = read_meta(dense)["id"]
+
+    fx["moe"] = root / "moe"
+    assert main(["split", str(dense), "--experts", "text,code,dna", "--out", str(fx["moe"])]) == 0
+    fx["moe_domain"] = root / "moe-domain"
+    assert main(["split", str(dense), "--experts", "text,code,dna", "--router", "domain",
+                 "--out", str(fx["moe_domain"])]) == 0
+    for dom in ("text", "code"):
+        fx[f"branch_{dom}"] = _save_variant(dense, root / f"branch-{dom}", domain=dom, family=dom,
+                                            kind="branch", parents=[base_id], base_id=base_id)
+    fx["branch_other"] = _save_variant(dense, root / "branch-other", domain="code", family="code",
+                                       kind="branch", base_id="another-seed")
+    small_cfg = dataclasses.replace(ck.config, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=96)
+    small = Transformer(small_cfg)
+    fx["branch_small"] = save_checkpoint(
+        root / "branch-small", small.state_dict(), small.config,
+        make_meta(kind="branch", domain="code", family="code", parents=[base_id],
+                  base_id=base_id))
+
+    def broken(name: str) -> Path:
+        dst = root / name
+        shutil.copytree(dense, dst)
+        return dst
+
+    fx["trunc"] = broken("truncated")
+    w = fx["trunc"] / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    fx["badmeta"] = broken("bad-meta")
+    (fx["badmeta"] / "meta.json").write_text('{"id": "x", "sha256": {')
+    fx["badcfg"] = broken("bad-config")
+    cfg = json.loads((fx["badcfg"] / "config.json").read_text())
+    cfg["num_layerz"] = 3
+    (fx["badcfg"] / "config.json").write_text(json.dumps(cfg))
+    fx["notckpt"] = root / "not-a-checkpoint"
+    fx["notckpt"].mkdir()
+    (fx["notckpt"] / "notes.txt").write_text("hello\n")
+    fx["trunc_ckpt"] = root / "truncated.ckpt"
+    last = (run / "resume" / "last.ckpt").read_bytes()
+    fx["trunc_ckpt"].write_bytes(last[: len(last) // 3])
+
+    fx["evil_ckpt"] = root / "evil.ckpt"
+    torch.save({"global_step": 1, "x": Touch(root / "pwned")}, fx["evil_ckpt"])
+
+    # Hugging Face directories
+    fx["hf_dense"] = root / "hf-dense"
+    assert main(["export", str(dense), "--out", str(fx["hf_dense"])]) == 0
+    fx["hf_noconfig"] = root / "hf-noconfig"
+    fx["hf_noconfig"].mkdir()
+    shutil.copy(fx["hf_dense"] / "model.safetensors", fx["hf_noconfig"] / "model.safetensors")
+    fx["hf_mistral"] = root / "hf-mistral"
+    shutil.copytree(fx["hf_dense"], fx["hf_mistral"])
+    hcfg = json.loads((fx["hf_mistral"] / "config.json").read_text())
+    hcfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (fx["hf_mistral"] / "config.json").write_text(json.dumps(hcfg))
+
+    # recipes
+    rec = fx["recipes"] = root / "recipes"
+    rec.mkdir()
+    (rec / "bad.yaml").write_text("model:\n  size: debug\n data: [unclosed\n")
+    (rec / "list.yaml").write_text("- model\n- data\n")
+    (rec / "cycle_a.yaml").write_text("defaults: [cycle_b.yaml]\nname: a\n")
+    (rec / "cycle_b.yaml").write_text("defaults: [cycle_a.yaml]\nname: b\n")
+    (rec / "latin1.yaml").write_bytes(f"defaults: [{DEBUG / 'dense.yaml'}]\n".encode()
+                                      + "name: caf\xe9\n".encode("latin-1"))
+
+    # data files
+    dat = fx["data"] = root / "data"
+    dat.mkdir()
+    (dat / "empty.txt").write_bytes(b"")
+    (dat / "corpus.docx").write_bytes(b"PK\x03\x04 not really a document")
+    g = torch.Generator().manual_seed(0)
+    words = ["caf\xe9", "na\xefve", "\xe0 la", "r\xe9sum\xe9", "sol", "mar", "vent", "terre"]
+    paras = []
+    for _ in range(400):
+        idx = torch.randint(len(words), (40,), generator=g).tolist()
+        paras.append(" ".join(words[i] for i in idx) + ".\n\n")
+    (dat / "latin1.txt").write_bytes("".join(paras).encode("latin-1"))
+    bases = b"ACGTNRYKMSWBDHV"
+    recs = []
+    for r in range(4):
+        idx = torch.randint(len(bases), (30000,), generator=g).tolist()
+        seq = bytes(bases[i] for i in idx)
+        lines = b"\n".join(seq[i : i + 60] for i in range(0, len(seq), 60))
+        recs.append(b">chr%d synthetic\n" % r + lines + b"\n")
+    (dat / "iupac.fa").write_bytes(b"".join(recs))
+    (dat / "noheader.fa").write_bytes(b"ACGTACGTACGT\nACGTACGT\n")
+    (dat / "garbage.fa").write_bytes(bytes(torch.randint(256, (4096,), generator=g).tolist()))
+
+    # merge configs
+    m = fx["merge"] = root / "merge"
+    m.mkdir()
+    bt, bc, bs = fx["branch_text"], fx["branch_code"], fx["branch_small"]
+
+    def yaml(name: str, text: str) -> None:
+        (m / f"{name}.yaml").write_text(text)
+
+    two_code = f"  - model: {bc}\n  - model: {bc}\n"
+    yaml("ok", f"merge_method: linear\nmodels:\n{two_code}")
+    yaml("slerp_no_t", f"merge_method: slerp\nmodels:\n{two_code}")
+    yaml("list", "- linear\n- ties\n")
+    yaml("unknown_key", f"merge_mthod: linear\nmodels:\n{two_code}")
+    yaml("unknown_method", f"merge_method: frankenmerge\nmodels:\n{two_code}")
+    yaml("slerp3", f"merge_method: slerp\nparameters: {{t: 0.5}}\nmodels:\n{two_code}"
+                   f"  - model: {bc}\n")
+    yaml("density0", f"merge_method: ties\nbase_model: {dense}\nparameters: {{density: 0}}\n"
+                     f"models:\n{two_code}")
+    yaml("density2", f"merge_method: ties\nbase_model: {dense}\nmodels:\n"
+                     f"  - model: {bc}\n    parameters: {{density: 2}}\n  - model: {bc}\n")
+    yaml("missing_model", f"merge_method: linear\nmodels:\n  - model: {bc}\n"
+                          f"  - model: {root / 'no-such-model'}\n")
+    yaml("shapes", f"merge_method: linear\nmodels:\n  - model: {bc}\n  - model: {bs}\n")
+    yaml("cross_family", f"merge_method: task_arithmetic\nbase_model: {dense}\nmodels:\n"
+                         f"  - model: {bt}\n  - model: {bc}\n")
+    yaml("truncated", f"merge_method: linear\nmodels:\n  - model: {bc}\n"
+                      f"  - model: {fx['trunc']}\n")
+    (m / "latin1.yaml").write_bytes(b"merge_method: linear\n# caf\xe9\nmodels:\n"
+                                    + two_code.encode())
+    return fx
+
+
+def run_case(case: Case, fx: dict[str, Path], in_process: bool = True) -> tuple[int, str]:
+    """Run one case: (exit code, stderr). scratch/ is emptied first so cases never see each
+    other's outputs."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    shutil.rmtree(fx["tmp"], ignore_errors=True)
+    fx["tmp"].mkdir(parents=True)
+    argv = [str(a) for a in case.argv(fx)]
+    if not in_process:
+        p = subprocess.run([sys.executable, "-m", "moe.cli", *argv], capture_output=True,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        return p.returncode, p.stderr
+    from moe.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse
+            rc = e.code if isinstance(e.code, int) else 1
+    return rc, err.getvalue()
+
+
+def last_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root (except scratch/) and its bytes: to prove nothing was overwritten."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file() and "scratch" not in p.relative_to(root).parts and p.name != ".lock":
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
