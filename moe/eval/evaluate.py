@@ -43,6 +43,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def data_config_of(meta: dict) -> tuple[DataConfig, int]:
     """The data section (and seed) of the recipe that produced a checkpoint; defaults if none."""
     recipe = meta.get("recipe") or {}
+    if "data" not in recipe and meta.get("train_recipe"):
+        recipe = meta["train_recipe"]  # a merge: its recipe is the merge config
     base = OmegaConf.structured(DataConfig)
     data = recipe.get("data") if isinstance(recipe, dict) else None
     if data:

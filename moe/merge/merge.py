@@ -164,6 +164,16 @@ def _lineage_meta(cfg: MergeConfig, base: Source | None, models: list[Source]) -
     ]
     recipe = to_dict(cfg)
     recipe["parameters"]["lambda"] = recipe["parameters"].pop("scale")
+    # the training recipe of the inputs: `moe eval` rebuilds the same held-out data from it
+    train_recipe = next(
+        (
+            m.get("recipe") if "data" in (m.get("recipe") or {}) else m.get("train_recipe")
+            for m in ([bmeta] if bmeta else []) + metas
+            if "data" in (m.get("recipe") or {}) or m.get("train_recipe")
+        ),
+        None,
+    )
+    shared = {int(m.get("shared_ffn_dim", 0)) for m in metas}
     return make_meta(
         parents=parents,
         base_id=(bmeta or metas[0]).get("base_id"),
@@ -173,6 +183,8 @@ def _lineage_meta(cfg: MergeConfig, base: Source | None, models: list[Source]) -
         tokens_seen=int(total("tokens_seen")),
         train_flops=total("train_flops"),
         recipe=recipe,
+        train_recipe=train_recipe,
+        shared_ffn_dim=shared.pop() if len(shared) == 1 else 0,
     )
 
 

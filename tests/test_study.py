@@ -1,0 +1,80 @@
+"""`moe run` on the debug study: the report's numbers are the checkpoints' numbers."""
+
+import json
+import re
+
+import pytest
+from helpers import DEBUG
+
+from moe.cli import main
+from moe.eval.evaluate import evaluate_checkpoint
+from moe.io.checkpoint import read_meta
+
+pytestmark = pytest.mark.slow
+
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "run"
+    assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={out}", *QUIET]) == 0
+    return out
+
+
+def test_study_writes_report_results_and_plots(study):
+    assert (study / "report.md").is_file()
+    res = json.loads((study / "results.json").read_text())
+    for name in ("seed", "branch-text", "branch-code", "branch-dna", "ft-code-1", "ft-code-2",
+                 "merge-code", "btx", "moe", "dense-compute", "dense-data", "btm", "avg"):
+        assert name in res["models"], name
+    assert list((study / "plots").glob("*.png"))
+
+
+def test_results_match_independent_reevaluation(study):
+    res = json.loads((study / "results.json").read_text())
+    for name, m in res["models"].items():
+        if m["checkpoint"] is None:
+            continue
+        rep = evaluate_checkpoint(study / m["checkpoint"], ["text", "code", "dna"], max_batches=4,
+                                  batch_size=8, progress=False)
+        for dom, v in rep["domains"].items():
+            assert m["eval"][dom]["bpb"] == pytest.approx(v["bpb"], rel=1e-6), (name, dom)
+
+
+def test_compute_matched_baseline_has_the_experts_flops(study):
+    res = json.loads((study / "results.json").read_text())
+    moe, dense = res["models"]["moe"], res["models"]["dense-compute"]
+    # matched to within one training step of the dense model
+    step = res["stages"][0]["flops"] / res["stages"][0]["steps"]
+    assert abs(moe["train_flops"] - dense["train_flops"]) <= step
+    ledger = {s["name"]: s for s in res["stages"]}
+    after_seed = sum(ledger[n]["flops"] for n in ledger
+                     if n.startswith(("branch-", "ft-")) or n == "router")
+    assert moe["train_flops"] == pytest.approx(ledger["seed"]["flops"] + after_seed)
+
+
+def test_report_table_shows_the_results_numbers(study):
+    res = json.loads((study / "results.json").read_text())
+    text = (study / "report.md").read_text()
+    bpb = res["models"]["dense-compute"]["eval"]["code"]["bpb"]
+    assert re.search(rf"\*?\*?{bpb:.3f}", text), "compute-matched code bpb missing from report"
+
+
+def test_rerun_keeps_finished_stages_and_stage_reruns_one(study):
+    before = {p.parent.name: read_meta(p)["id"] for p in (study / "stages").glob("*/model")}
+    assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", *QUIET]) == 0
+    again = {p.parent.name: read_meta(p)["id"] for p in (study / "stages").glob("*/model")}
+    assert again == before
+    assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", "--stage", "branch-dna",
+                 *QUIET]) == 0
+    after = {p.parent.name: read_meta(p)["id"] for p in (study / "stages").glob("*/model")}
+    assert after["branch-dna"] != before["branch-dna"]
+    assert {k: v for k, v in after.items() if k != "branch-dna"} == {
+        k: v for k, v in before.items() if k != "branch-dna"}
+
+
+def test_changed_recipe_is_refused(study):
+    rc = main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", "study.branch_steps=11",
+               *QUIET])
+    assert rc == 2
