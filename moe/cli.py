@@ -194,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy the FFN (upcycling) or partition its neurons",
     )
     sp.add_argument("--router", default="learned", choices=["learned", "domain"])
-    sp.add_argument("--top-k", type=int, default=1, help="experts per token (learned router)")
+    sp.add_argument(
+        "--top-k", type=int, default=None,
+        help="experts per token, learned router (default: 2, or 1 with one expert)",
+    )
     sp.add_argument(
         "--shared-dim", type=int, default=0,
         help="activation split: neurons every domain needs form a shared expert of this size",
@@ -215,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--base", help="checkpoint whose non-FFN weights to use with --shared base")
     sp.add_argument("--router", default="learned", choices=["learned", "domain"])
-    sp.add_argument("--top-k", type=int, default=1)
+    sp.add_argument(
+        "--top-k", type=int, default=None,
+        help="experts per token, learned router (default: 2, or 1 with one expert)",
+    )
     sp.add_argument(
         "--router-init", default="random", choices=["random", "domain_mean"],
         help="router rows random, or each domain's mean hidden state",
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     parser = build_parser()
     # key=value overrides may come after options (`moe run r.yaml --stage x a=b`): argparse

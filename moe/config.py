@@ -45,7 +45,7 @@ class MoEConfig:
     experts: list[str] = field(default_factory=list)  # expert names, usually domains
     expert_ffn_dim: int | None = None  # hidden size of each expert; None = the model's ffn_dim
     router: str = "learned"  # learned (softmax top-k) | domain (hard, by the token's domain id)
-    top_k: int = 1  # experts per token for the learned router
+    top_k: int = 2  # experts per token for the learned router
     shared_expert_ffn_dim: int = 0  # >0 adds an always-on shared expert of this hidden size
     normalize_weights: bool = True  # renormalise top-k weights to sum to 1
     load_balance_coef: float = 0.01  # Switch Transformer auxiliary loss weight
@@ -196,7 +196,7 @@ class StudyConfig:
     merge_method: str = "ties"  # how the fine-tunes are merged (moe merge methods)
     merge_density: float = 0.5  # ties/dare density
     router_steps: int = 30  # router fine-tune of the assembled MoE on the mixed stream
-    router_top_k: int = 1
+    router_top_k: int = 2  # with renormalised weights, top-1 would leave the router no gradient
     router_init: str = "domain_mean"  # random | domain_mean
     router_lr: float = 1e-2
     baselines: list[str] = field(

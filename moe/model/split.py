@@ -33,6 +33,12 @@ from moe.model.transformer import SwiGLU, Transformer
 SPLIT_METHODS = ("copy", "random", "kmeans", "activation")
 
 
+def default_top_k(num_experts: int) -> int:
+    """Two experts per token (Mixtral, BTX): with renormalised weights a single expert would
+    always get weight 1, and the router would receive no gradient from the loss."""
+    return min(2, num_experts)
+
+
 def _dense_ffns(model: Transformer) -> list[SwiGLU]:
     if model.config.moe.experts:
         raise ConfigError("split needs a dense checkpoint; this one is already an MoE")
@@ -148,7 +154,7 @@ def split_model(
     method: str = "copy",
     *,
     router: str = "learned",
-    top_k: int = 1,
+    top_k: int | None = None,
     shared_dim: int = 0,
     seed: int = 0,
     importance: dict[str, list[torch.Tensor]] | None = None,
@@ -162,6 +168,7 @@ def split_model(
     E = len(experts)
     if E < 1 or len(set(experts)) != E:
         raise ConfigError("split needs one or more distinct expert names")
+    top_k = default_top_k(E) if top_k is None else top_k
     if not 1 <= top_k <= E:
         raise ConfigError(f"--top-k {top_k} must be between 1 and the number of experts ({E})")
     ffns = _dense_ffns(dense)
@@ -268,7 +275,7 @@ def assemble(
     shared_ffn_dim: int = 0,
     base: Transformer | None = None,
     router: str = "learned",
-    top_k: int = 1,
+    top_k: int | None = None,
     router_init: torch.Tensor | None = None,
     seed: int = 0,
     backend: str = "auto",
@@ -280,6 +287,7 @@ def assemble(
     """
     if len(branches) != len(experts) or not branches:
         raise ConfigError("assemble needs one branch per expert name")
+    top_k = default_top_k(len(experts)) if top_k is None else top_k
     if router == "learned" and not 1 <= top_k <= len(experts):
         raise ConfigError(
             f"--top-k {top_k} must be between 1 and the number of experts ({len(experts)})"

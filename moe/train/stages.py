@@ -47,7 +47,9 @@ class StagePlan:
 
 
 def _load_init(path: str) -> tuple[Transformer, dict]:
-    ck = load_checkpoint(path)
+    from moe.eval.evaluate import resolve_checkpoint
+
+    ck = load_checkpoint(resolve_checkpoint(path))
     model = Transformer(ck.config)
     missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
     if missing or unexpected:
@@ -97,7 +99,15 @@ def plan_stage(r: Recipe) -> StagePlan:
                 raise ConfigError(
                     f"stage=joint with router=domain: domain(s) {', '.join(missing)} have no expert"
                 )
-    elif r.stage == "router":
+    if r.stage in ("joint", "router"):
+        m = model.config.moe
+        if m.router == "learned" and m.top_k == 1 and m.normalize_weights and len(m.experts) > 1:
+            raise ConfigError(
+                f"stage={r.stage}: a learned top-1 router with renormalised weights gives every "
+                "token weight 1, so the router gets no gradient from the loss; use top_k >= 2 "
+                "or model.moe.normalize_weights=false (Switch style)"
+            )
+    if r.stage == "router":
         if not model.config.moe.experts or model.config.moe.router != "learned":
             raise ConfigError("stage=router needs init=<MoE checkpoint with a learned router>")
         trainable = "router" if r.router.freeze_experts else "all"
