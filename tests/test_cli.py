@@ -159,3 +159,25 @@ def test_corrupted_checkpoint_on_eval_and_resume(debug_dense, tmp_path):
     rc, _, err = run_cli("train", DEBUG / "dense.yaml", f"out_dir={tmp_path / 'r'}",
                          f"resume={last}")
     assert rc == 2 and "not a readable checkpoint" in err
+
+
+def test_branch_stream_never_sees_another_domain(debug_dense, tmp_path):
+    import itertools
+
+    from moe.config import load_recipe
+    from moe.data.datamodule import DomainDataModule
+    from moe.experts import split_checkpoint
+    from moe.train.stages import plan_stage
+
+    split = split_checkpoint(debug_dense, tmp_path / "split", ["text", "code", "dna"])
+    r = load_recipe(DEBUG / "branch.yaml", [f"init={split}", "branch.domain=dna"])
+    plan = plan_stage(r)
+    assert plan.data.domains == ["dna"] and plan.data.stream == "separate"
+    dm = DomainDataModule(plan.data, seed=r.seed)
+    dm.setup("fit")
+    dna = dm.domain_id("dna")
+    for batch in itertools.islice(iter(dm.train_dataloader()), 200):
+        assert (batch["domain"] == dna).all()
+        # DNA bytes only (upper-case bases, IUPAC letters) plus BOS/EOS
+        toks = set(batch["input_ids"].unique().tolist())
+        assert all(t >= 256 or chr(t) in "ACGTNRYKMSWBDHV" for t in toks), toks

@@ -78,3 +78,18 @@ def test_changed_recipe_is_refused(study):
     rc = main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", "study.branch_steps=11",
                *QUIET])
     assert rc == 2
+
+
+def test_seeds_repeat_the_study_and_report_mean_and_spread(tmp_path):
+    out = tmp_path / "multi"
+    assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={out}", "--seeds", "2",
+                 "study.seed_steps=5", "study.branch_steps=3", "study.finetune_steps=2",
+                 "study.router_steps=3", "study.eval_batches=1", *QUIET]) == 0
+    agg = json.loads((out / "results.json").read_text())
+    assert agg["n"] == 2
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (1234, 1235)]
+    a, b = (r["models"]["moe"]["eval"]["code"]["bpb"] for r in per_seed)
+    assert a != b
+    stats = agg["models"]["moe"]["bpb"]["code"]
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx((a + b) / 2)
+    assert "±" in (out / "report.md").read_text()
