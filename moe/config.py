@@ -267,19 +267,27 @@ def _explain(err: OmegaConfBaseException, where: str, schema: type) -> ConfigErr
     return ConfigError(f"{where}: {msg}" + (f" (at '{key}')" if key else ""))
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Read one recipe file with its `defaults:` merged in (no schema yet)."""
+def read_yaml_mapping(path: Path, what: str, shape: str) -> DictConfig:
+    """Load a YAML file that must hold a mapping; one-line ConfigErrors for every failure."""
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: `defaults` include themselves in a cycle")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml syntax errors carry a multi-line message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: not valid YAML: {first}") from None
     if raw is None or isinstance(raw, ListConfig):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, data:, ...)")
+        raise ConfigError(f"{path}: {shape}")
+    return raw
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one recipe file with its `defaults:` merged in (no schema yet)."""
+    if path.is_file() and path.resolve() in seen:
+        raise ConfigError(f"{path}: `defaults` include themselves in a cycle")
+    raw = read_yaml_mapping(
+        path, "recipe file", "a recipe must be a mapping of sections (model:, data:, ...)"
+    )
     defaults = raw.pop("defaults", None) if "defaults" in raw else None
     merged = OmegaConf.create({})
     if defaults is not None:

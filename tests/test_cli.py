@@ -181,3 +181,21 @@ def test_branch_stream_never_sees_another_domain(debug_dense, tmp_path):
         # DNA bytes only (upper-case bases, IUPAC letters) plus BOS/EOS
         toks = set(batch["input_ids"].unique().tolist())
         assert all(t >= 256 or chr(t) in "ACGTNRYKMSWBDHV" for t in toks), toks
+
+
+def test_activation_split_on_real_data_preserves_the_dense_function(debug_dense, tmp_path):
+    from moe.model.transformer import Transformer
+
+    out = tmp_path / "act"
+    assert main(["split", str(debug_dense), "--experts", "text,code,dna", "--method",
+                 "activation", "--shared-dim", "24", "--calib-batches", "2", "--out",
+                 str(out)]) == 0
+    ck, dense_ck = load_checkpoint(out), load_checkpoint(debug_dense / "model")
+    assert ck.meta["split"]["method"] == "activation" and ck.config.moe.shared_expert_ffn_dim == 24
+    moe, dense = Transformer(ck.config).eval(), Transformer(dense_ck.config).eval()
+    moe.load_state_dict(ck.state_dict)
+    dense.load_state_dict(dense_ck.state_dict)
+    for layer in moe.layers:
+        layer.ffn.force_all_experts = True
+    x = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(moe(x).logits, dense(x).logits, atol=1e-4, rtol=1e-4)

@@ -149,16 +149,7 @@ def save_checkpoint(
         with open(tmp / WEIGHTS, "rb") as f:
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if path.exists():
-            # two renames: a kill between them leaves the old version at `old`, which
-            # load_checkpoint names in its error
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -194,6 +185,23 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         return model_config_from_dict(d)
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG}: {str(e).removeprefix('config.json: ')}") from None
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move a fully written directory `tmp` to `path`, replacing what is there.
+
+    A directory cannot be renamed over a non-empty one, so an existing `path` is first moved
+    aside to `.NAME.old-PID`; a kill between the two renames leaves that complete old version,
+    which `recover` puts back.
+    """
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def recover(path: str | os.PathLike) -> None:

@@ -41,6 +41,7 @@ from moe.io.checkpoint import (
     load_checkpoint,
     make_meta,
     new_id,
+    replace_dir,
     save_checkpoint,
 )
 
@@ -106,17 +107,6 @@ def our_name(hf: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _finish_dir(tmp: Path, out: Path) -> None:
-    """Rename a fully written temp directory into place (old version removed after the swap)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _staging(out: Path) -> Path:
@@ -282,7 +272,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool
             (tmp / TOKENIZER_DIR).mkdir()
             for f in tok:
                 shutil.copy2(src / f, tmp / TOKENIZER_DIR / f)
-        _finish_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -487,7 +477,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
                 "BOS=256, EOS=257, PAD=258. Install `tokenizers` and export again to get "
                 "tokenizer.json.\n"
             )
-        _finish_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.config import ConfigError, _explain
+from moe.config import ConfigError, _explain, read_yaml_mapping
 from moe.merge import registry
 from moe.merge.sources import describe_problem
 
@@ -135,15 +135,9 @@ def load_merge_config(
 ) -> MergeConfig:
     """Read MERGE.yaml (plus `key=value` overrides) into a validated MergeConfig."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"merge config not found: {path}")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors carry a multi-line message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not valid YAML: {first}") from None
-    if raw is None or isinstance(raw, ListConfig):
-        raise ConfigError(f"{path}: a merge config must be a mapping (merge_method:, models:, ...)")
+    raw = read_yaml_mapping(
+        path, "merge config", "a merge config must be a mapping (merge_method:, models:, ...)"
+    )
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key=value")

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moe.config import ConfigError, model_config_from_dict, to_dict
-from moe.io.checkpoint import CheckpointError, make_meta, new_id, save_checkpoint
+from moe.io.checkpoint import CheckpointError, make_meta, new_id, replace_dir, save_checkpoint
 from moe.merge import registry
 from moe.merge.config import MergeConfig, load_merge_config, validate
 from moe.merge.registry import MethodParams
@@ -203,13 +203,7 @@ def _write_hf(out: Path, template: Source, tensors: dict[str, torch.Tensor], ove
             cfg = dict(template.config)
             cfg["torch_dtype"] = dtype
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -93,33 +93,40 @@ def _kmeans_groups(w1_FC: torch.Tensor, E: int, seed: int, iters: int = 25) -> l
     return _groups_from_assignment(_balanced_assign(x @ centers.T, cap), E)
 
 
+def _run_with_ffn_inputs(model: Transformer, ffns: list, add, batches: list[dict]) -> int:
+    """Run `batches` through `model` (no grad, eval mode), calling `add(layer, ffn, ffn_input)`
+    at every FFN; returns the number of tokens seen."""
+    hooks = [
+        ffn.register_forward_hook(lambda mod, inp, _out, li=li: add(li, mod, inp[0]))
+        for li, ffn in enumerate(ffns)
+    ]
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for b in batches:
+                model(b["input_ids"])
+                count += b["input_ids"].numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return count
+
+
 def neuron_importance(
     model: Transformer, batches_by_domain: dict[str, list[dict]]
 ) -> dict[str, list[torch.Tensor]]:
     """Mean |activation| of each FFN hidden neuron, per domain and layer: {domain: [(F,) ...]}."""
     ffns = _dense_ffns(model)
     out: dict[str, list[torch.Tensor]] = {}
-    model.eval()
     for dom, batches in batches_by_domain.items():
         sums = [torch.zeros(f.w1.out_features, dtype=torch.float64) for f in ffns]
-        count = 0
-        hooks = []
-        for li, ffn in enumerate(ffns):
 
-            def hook(mod, inp, _out, li=li, sums=sums):
-                x = inp[0]
-                h = F.silu(mod.w1(x)) * mod.w3(x)  # (B, T, F) hidden activations
-                sums[li] += h.abs().double().sum(dim=(0, 1)).cpu()
+        def add(li: int, mod, x: torch.Tensor, sums=sums) -> None:
+            h = F.silu(mod.w1(x)) * mod.w3(x)  # (B, T, F) hidden activations
+            sums[li] += h.abs().double().sum(dim=(0, 1)).cpu()
 
-            hooks.append(ffn.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                for b in batches:
-                    model(b["input_ids"])
-                    count += b["input_ids"].numel()
-        finally:
-            for h in hooks:
-                h.remove()
+        count = _run_with_ffn_inputs(model, ffns, add, batches)
         if count == 0:
             raise ConfigError(f"activation split: no data for domain {dom!r}")
         out[dom] = [s / count for s in sums]
@@ -362,25 +369,12 @@ def domain_mean_router(
     """
     rows = []
     for b, batches in zip(branches, batches_by_expert):
-        sums = [None] * len(b.layers)
-        count = 0
-        hooks = []
-        for li, layer in enumerate(b.layers):
+        sums = [torch.zeros(b.config.dim, dtype=torch.float64) for _ in b.layers]
 
-            def hook(mod, inp, _out, li=li, sums=sums):
-                s = inp[0].double().sum(dim=(0, 1))
-                sums[li] = s if sums[li] is None else sums[li] + s
+        def add(li: int, _mod, x: torch.Tensor, sums=sums) -> None:
+            sums[li] += x.double().sum(dim=(0, 1)).cpu()
 
-            hooks.append(layer.ffn.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                b.eval()
-                for batch in batches:
-                    b(batch["input_ids"])
-                    count += batch["input_ids"].numel()
-        finally:
-            for h in hooks:
-                h.remove()
+        count = _run_with_ffn_inputs(b, [layer.ffn for layer in b.layers], add, batches)
         if count == 0:
             raise ConfigError("router init from domain means: a branch has no data")
         rows.append(torch.stack([F.normalize(s / count, dim=0) * scale for s in sums]))  # (L, C)
