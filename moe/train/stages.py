@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 
 from moe.config import ConfigError, Recipe, to_dict, to_yaml
@@ -131,6 +131,23 @@ def plan_stage(r: Recipe) -> StagePlan:
     )
 
 
+class StageProgressBar(TQDMProgressBar):
+    """Steps of this stage with loss and ETA; named after the stage instead of "Epoch 0"."""
+
+    def __init__(self, label: str):
+        super().__init__(refresh_rate=1)
+        self.label = label
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.label)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
 def _loggers(run: Path) -> list:
     loggers: list = [CSVLogger(str(run), name="logs", version="")]
     try:
@@ -192,7 +209,8 @@ def train(r: Recipe) -> Path:
             log_every_n_steps=t.log_every_n_steps,
             enable_progress_bar=t.enable_progress_bar,
             deterministic=t.deterministic,
-            callbacks=[ckpt_cb],
+            callbacks=[ckpt_cb]
+            + ([StageProgressBar(f"{r.name} [{r.stage}]")] if t.enable_progress_bar else []),
             logger=_loggers(run),
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False,
