@@ -26,7 +26,14 @@ import torch
 from moe.config import ConfigError, Recipe, to_dict, to_yaml
 from moe.data.datamodule import DomainDataModule
 from moe.eval.evaluate import evaluate_model
-from moe.io.checkpoint import atomic_write_text, is_checkpoint, load_checkpoint, write_json
+from moe.io.checkpoint import (
+    atomic_write_text,
+    is_checkpoint,
+    load_checkpoint,
+    read_config,
+    read_meta,
+    write_json,
+)
 from moe.io.rundir import RunLock
 from moe.model.flops import count_params, train_flops_per_token
 from moe.model.transformer import Transformer
@@ -76,8 +83,7 @@ class Study:
         return is_checkpoint(self.model_dir(name))
 
     def stage_record(self, name: str) -> dict:
-        meta = load_checkpoint(self.model_dir(name), verify=False).meta
-        return meta.get("stage") or {}
+        return read_meta(self.model_dir(name)).get("stage") or {}
 
     # ------------------------------------------------------------------ stage builders
 
@@ -188,7 +194,7 @@ class Study:
         tokens, flops = self.expert_arm_after_seed()
         if matched == "tokens":
             return max(1, round(tokens / self.tokens_per_step))
-        seed_cfg = load_checkpoint(self.model_dir("seed"), verify=False).config
+        seed_cfg = read_config(self.model_dir("seed"))
         per_step = train_flops_per_token(seed_cfg, self.r.data.seq_len) * self.tokens_per_step
         return max(1, round(flops / per_step))
 
@@ -413,7 +419,7 @@ class Study:
         model.load_state_dict(ck.state_dict)
         return model, ck.meta
 
-    def _eval_cached(self, name: str, dm: DomainDataModule, fn: Callable[[], dict], key: str):
+    def _eval_cached(self, name: str, fn: Callable[[], dict], key: str):
         """Evaluations are cached beside the stage, keyed by checkpoint ids and eval settings."""
         cache = self.stages_dir / name / "eval.json"
         if cache.is_file():
@@ -438,8 +444,8 @@ class Study:
         for st in self.plan():
             if not self.done(st.name):
                 continue
-            meta = load_checkpoint(self.model_dir(st.name), verify=False).meta
-            cfg = load_checkpoint(self.model_dir(st.name), verify=False).config
+            meta = read_meta(self.model_dir(st.name))
+            cfg = read_config(self.model_dir(st.name))
             rec = meta.get("stage") or {}
             pc = count_params(cfg)
             ledger.append(
@@ -466,7 +472,6 @@ class Study:
                 key = f"{meta['id']}:{settings}"
                 rep = self._eval_cached(
                     model_stage,
-                    dm,
                     lambda: evaluate_model(
                         model,
                         r.data,
@@ -557,12 +562,11 @@ class Study:
 
             branches = [self._load(f"branch-{e}")[0] for e in s.experts]
             ids = ",".join(
-                load_checkpoint(self.model_dir(f"branch-{e}"), verify=False).meta["id"]
+                read_meta(self.model_dir(f"branch-{e}"))["id"]
                 for e in s.experts
             )
             rep = self._eval_cached(
                 "split",  # the ensemble has no stage of its own: cache beside the split
-                dm,
                 lambda: evaluate_ensemble(
                     branches, r.data, r.seed, doms, s.eval_batches, r.eval.batch_size, progress
                 ),
