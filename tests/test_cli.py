@@ -199,3 +199,17 @@ def test_activation_split_on_real_data_preserves_the_dense_function(debug_dense,
         layer.ffn.force_all_experts = True
     x = torch.randint(0, 256, (2, 32))
     torch.testing.assert_close(moe(x).logits, dense(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_with_another_vocabulary_is_refused_for_eval_and_training(tmp_path):
+    from moe.config import ModelConfig
+    from moe.io.checkpoint import make_meta, save_checkpoint
+    from moe.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=32000, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64)
+    m = Transformer(cfg)
+    ck = save_checkpoint(tmp_path / "llama", m.state_dict(), m.config, make_meta())
+    rc, _, err = run_cli("eval", ck)
+    assert rc == 2 and "byte tokenizer" in err
+    rc, _, err = run_cli("train", DEBUG / "dense.yaml", f"init={ck}", f"out_dir={tmp_path / 'r'}")
+    assert rc == 2 and "byte tokenizer" in err

@@ -40,6 +40,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint nor a run directory holding model/")
 
 
+def check_byte_vocab(vocab_size: int, where: object) -> None:
+    """Evaluation and training read text through the shared byte tokenizer (259 ids)."""
+    from moe.data.tokenizer import ByteTokenizer
+
+    if vocab_size != ByteTokenizer.vocab_size:
+        raise ConfigError(
+            f"{where}: vocabulary of {vocab_size} tokens, but moe-forge's data pipeline uses the "
+            f"byte tokenizer ({ByteTokenizer.vocab_size}); checkpoints with another tokenizer "
+            "can be merged and exported, not trained or evaluated here"
+        )
+
+
 def data_config_of(meta: dict) -> tuple[DataConfig, int]:
     """The data section (and seed) of the recipe that produced a checkpoint; defaults if none."""
     recipe = meta.get("recipe") or {}
@@ -149,6 +161,7 @@ def evaluate_checkpoint(
         raise ConfigError(f"--max-batches must be 0 (all) or more, got {max_batches}")
     ckpt_dir = resolve_checkpoint(path)
     ck = load_checkpoint(ckpt_dir)
+    check_byte_vocab(ck.config.vocab_size, ckpt_dir)
     model = Transformer(ck.config)
     model.load_state_dict(ck.state_dict)
     data, seed = data_config_of(ck.meta)

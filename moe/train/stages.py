@@ -47,9 +47,10 @@ class StagePlan:
 
 
 def _load_init(path: str) -> tuple[Transformer, dict]:
-    from moe.eval.evaluate import resolve_checkpoint
+    from moe.eval.evaluate import check_byte_vocab, resolve_checkpoint
 
     ck = load_checkpoint(resolve_checkpoint(path))
+    check_byte_vocab(ck.config.vocab_size, path)
     model = Transformer(ck.config)
     missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
     if missing or unexpected:
