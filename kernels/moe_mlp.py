@@ -138,7 +138,8 @@ def combine_torch(o_ND: torch.Tensor, inv_N: torch.Tensor, weights_TK: torch.Ten
 
 
 def combine_bwd_torch(dy_TD: torch.Tensor, o_ND: torch.Tensor, token_N: torch.Tensor,
-                      order_N: torch.Tensor, inv_N: torch.Tensor, weights_TK: torch.Tensor):
+                      order_N: torch.Tensor, inv_N: torch.Tensor, weights_TK: torch.Tensor,
+                      need_dweights: bool = True):
     """Torch twin of combine_bwd_triton: (do_ND sorted, dweights_TK in o's accumulate dtype).
 
     Works in sorted order: g[r] = dy[token[r]], do[r] = w[r] * g[r], dweights[r] = o[r].g[r],
@@ -147,6 +148,10 @@ def combine_bwd_torch(dy_TD: torch.Tensor, o_ND: torch.Tensor, token_N: torch.Te
     acc = torch.float64 if o_ND.dtype == torch.float64 else torch.float32
     g_ND = dy_TD.index_select(0, token_N)
     w_N = weights_TK.reshape(-1).index_select(0, order_N).to(acc)
+    if not need_dweights:
+        # e.g. hard domain routing: constant weights, no router to train
+        do_ND = (g_ND.to(acc) * w_N.unsqueeze(1)).to(o_ND.dtype)
+        return do_ND, None
     if o_ND.dtype == acc:
         dwt_N = torch.einsum("nd,nd->n", o_ND, g_ND)
         do_ND = g_ND * w_N.unsqueeze(1)
@@ -261,7 +266,8 @@ class _MoeMLP(torch.autograd.Function):
             dxs_ND += grouped_mm_triton(dh3_NF, w3_EDF.transpose(1, 2), off)
             dx_TD = combine_triton(dxs_ND, inv_N, None, T, K, x_TD.dtype)
         else:
-            do_ND, dwt_TK = combine_bwd_torch(dy_TD, o_ND, token_N, order_N, inv_N, weights_TK)
+            do_ND, dwt_TK = combine_bwd_torch(dy_TD, o_ND, token_N, order_N, inv_N, weights_TK,
+                                              need_dweights=ctx.needs_input_grad[4])
             dw2 = grouped_dw_torch(a_NF, do_ND, off)
             da_NF = grouped_mm_torch(do_ND, w2_EFD.transpose(1, 2), off)
             dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, s_NF, da_NF)
@@ -270,7 +276,8 @@ class _MoeMLP(torch.autograd.Function):
             dxs_ND = grouped_mm_torch(dh1_NF, w1_EDF.transpose(1, 2), off)
             dxs_ND += grouped_mm_torch(dh3_NF, w3_EDF.transpose(1, 2), off)
             dx_TD = combine_torch(dxs_ND, inv_N, None, T, K, x_TD.dtype)
-        return dx_TD, dw1, dw3, dw2, dwt_TK.to(weights_TK.dtype), None, None
+        dwt = None if dwt_TK is None else dwt_TK.to(weights_TK.dtype)
+        return dx_TD, dw1, dw3, dw2, dwt, None, None
 
 
 def _moe_mlp_loop(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK):

@@ -196,3 +196,25 @@ def test_import_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_constant_weights_skip_their_gradient_and_keep_the_others():
+    """Hard (domain) routing passes weights that need no gradient; x and w grads are unchanged."""
+    g = torch.Generator().manual_seed(3)
+    T, D, F, E = 20, 24, 40, 3
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    ws = [torch.randn(E, D, F, generator=g, dtype=torch.float64) * 0.2,
+          torch.randn(E, D, F, generator=g, dtype=torch.float64) * 0.2,
+          torch.randn(E, F, D, generator=g, dtype=torch.float64) * 0.2]
+    ids = torch.randint(0, E, (T, 1), generator=g)
+    grads = []
+    for need in (True, False):
+        xs = x.clone().requires_grad_()
+        wts = [w.clone().requires_grad_() for w in ws]
+        weights = torch.ones(T, 1, dtype=torch.float64, requires_grad=need)
+        y = mk.moe_mlp(xs, *wts, ids, weights, backend="torch")
+        y.pow(2).sum().backward()
+        assert (weights.grad is not None) == need
+        grads.append([xs.grad] + [w.grad for w in wts])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
