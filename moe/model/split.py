@@ -39,6 +39,19 @@ def default_top_k(num_experts: int) -> int:
     return min(2, num_experts)
 
 
+def _moe_config(
+    experts: list[str], fe: int, router: str, top_k: int, shared: int, backend: str
+) -> MoEConfig:
+    return MoEConfig(
+        experts=list(experts),
+        expert_ffn_dim=fe,
+        router=router,
+        top_k=top_k if router == "learned" else 1,  # hard routing picks exactly one expert
+        shared_expert_ffn_dim=shared,
+        backend=backend,
+    )
+
+
 def _dense_ffns(model: Transformer) -> list[SwiGLU]:
     if model.config.moe.experts:
         raise ConfigError("split needs a dense checkpoint; this one is already an MoE")
@@ -189,14 +202,7 @@ def split_model(
         fe = Fh
     else:
         fe = math.ceil((Fh - shared_dim) / E)
-    moe_cfg = MoEConfig(
-        experts=list(experts),
-        expert_ffn_dim=fe,
-        router=router,
-        top_k=top_k if router == "learned" else 1,
-        shared_expert_ffn_dim=shared_dim,
-        backend=backend,
-    )
+    moe_cfg = _moe_config(experts, fe, router, top_k, shared_dim, backend)
     new_cfg = dataclasses.replace(cfg, moe=moe_cfg)
     torch.manual_seed(seed)
     moe = Transformer(new_cfg)
@@ -320,14 +326,7 @@ def assemble(
     fe = cfg0.ffn_dim - fs
     if fe <= 0:
         raise ConfigError(f"shared_ffn_dim {fs} leaves no expert neurons (ffn_dim {cfg0.ffn_dim})")
-    moe_cfg = MoEConfig(
-        experts=list(experts),
-        expert_ffn_dim=fe,
-        router=router,
-        top_k=top_k if router == "learned" else 1,
-        shared_expert_ffn_dim=fs,
-        backend=backend,
-    )
+    moe_cfg = _moe_config(experts, fe, router, top_k, fs, backend)
     torch.manual_seed(seed)
     moe = Transformer(dataclasses.replace(cfg0, moe=moe_cfg))
     if base is not None:
