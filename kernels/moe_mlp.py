@@ -6,18 +6,23 @@ N = T*K assignments; a suffix "_N*" on an activation means rows in expert-sorted
 Backends (all differentiable in x, w1, w3, w2 and weights):
   triton  CUDA (or CPU under TRITON_INTERPRET=1): routing-plan, gathered grouped GEMMs,
           split dW, deterministic combine kernels; no host synchronisation.
-  torch   sort + torch.nn.functional.grouped_mm (per-expert mm where grouped_mm cannot run:
-          float64, unaligned strides); the CPU default.
+  torch   sort + per-expert GEMMs; the CPU default. On CPU it runs chunk by chunk of sorted
+          rows (torch.mm per expert, torch.bmm for runs of experts with equal counts, the
+          SwiGLU on the chunk while it is in cache; see _MoeMLPChunkedCPU). On CUDA, whole
+          tensors through torch.nn.functional.grouped_mm (per-expert mm where grouped_mm
+          cannot run: float64, unaligned strides).
   loop    a per-expert python loop of plain torch ops under autograd; the slow reference.
   auto    triton on CUDA when triton is installed, else torch.
 
-Determinism: the combine never uses atomics. Expert outputs are computed per assignment in
+Determinism: the combine never uses atomics (the CPU path's index_add_ runs serially). Expert outputs are computed per assignment in
 sorted order, gathered back through the inverse permutation and summed over j = 0..K-1 in a
 fixed order; dx is reduced the same way; dW partials are summed in a fixed order. The
 weights' gradient is dweights[t,j] = dot(dy[t], expert_out[t,j]).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as nnf
@@ -280,6 +285,227 @@ class _MoeMLP(torch.autograd.Function):
         return dx_TD, dw1, dw3, dw2, dwt, None, None
 
 
+# --------------------------------------------------------------------------- CPU torch path
+
+# Rows per chunk of the CPU torch path: as many as make one row-block of max(D, F) elements
+# this many bytes. A chunk's temporaries stay in cache between the GEMM that writes them and
+# the elementwise ops that read them, and they live in reused per-thread buffers (at most
+# ten of this size, see _Workspace) instead of fresh full-size tensors. 4 MiB measured best
+# of 1 and 4 MiB on both CPU shapes of tools/bench_kernels.py (docs/benchmarks.md). None: no
+# chunking (the whole-tensor path that the torch backend takes on CUDA); tests set it.
+CPU_CHUNK_BYTES: int | None = 4 << 20
+
+
+def _row_chunks(bounds: list[int], max_rows: int):
+    """Cut the expert-sorted rows into chunks of at most max_rows rows (at least one row).
+
+    Returns [(lo, hi, runs)]: rows lo:hi, and runs = [(e0, n, s, L)], each n consecutive
+    experts e0..e0+n-1 with L rows apiece, starting at row s of the chunk (n > 1 runs are
+    done as one bmm). An expert with more than max_rows rows is split across consecutive
+    chunks; experts with no rows appear in no run."""
+    chunks, segs, start = [], [], bounds[0]
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        while lo < hi:
+            take = min(hi - lo, max_rows - (lo - start))
+            segs.append((e, lo - start, take))
+            lo += take
+            if lo - start == max_rows:
+                chunks.append((start, lo, _runs(segs)))
+                segs, start = [], lo
+    if segs:
+        chunks.append((start, start + segs[-1][1] + segs[-1][2], _runs(segs)))
+    return chunks
+
+
+def _runs(segs):
+    runs = []
+    for e, s, L in segs:
+        if runs:
+            e0, n, s0, L0 = runs[-1]
+            if L == L0 and e == e0 + n and s == s0 + n * L0:
+                runs[-1] = (e0, n + 1, s0, L0)
+                continue
+        runs.append((e, 1, s, L))
+    return runs
+
+
+def _chunk_plan(plan: Plan, D: int, F: int, itemsize: int):
+    bounds = plan.offsets.tolist()  # CPU: no device to synchronise with
+    rows = max(1, CPU_CHUNK_BYTES // (max(D, F) * itemsize))
+    return _row_chunks(bounds, rows)
+
+
+def _rows_mm(a: torch.Tensor, w_E: torch.Tensor, out: torch.Tensor, runs,
+             accumulate: bool = False) -> None:
+    """out[rows of e] = a[rows of e] @ w_E[e] (+= when accumulate), for the runs of a chunk."""
+    for e0, n, s, L in runs:
+        if n == 1:
+            if accumulate:
+                out[s:s + L].addmm_(a[s:s + L], w_E[e0])
+            else:
+                torch.mm(a[s:s + L], w_E[e0], out=out[s:s + L])
+        else:
+            rows = slice(s, s + n * L)
+            o3 = out[rows].view(n, L, -1)
+            if accumulate:
+                o3.baddbmm_(a[rows].view(n, L, -1), w_E[e0:e0 + n])
+            else:
+                torch.bmm(a[rows].view(n, L, -1), w_E[e0:e0 + n], out=o3)
+
+
+def _dw_mm(a: torch.Tensor, g: torch.Tensor, dw_E: torch.Tensor, runs, started) -> None:
+    """dw_E[e] = a[rows of e]^T @ g[rows of e], added to what is there for an expert whose
+    earlier rows were in an earlier chunk (started[e]). Marks the experts started."""
+    for e0, n, s, L in runs:
+        if n > 1 and not any(started[e0:e0 + n]):
+            rows = slice(s, s + n * L)
+            torch.bmm(a[rows].view(n, L, -1).transpose(1, 2), g[rows].view(n, L, -1),
+                      out=dw_E[e0:e0 + n])
+        else:
+            for i in range(n):
+                e, rows = e0 + i, slice(s + i * L, s + (i + 1) * L)
+                if started[e]:
+                    dw_E[e].addmm_(a[rows].t(), g[rows])
+                else:
+                    torch.mm(a[rows].t(), g[rows], out=dw_E[e])
+    for e0, n, _, _ in runs:
+        started[e0:e0 + n] = [True] * n
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers for the chunk temporaries, reused from call to call, so
+    the steady state allocates nothing per chunk: five D-wide ("d0".."d4") and five F-wide
+    ("f0".."f4") buffers of at most about CPU_CHUNK_BYTES each (so at most ~40 MiB per
+    thread at the default; clear_cpu_workspace() frees them). Nothing handed to the caller
+    or saved for backward lives here."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        n = rows * cols
+        buf = self.bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype)
+            self.bufs[(name, dtype)] = buf
+        return buf[:n].view(rows, cols)
+
+
+_WS = _Workspace()
+
+
+def clear_cpu_workspace() -> None:
+    """Free this thread's scratch buffers of the CPU torch backend."""
+    _WS.bufs.clear()
+
+
+class _MoeMLPChunkedCPU(torch.autograd.Function):
+    """The torch backend on CPU: the same maths as _MoeMLP's torch path, done chunk by chunk
+    of expert-sorted rows.
+
+    Per chunk: gather its rows of x, one torch.mm per expert segment, the SwiGLU while the
+    chunk is in cache, then scatter-add the weighted outputs into y (index_add_, which runs
+    serially in index order on CPU: deterministic, no atomics). So y sums each token's K
+    outputs in expert order rather than j order. Only what the backward needs is kept at
+    full size (h1, h3, o; none of it under no_grad); the gathered x is not kept, each chunk
+    is gathered again in the backward. Chunk temporaries live in a per-thread workspace:
+    on CPU a fresh full-size temporary costs more than the GEMMs' dispatch, since its page
+    faults land inside the kernel that first writes it. Per expert, the dW pieces of an
+    expert split across chunks are summed in row order.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, plan):
+        T, K = weights_TK.shape
+        D, F = x_TD.shape[1], w1_EDF.shape[2]
+        dt = x_TD.dtype
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        chunks = _chunk_plan(plan, D, F, x_TD.element_size())
+        save = any(ctx.needs_input_grad[:5])
+        N = plan.token.numel()
+        w_N = weights_TK.reshape(-1).index_select(0, plan.order).to(acc)
+        if save:
+            h1_NF, h3_NF = x_TD.new_empty(N, F), x_TD.new_empty(N, F)
+            o_ND = x_TD.new_empty(N, D)
+        y_TD = x_TD.new_zeros(T, D, dtype=acc)
+        for lo, hi, runs in chunks:
+            n, tok = hi - lo, plan.token[lo:hi]
+            xc = torch.index_select(x_TD, 0, tok, out=_WS.get("d0", n, D, dt))
+            if save:
+                h1, h3, oc = h1_NF[lo:hi], h3_NF[lo:hi], o_ND[lo:hi]
+            else:
+                h1, h3 = _WS.get("f0", n, F, dt), _WS.get("f1", n, F, dt)
+                oc = _WS.get("d1", n, D, dt)
+            _rows_mm(xc, w1_EDF, h1, runs)
+            _rows_mm(xc, w3_EDF, h3, runs)
+            act = torch.ops.aten.silu.out(h1, out=_WS.get("f2", n, F, dt))
+            act.mul_(h3)
+            _rows_mm(act, w2_EFD, oc, runs)
+            oc_acc = oc if dt == acc else oc.to(acc)
+            y_TD.index_add_(0, tok, torch.mul(oc_acc, w_N[lo:hi, None],
+                                              out=_WS.get("d2", n, D, acc)))
+        if save:
+            ctx.save_for_backward(x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF,
+                                  o_ND, plan.token, w_N, plan.inv)
+            ctx.chunks = chunks
+        return y_TD if dt == acc else y_TD.to(dt)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        (x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF, o_ND, token_N, w_N,
+         inv_N) = ctx.saved_tensors
+        T, K = weights_TK.shape
+        E, D, F = w1_EDF.shape
+        N = token_N.numel()
+        dt, acc = x_TD.dtype, w_N.dtype
+        need_dwt = ctx.needs_input_grad[4]
+        dy_TD = dy_TD.contiguous().to(dt)
+        dwt_N = torch.empty(N, dtype=acc) if need_dwt else None
+        dw1, dw3 = w1_EDF.new_empty(E, D, F), w3_EDF.new_empty(E, D, F)
+        dw2 = w2_EFD.new_empty(E, F, D)
+        started = [False] * E
+        dx_TD = x_TD.new_zeros(T, D, dtype=acc)
+        for lo, hi, runs in ctx.chunks:
+            n, tok = hi - lo, token_N[lo:hi]
+            g = torch.index_select(dy_TD, 0, tok, out=_WS.get("d1", n, D, dt))
+            if dt != acc:
+                g = g.to(acc)
+            if need_dwt:
+                oc = o_ND[lo:hi] if dt == acc else o_ND[lo:hi].to(acc)
+                prod = torch.mul(oc, g, out=_WS.get("d2", n, D, acc))
+                torch.sum(prod, 1, out=dwt_N[lo:hi])
+            do = torch.mul(g, w_N[lo:hi, None], out=_WS.get("d3", n, D, acc))
+            if dt != acc:
+                do = do.to(dt)
+            h1, h3 = h1_NF[lo:hi], h3_NF[lo:hi]
+            s = torch.ops.aten.silu.out(h1, out=_WS.get("f0", n, F, dt))
+            act = torch.mul(s, h3, out=_WS.get("f2", n, F, dt))
+            da = _WS.get("f1", n, F, dt)
+            _rows_mm(do, w2_EFD.transpose(1, 2), da, runs)
+            _dw_mm(act, do, dw2, runs, list(started))
+            # a = silu(h1) * h3: dh3 = da * s; dh1 = silu'(h1) * (da * h3)
+            dh3 = torch.mul(da, s, out=_WS.get("f3", n, F, dt))
+            dah3 = torch.mul(da, h3, out=act)  # act is dead after dW2
+            dh1 = torch.ops.aten.silu_backward.grad_input(dah3, h1,
+                                                          grad_input=_WS.get("f4", n, F, dt))
+            xc = torch.index_select(x_TD, 0, tok, out=_WS.get("d0", n, D, dt))
+            dxc = _WS.get("d4", n, D, dt)
+            _dw_mm(xc, dh1, dw1, runs, list(started))
+            _dw_mm(xc, dh3, dw3, runs, started)
+            _rows_mm(dh1, w1_EDF.transpose(1, 2), dxc, runs)
+            _rows_mm(dh3, w3_EDF.transpose(1, 2), dxc, runs, accumulate=True)
+            dx_TD.index_add_(0, tok, dxc if dt == acc else dxc.to(acc))
+        for e in range(E):
+            if not started[e]:  # experts with no rows: gradient exactly zero
+                dw1[e].zero_()
+                dw3[e].zero_()
+                dw2[e].zero_()
+        dwt = None if dwt_N is None else dwt_N.index_select(0, inv_N).view(T, K).to(
+            weights_TK.dtype)
+        return dx_TD if dt == acc else dx_TD.to(dt), dw1, dw3, dw2, dwt, None
+
+
 def _moe_mlp_loop(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK):
     """Per-expert loop under plain autograd: the slow reference backend."""
     T, K = expert_ids_TK.shape
@@ -332,4 +558,6 @@ def moe_mlp(
         routing_plan = (plan_triton if b == "triton" else plan_torch)(expert_ids_TK, E)
     elif routing_plan.num_experts != E or routing_plan.order.numel() != expert_ids_TK.numel():
         raise ValueError("moe_mlp: routing_plan does not match expert_ids_TK / num experts")
+    if b == "torch" and x_TD.device.type == "cpu" and CPU_CHUNK_BYTES is not None:
+        return _MoeMLPChunkedCPU.apply(x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, routing_plan)
     return _MoeMLP.apply(x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, routing_plan, b == "triton")

@@ -3,7 +3,8 @@
 For each shape and routing (balanced, Zipf-skewed) it prints forward and forward+backward
 time of each backend, achieved FLOP/s, and the ratio to the floor: the same FLOPs done as
 plain dense matmuls (the T*K assignment rows already grouped, one SwiGLU FFN, no routing).
-Ratio = backend time / floor time (1.00 = as fast as dense; lower is better).
+Ratio = backend time / floor time, the median over rounds of the two times measured in the same
+round (1.00 = as fast as dense; lower is better); times shown are the best of all rounds.
 
     python tools/bench_kernels.py                 # CPU shapes on CPU, GPU shapes on CUDA
     python tools/bench_kernels.py --device cuda --dtype bfloat16
@@ -15,8 +16,11 @@ Shape legend: T tokens, D model dim, F expert hidden dim, E experts, K experts p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib
 import platform
+import statistics
 import sys
 import time
 
@@ -42,9 +46,10 @@ def _time_once(fn, device) -> float:
 
 
 def time_interleaved(cands: dict, device, repeats: int, warmup: int = 2) -> dict:
-    """Best-of-`repeats` wall time for every candidate fn, run round-robin so that load from
-    other processes on a shared machine hits all candidates alike. Minimum, not median: noise
-    only ever adds time. Also peak GPU memory of one call of each (None on CPU)."""
+    """Wall times of every candidate fn, run round-robin `repeats` times so that load from
+    other processes hits all candidates alike. Returns {name: (best, samples, peak)}: the
+    minimum time (noise only ever adds time), the per-round samples (for paired ratios),
+    and peak GPU memory of one call (None on CPU)."""
     peak = {}
     for name, fn in cands.items():
         if device.type == "cuda":
@@ -55,11 +60,19 @@ def time_interleaved(cands: dict, device, repeats: int, warmup: int = 2) -> dict
         _sync(device)
         peak[name] = (torch.cuda.max_memory_allocated(device) / 2**30
                       if device.type == "cuda" else None)
-    best = {name: float("inf") for name in cands}
+    samples = {name: [] for name in cands}
     for _ in range(repeats):
         for name, fn in cands.items():
-            best[name] = min(best[name], _time_once(fn, device))
-    return {name: (best[name], peak[name]) for name in cands}
+            samples[name].append(_time_once(fn, device))
+    return {name: (min(samples[name]), samples[name], peak[name]) for name in cands}
+
+
+def paired_ratio(samples: list, base: list) -> float:
+    """Median over rounds of candidate time / base time in the same round. A shared
+    machine drifts between fast and slow phases that last seconds; a ratio of two
+    measurements taken a few milliseconds apart cancels the phase, a ratio of two
+    minima taken at different moments does not."""
+    return statistics.median(a / b for a, b in zip(samples, base))
 
 
 def make_routing(T, E, K, kind, device, gen):
@@ -79,6 +92,29 @@ def make_routing(T, E, K, kind, device, gen):
 
 def flops_fwd(T, D, F, K):
     return 2.0 * T * K * D * F * 3  # three (rows x D x F) matmuls per assignment
+
+
+# "torch-unchunked": the torch backend with the CPU chunking off, i.e. whole-tensor
+# grouped_mm calls as on CUDA; kept to show what the chunked CPU path gains, in the same run.
+UNCHUNKED = "torch-unchunked"
+# the module, not the function of the same name that moe_kernels exports
+moe_mlp_mod = importlib.import_module("moe_kernels.moe_mlp")
+
+
+def _base(backend: str) -> str:
+    return "torch" if backend == UNCHUNKED else backend
+
+
+@contextlib.contextmanager
+def _variant(backend: str):
+    if backend != UNCHUNKED:
+        yield
+        return
+    saved, moe_mlp_mod.CPU_CHUNK_BYTES = moe_mlp_mod.CPU_CHUNK_BYTES, None
+    try:
+        yield
+    finally:
+        moe_mlp_mod.CPU_CHUNK_BYTES = saved
 
 
 def bench_shape(shape, routing, backends, device, dtype, repeats, gen):
@@ -109,17 +145,20 @@ def bench_shape(shape, routing, backends, device, dtype, repeats, gen):
     cands = {"floor(dense)": (floor_fwd, floor_fb)}
     for b in backends:
         def fwd(b=b):
-            with torch.no_grad():
-                return mk.moe_mlp(x, w1, w3, w2, ids, wts, backend=b)
+            with torch.no_grad(), _variant(b):
+                return mk.moe_mlp(x, w1, w3, w2, ids, wts, backend=_base(b))
 
         def fb(b=b):
-            y = mk.moe_mlp(*params[:4], ids, params[4], backend=b)
-            torch.autograd.grad(y, params, dy)
+            with _variant(b):
+                y = mk.moe_mlp(*params[:4], ids, params[4], backend=_base(b))
+                torch.autograd.grad(y, params, dy)
 
         cands[b] = (fwd, fb)
     res_f = time_interleaved({n: f for n, (f, _) in cands.items()}, device, repeats)
     res_b = time_interleaved({n: g for n, (_, g) in cands.items()}, device, repeats)
-    rows = [(n, res_f[n][0], res_b[n][0], res_b[n][1]) for n in cands]
+    fl_f, fl_b = res_f["floor(dense)"][1], res_b["floor(dense)"][1]
+    rows = [(n, res_f[n][0], res_b[n][0], res_b[n][2], paired_ratio(res_f[n][1], fl_f),
+             paired_ratio(res_b[n][1], fl_b)) for n in cands]
 
     # Routing cost: fused softmax+top-k and the plan, from logits.
     logits = torch.randn(T, E, generator=gen).to(device)
@@ -128,17 +167,16 @@ def bench_shape(shape, routing, backends, device, dtype, repeats, gen):
         {"r": lambda: mk.plan(mk.topk_route(logits, K, backend=rb)[1], E, backend=rb)},
         device, repeats)["r"][0]
 
-    floor_f, floor_b = rows[0][1], rows[0][2]
     print(f"\n### T={T} D={D} F={F} E={E} K={K}, routing={routing}, dtype={str(dtype)[6:]}")
     print(f"fwd FLOPs {fl / 1e9:.2f} G, fwd+bwd FLOPs {3 * fl / 1e9:.2f} G; "
           f"routing ({rb}: top-k + plan) {t_route * 1e3:.2f} ms")
     print("| backend | fwd ms | fwd TFLOP/s | fwd / floor | fwd+bwd ms | fwd+bwd TFLOP/s "
           "| fwd+bwd / floor | peak GiB (fwd+bwd) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, tf, tb, peak in rows:
+    for name, tf, tb, peak, rf, rb_ in rows:
         pk = f"{peak:.2f}" if peak is not None else "n/a (CPU)"
-        print(f"| {name} | {tf * 1e3:.1f} | {fl / tf / 1e12:.3f} | {tf / floor_f:.2f}x | "
-              f"{tb * 1e3:.1f} | {3 * fl / tb / 1e12:.3f} | {tb / floor_b:.2f}x | {pk} |")
+        print(f"| {name} | {tf * 1e3:.1f} | {fl / tf / 1e12:.3f} | {rf:.2f}x | "
+              f"{tb * 1e3:.1f} | {3 * fl / tb / 1e12:.3f} | {rb_:.2f}x | {pk} |")
     sys.stdout.flush()
     return rows, t_route
 
@@ -181,7 +219,8 @@ def main(argv=None):
     else:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     backends = (args.backends.split(",") if args.backends
-                else (["triton", "torch", "loop"] if device.type == "cuda" else ["torch", "loop"]))
+                else (["triton", "torch", "loop"] if device.type == "cuda"
+                      else ["torch", UNCHUNKED, "loop"]))
     gen = torch.Generator().manual_seed(0)
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{platform.processor() or platform.machine()} CPU, "

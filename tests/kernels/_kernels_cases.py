@@ -9,7 +9,8 @@ import torch
 from moe_kernels import reference as ref
 
 # (name, T, D, F, E, K, routing). Awkward on purpose: D, F not powers of two, T=1, K=1..4,
-# K=E, E=1, prime E, experts with no tokens, all tokens on one expert, Zipf-skewed routing.
+# K=E, E=1, prime E, experts with no tokens, all tokens on one expert, Zipf-skewed routing,
+# equal counts per expert (the CPU path's batched-matmul runs).
 CASES = [
     ("T1", 1, 100, 72, 4, 2, "random"),
     ("D100_F600", 37, 100, 600, 8, 2, "random"),
@@ -23,6 +24,7 @@ CASES = [
     ("empty_experts", 24, 40, 100, 6, 2, "sparse"),
     ("one_expert", 30, 100, 40, 5, 1, "one"),
     ("one_expert_set", 30, 40, 24, 7, 3, "one"),
+    ("balanced", 24, 40, 24, 6, 2, "balanced"),
 ]
 
 # Small subset for the (slow) triton interpreter.
@@ -42,6 +44,8 @@ def make_routing(T: int, E: int, K: int, kind: str, gen: torch.Generator) -> tor
         assert len(allowed) >= K
         scores = torch.full((T, E), -1.0)
         scores[:, allowed] = torch.rand(T, len(allowed), generator=gen)
+    elif kind == "balanced":  # token t gets experts (t*K + j) mod E: equal counts
+        return (torch.arange(T).unsqueeze(1) * K + torch.arange(K)) % E
     elif kind == "one":  # every token picks experts E-1, E-2, ...: expert E-1 gets all
         return (E - 1 - torch.arange(K)).expand(T, K).contiguous()
     else:
