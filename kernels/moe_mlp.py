@@ -14,10 +14,12 @@ Backends (all differentiable in x, w1, w3, w2 and weights):
   loop    a per-expert python loop of plain torch ops under autograd; the slow reference.
   auto    triton on CUDA when triton is installed, else torch.
 
-Determinism: the combine never uses atomics (the CPU path's index_add_ runs serially). Expert outputs are computed per assignment in
-sorted order, gathered back through the inverse permutation and summed over j = 0..K-1 in a
-fixed order; dx is reduced the same way; dW partials are summed in a fixed order. The
-weights' gradient is dweights[t,j] = dot(dy[t], expert_out[t,j]).
+Determinism: the combine never uses atomics. On CUDA (triton, and torch's whole-tensor
+path) expert outputs are computed per assignment in sorted order, gathered back through the
+inverse permutation and summed over j = 0..K-1 in a fixed order; dx is reduced the same way;
+dW partials are summed in a fixed order. The CPU torch path sums in expert order with
+index_add_, which runs serially. The weights' gradient is dweights[t,j] = dot(dy[t],
+expert_out[t,j]).
 """
 
 from __future__ import annotations
@@ -290,7 +292,7 @@ class _MoeMLP(torch.autograd.Function):
 # Rows per chunk of the CPU torch path: as many as make one row-block of max(D, F) elements
 # this many bytes. A chunk's temporaries stay in cache between the GEMM that writes them and
 # the elementwise ops that read them, and they live in reused per-thread buffers (at most
-# ten of this size, see _Workspace) instead of fresh full-size tensors. 4 MiB measured best
+# nine of this size, see _Workspace) instead of fresh full-size tensors. 4 MiB measured best
 # of 1 and 4 MiB on both CPU shapes of tools/bench_kernels.py (docs/benchmarks.md). None: no
 # chunking (the whole-tensor path that the torch backend takes on CUDA); tests set it.
 CPU_CHUNK_BYTES: int | None = 4 << 20
@@ -375,8 +377,8 @@ def _dw_mm(a: torch.Tensor, g: torch.Tensor, dw_E: torch.Tensor, runs, started) 
 
 class _Workspace(threading.local):
     """Per-thread scratch buffers for the chunk temporaries, reused from call to call, so
-    the steady state allocates nothing per chunk: five D-wide ("d0".."d4") and five F-wide
-    ("f0".."f4") buffers of at most about CPU_CHUNK_BYTES each (so at most ~40 MiB per
+    the steady state allocates nothing per chunk: four D-wide ("d0".."d3") and five F-wide
+    ("f0".."f4") buffers of at most about CPU_CHUNK_BYTES each (so at most ~36 MiB per
     thread at the default; clear_cpu_workspace() frees them). Nothing handed to the caller
     or saved for backward lives here."""
 
@@ -404,15 +406,16 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
     """The torch backend on CPU: the same maths as _MoeMLP's torch path, done chunk by chunk
     of expert-sorted rows.
 
-    Per chunk: gather its rows of x, one torch.mm per expert segment, the SwiGLU while the
-    chunk is in cache, then scatter-add the weighted outputs into y (index_add_, which runs
-    serially in index order on CPU: deterministic, no atomics). So y sums each token's K
-    outputs in expert order rather than j order. Only what the backward needs is kept at
-    full size (h1, h3, o; none of it under no_grad); the gathered x is not kept, each chunk
-    is gathered again in the backward. Chunk temporaries live in a per-thread workspace:
-    on CPU a fresh full-size temporary costs more than the GEMMs' dispatch, since its page
-    faults land inside the kernel that first writes it. Per expert, the dW pieces of an
-    expert split across chunks are summed in row order.
+    Per chunk: gather its rows of x, one GEMM per expert (one bmm per run of experts with
+    equal counts), the SwiGLU while the chunk is in cache, then scatter-add the weighted
+    outputs into y (index_add_, which runs serially in index order on CPU: deterministic, no
+    atomics). So y sums each token's K outputs in expert order rather than j order. Only h1
+    and h3 are kept at full size for the backward (nothing under no_grad): the gathered x is
+    gathered again per chunk, and the expert outputs o are not needed, as the routing
+    weights' gradient is computed from g @ w2^T (see backward). Chunk temporaries live in a
+    per-thread workspace: on CPU a fresh full-size temporary costs more than the GEMMs'
+    dispatch, since its page faults land inside the kernel that first writes it. Per expert,
+    the dW pieces of an expert split across chunks are summed in row order.
     """
 
     @staticmethod
@@ -427,16 +430,15 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
         w_N = weights_TK.reshape(-1).index_select(0, plan.order).to(acc)
         if save:
             h1_NF, h3_NF = x_TD.new_empty(N, F), x_TD.new_empty(N, F)
-            o_ND = x_TD.new_empty(N, D)
         y_TD = x_TD.new_zeros(T, D, dtype=acc)
         for lo, hi, runs in chunks:
             n, tok = hi - lo, plan.token[lo:hi]
             xc = torch.index_select(x_TD, 0, tok, out=_WS.get("d0", n, D, dt))
             if save:
-                h1, h3, oc = h1_NF[lo:hi], h3_NF[lo:hi], o_ND[lo:hi]
+                h1, h3 = h1_NF[lo:hi], h3_NF[lo:hi]
             else:
                 h1, h3 = _WS.get("f0", n, F, dt), _WS.get("f1", n, F, dt)
-                oc = _WS.get("d1", n, D, dt)
+            oc = _WS.get("d1", n, D, dt)
             _rows_mm(xc, w1_EDF, h1, runs)
             _rows_mm(xc, w3_EDF, h3, runs)
             act = torch.ops.aten.silu.out(h1, out=_WS.get("f2", n, F, dt))
@@ -447,13 +449,13 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
                                               out=_WS.get("d2", n, D, acc)))
         if save:
             ctx.save_for_backward(x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF,
-                                  o_ND, plan.token, w_N, plan.inv)
+                                  plan.token, w_N, plan.inv)
             ctx.chunks = chunks
         return y_TD if dt == acc else y_TD.to(dt)
 
     @staticmethod
     def backward(ctx, dy_TD):
-        (x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF, o_ND, token_N, w_N,
+        (x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, h1_NF, h3_NF, token_N, w_N,
          inv_N) = ctx.saved_tensors
         T, K = weights_TK.shape
         E, D, F = w1_EDF.shape
@@ -468,29 +470,37 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
         dx_TD = x_TD.new_zeros(T, D, dtype=acc)
         for lo, hi, runs in ctx.chunks:
             n, tok = hi - lo, token_N[lo:hi]
+            w_col = w_N[lo:hi, None]
+            # Row r of the chunk is assignment (t, j) with o[r] = act[r] @ w2[e] and
+            # y[t] += w[r] * o[r]. With g[r] = dy[t] and gw = g @ w2[e]^T:
+            #   dweights[r] = g[r] . o[r] = gw[r] . act[r]   (so o need not be kept)
+            #   da[r] = w[r] * gw[r]        dw2[e] = sum_r (w[r] * act[r])^T g[r]
             g = torch.index_select(dy_TD, 0, tok, out=_WS.get("d1", n, D, dt))
-            if dt != acc:
-                g = g.to(acc)
-            if need_dwt:
-                oc = o_ND[lo:hi] if dt == acc else o_ND[lo:hi].to(acc)
-                prod = torch.mul(oc, g, out=_WS.get("d2", n, D, acc))
-                torch.sum(prod, 1, out=dwt_N[lo:hi])
-            do = torch.mul(g, w_N[lo:hi, None], out=_WS.get("d3", n, D, acc))
-            if dt != acc:
-                do = do.to(dt)
+            gw = _WS.get("f1", n, F, dt)
+            _rows_mm(g, w2_EFD.transpose(1, 2), gw, runs)
             h1, h3 = h1_NF[lo:hi], h3_NF[lo:hi]
             s = torch.ops.aten.silu.out(h1, out=_WS.get("f0", n, F, dt))
             act = torch.mul(s, h3, out=_WS.get("f2", n, F, dt))
-            da = _WS.get("f1", n, F, dt)
-            _rows_mm(do, w2_EFD.transpose(1, 2), da, runs)
-            _dw_mm(act, do, dw2, runs, list(started))
+            if dt == acc:
+                if need_dwt:
+                    prod = torch.mul(gw, act, out=_WS.get("f3", n, F, dt))
+                    torch.sum(prod, 1, out=dwt_N[lo:hi])
+                act.mul_(w_col)
+                da = gw.mul_(w_col)
+            else:  # bf16/fp16: products in fp32, rounded once
+                gw32, act32 = gw.to(acc), act.to(acc)
+                if need_dwt:
+                    torch.sum(gw32 * act32, 1, out=dwt_N[lo:hi])
+                act.copy_(act32.mul_(w_col))
+                da = gw.copy_(gw32.mul_(w_col))
+            _dw_mm(act, g, dw2, runs, list(started))
             # a = silu(h1) * h3: dh3 = da * s; dh1 = silu'(h1) * (da * h3)
             dh3 = torch.mul(da, s, out=_WS.get("f3", n, F, dt))
             dah3 = torch.mul(da, h3, out=act)  # act is dead after dW2
             dh1 = torch.ops.aten.silu_backward.grad_input(dah3, h1,
                                                           grad_input=_WS.get("f4", n, F, dt))
             xc = torch.index_select(x_TD, 0, tok, out=_WS.get("d0", n, D, dt))
-            dxc = _WS.get("d4", n, D, dt)
+            dxc = _WS.get("d3", n, D, dt)
             _dw_mm(xc, dh1, dw1, runs, list(started))
             _dw_mm(xc, dh3, dw3, runs, started)
             _rows_mm(dh1, w1_EDF.transpose(1, 2), dxc, runs)
