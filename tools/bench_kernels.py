@@ -117,6 +117,39 @@ def _variant(backend: str):
         moe_mlp_mod.CPU_CHUNK_BYTES = saved
 
 
+# "gemms-only" (CPU): the layer's GEMMs alone, one torch.mm per expert on rows already in
+# expert order, with this routing's per-expert counts; no routing, gather, SwiGLU or combine.
+# Its ratio to the floor is what unequal expert sizes cost before any MoE bookkeeping.
+GEMMS_ONLY = "gemms-only"
+
+
+def _gemms_only(xf, w1, w3, w2, ids, dyf):
+    E, D, F = w1.shape
+    bounds = [0] + torch.bincount(ids.reshape(-1).cpu(), minlength=E).cumsum(0).tolist()
+    segs = [(e, bounds[e], bounds[e + 1]) for e in range(E) if bounds[e + 1] > bounds[e]]
+    w1, w3, w2 = w1.detach(), w3.detach(), w2.detach()
+    h = xf.new_empty(xf.shape[0], F)
+    o = xf.new_empty(xf.shape[0], D)
+    dw = w1.new_empty(E, D, F)
+
+    def fwd():
+        for w in (w1, w3):
+            for e, a, b in segs:
+                torch.mm(xf[a:b], w[e], out=h[a:b])
+        for e, a, b in segs:
+            torch.mm(h[a:b], w2[e], out=o[a:b])
+
+    def fb():  # forward, then dX (x3) and dW (x3): nine GEMMs per expert
+        fwd()
+        for e, a, b in segs:
+            torch.mm(dyf[a:b], w2[e].t(), out=h[a:b])
+            torch.mm(h[a:b].t(), dyf[a:b], out=dw[e].view(F, D))
+            for w in (w1, w3):
+                torch.mm(h[a:b], w[e].t(), out=o[a:b])
+                torch.mm(xf[a:b].t(), h[a:b], out=dw[e])
+    return fwd, fb
+
+
 def bench_shape(shape, routing, backends, device, dtype, repeats, gen):
     T, D, F, E, K = shape
     x = torch.randn(T, D, generator=gen).to(device, dtype)
@@ -143,7 +176,9 @@ def bench_shape(shape, routing, backends, device, dtype, repeats, gen):
 
     fl = flops_fwd(T, D, F, K)
     cands = {"floor(dense)": (floor_fwd, floor_fb)}
-    for b in backends:
+    if device.type == "cpu" and GEMMS_ONLY in backends:
+        cands[GEMMS_ONLY] = _gemms_only(xf.detach(), w1, w3, w2, ids, dyf)
+    for b in (b for b in backends if b != GEMMS_ONLY):
         def fwd(b=b):
             with torch.no_grad(), _variant(b):
                 return mk.moe_mlp(x, w1, w3, w2, ids, wts, backend=_base(b))
@@ -220,7 +255,7 @@ def main(argv=None):
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     backends = (args.backends.split(",") if args.backends
                 else (["triton", "torch", "loop"] if device.type == "cuda"
-                      else ["torch", UNCHUNKED, "loop"]))
+                      else ["torch", UNCHUNKED, "loop", GEMMS_ONLY]))
     gen = torch.Generator().manual_seed(0)
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{platform.processor() or platform.machine()} CPU, "

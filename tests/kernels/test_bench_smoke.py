@@ -14,5 +14,6 @@ def test_bench_kernels_tiny_cpu():
            "--shapes", "64,40,24,5,2", "--repeats", "1", "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    for needle in ("floor(dense)", "| torch |", "| loop |", "routing=skewed", "fwd / floor"):
+    for needle in ("floor(dense)", "| torch |", "| loop |", "| torch-unchunked |", "| gemms-only |",
+                   "routing=skewed", "fwd / floor"):
         assert needle in out.stdout, out.stdout
