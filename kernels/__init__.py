@@ -6,7 +6,10 @@ it never requires triton; the 'triton' backend raises a clear error where it can
 
 from ._common import HAS_TRITON, INTERPRET
 from .grouped_gemm import grouped_mm
-from .moe_mlp import moe_mlp
+from .moe_mlp import clear_cpu_workspace, moe_mlp
 from .routing import Plan, plan, topk_route
 
-__all__ = ["HAS_TRITON", "INTERPRET", "Plan", "grouped_mm", "moe_mlp", "plan", "topk_route"]
+__all__ = [
+    "HAS_TRITON", "INTERPRET", "Plan", "clear_cpu_workspace", "grouped_mm", "moe_mlp", "plan",
+    "topk_route",
+]

@@ -71,7 +71,7 @@ def test_workspace_is_reused_and_clearable():
         ptrs = {k: v.data_ptr() for k, v in mm_mod._WS.bufs.items()}
         mk.moe_mlp(*params, ids, wts, backend="torch")
     assert ptrs and ptrs == {k: v.data_ptr() for k, v in mm_mod._WS.bufs.items()}
-    mm_mod.clear_cpu_workspace()
+    mk.clear_cpu_workspace()
     assert not mm_mod._WS.bufs
 
 
