@@ -389,7 +389,11 @@ class _Workspace(threading.local):
         n = rows * cols
         buf = self.bufs.get((name, dtype))
         if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype)
+            # A normal tensor even when first needed under torch.inference_mode (Lightning
+            # validates under it): an inference tensor could not be written to afterwards,
+            # in training. Normal tensors may be written to inside inference mode.
+            with torch.inference_mode(False):
+                buf = torch.empty(n, dtype=dtype)
             self.bufs[(name, dtype)] = buf
         return buf[:n].view(rows, cols)
 

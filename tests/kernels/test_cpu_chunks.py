@@ -107,3 +107,18 @@ def test_equal_counts_make_batched_runs():
     assert runs == [[(0, 2, 0, 5)], [(2, 2, 0, 5)]]
     # an empty expert breaks a run (its neighbours' weights are not consecutive)
     assert mm_mod._row_chunks([0, 5, 5, 10], 10)[0][2] == [(0, 1, 0, 5), (2, 1, 5, 5)]
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_workspace_made_under_inference_mode_still_serves_training(first):
+    """Lightning validates under torch.inference_mode; buffers first made (or grown) there
+    must stay writable by the training steps that follow."""
+    params, ids, wts, dy = make_problem(24, 40, 24, 4, 2, "random", dtype=torch.float32)
+    mk.clear_cpu_workspace()
+    ctx = torch.inference_mode() if first == "inference_mode" else torch.no_grad()
+    with ctx:
+        y0 = mk.moe_mlp(*params, ids, wts, backend="torch")
+    ps = [p.clone().requires_grad_() for p in params]
+    y = mk.moe_mlp(*ps, ids, wts, backend="torch")
+    y.backward(dy)
+    assert torch.equal(y.detach(), y0) and all(p.grad is not None for p in ps)
