@@ -338,39 +338,57 @@ def _chunk_plan(plan: Plan, D: int, F: int, itemsize: int):
     return _row_chunks(bounds, rows)
 
 
-def _rows_mm(a: torch.Tensor, w_E: torch.Tensor, out: torch.Tensor, runs,
-             accumulate: bool = False) -> None:
-    """out[rows of e] = a[rows of e] @ w_E[e] (+= when accumulate), for the runs of a chunk."""
-    for e0, n, s, L in runs:
+def _per_expert(w_E: torch.Tensor):
+    """(w_E, its E per-expert views): one unbind per call instead of one select per GEMM."""
+    return w_E, w_E.unbind(0)
+
+
+def _sizes(runs) -> list[int]:
+    return [n * L for _, n, _, L in runs]
+
+
+def _rows_mm(a: torch.Tensor, w, out: torch.Tensor, runs, accumulate: bool = False) -> None:
+    """out[rows of e] = a[rows of e] @ w_E[e] (+= when accumulate), for the runs of a chunk;
+    w = _per_expert(w_E). The row blocks come from one split per operand (Python-side view
+    making costs about as much as a small GEMM's dispatch)."""
+    w_E, w_list = w
+    sizes = _sizes(runs)
+    for (e0, n, _, L), ap, op in zip(runs, a.split(sizes), out.split(sizes)):
         if n == 1:
             if accumulate:
-                out[s:s + L].addmm_(a[s:s + L], w_E[e0])
+                op.addmm_(ap, w_list[e0])
             else:
-                torch.mm(a[s:s + L], w_E[e0], out=out[s:s + L])
+                torch.mm(ap, w_list[e0], out=op)
         else:
-            rows = slice(s, s + n * L)
-            o3 = out[rows].view(n, L, -1)
+            o3 = op.view(n, L, -1)
             if accumulate:
-                o3.baddbmm_(a[rows].view(n, L, -1), w_E[e0:e0 + n])
+                o3.baddbmm_(ap.view(n, L, -1), w_E[e0:e0 + n])
             else:
-                torch.bmm(a[rows].view(n, L, -1), w_E[e0:e0 + n], out=o3)
+                torch.bmm(ap.view(n, L, -1), w_E[e0:e0 + n], out=o3)
 
 
-def _dw_mm(a: torch.Tensor, g: torch.Tensor, dw_E: torch.Tensor, runs, started) -> None:
+def _dw_mm(a: torch.Tensor, g: torch.Tensor, dw, runs, started) -> None:
     """dw_E[e] = a[rows of e]^T @ g[rows of e], added to what is there for an expert whose
-    earlier rows were in an earlier chunk (started[e]). Marks the experts started."""
-    for e0, n, s, L in runs:
+    earlier rows were in an earlier chunk (started[e]); dw = _per_expert(dw_E). Marks the
+    experts started."""
+    dw_E, dw_list = dw
+    sizes = _sizes(runs)
+    for (e0, n, _, L), ap, gp in zip(runs, a.split(sizes), g.split(sizes)):
         if n > 1 and not any(started[e0:e0 + n]):
-            rows = slice(s, s + n * L)
-            torch.bmm(a[rows].view(n, L, -1).transpose(1, 2), g[rows].view(n, L, -1),
+            torch.bmm(ap.view(n, L, -1).transpose(1, 2), gp.view(n, L, -1),
                       out=dw_E[e0:e0 + n])
+        elif n == 1:
+            if started[e0]:
+                dw_list[e0].addmm_(ap.t(), gp)
+            else:
+                torch.mm(ap.t(), gp, out=dw_list[e0])
         else:
-            for i in range(n):
-                e, rows = e0 + i, slice(s + i * L, s + (i + 1) * L)
+            for i, (api, gpi) in enumerate(zip(ap.split(L), gp.split(L))):
+                e = e0 + i
                 if started[e]:
-                    dw_E[e].addmm_(a[rows].t(), g[rows])
+                    dw_list[e].addmm_(api.t(), gpi)
                 else:
-                    torch.mm(a[rows].t(), g[rows], out=dw_E[e])
+                    torch.mm(api.t(), gpi, out=dw_list[e])
     for e0, n, _, _ in runs:
         started[e0:e0 + n] = [True] * n
 
@@ -430,6 +448,7 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
         acc = torch.float64 if dt == torch.float64 else torch.float32
         chunks = _chunk_plan(plan, D, F, x_TD.element_size())
         save = any(ctx.needs_input_grad[:5])
+        W1, W3, W2 = _per_expert(w1_EDF), _per_expert(w3_EDF), _per_expert(w2_EFD)
         N = plan.token.numel()
         w_N = weights_TK.reshape(-1).index_select(0, plan.order).to(acc)
         if save:
@@ -443,11 +462,11 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
             else:
                 h1, h3 = _WS.get("f0", n, F, dt), _WS.get("f1", n, F, dt)
             oc = _WS.get("d1", n, D, dt)
-            _rows_mm(xc, w1_EDF, h1, runs)
-            _rows_mm(xc, w3_EDF, h3, runs)
+            _rows_mm(xc, W1, h1, runs)
+            _rows_mm(xc, W3, h3, runs)
             act = torch.ops.aten.silu.out(h1, out=_WS.get("f2", n, F, dt))
             act.mul_(h3)
-            _rows_mm(act, w2_EFD, oc, runs)
+            _rows_mm(act, W2, oc, runs)
             oc_acc = oc if dt == acc else oc.to(acc)
             y_TD.index_add_(0, tok, torch.mul(oc_acc, w_N[lo:hi, None],
                                               out=_WS.get("d2", n, D, acc)))
@@ -472,6 +491,9 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
         dw2 = w2_EFD.new_empty(E, F, D)
         started = [False] * E
         dx_TD = x_TD.new_zeros(T, D, dtype=acc)
+        W1T, W3T = _per_expert(w1_EDF.transpose(1, 2)), _per_expert(w3_EDF.transpose(1, 2))
+        W2T = _per_expert(w2_EFD.transpose(1, 2))
+        DW1, DW3, DW2 = _per_expert(dw1), _per_expert(dw3), _per_expert(dw2)
         for lo, hi, runs in ctx.chunks:
             n, tok = hi - lo, token_N[lo:hi]
             w_col = w_N[lo:hi, None]
@@ -481,7 +503,7 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
             #   da[r] = w[r] * gw[r]        dw2[e] = sum_r (w[r] * act[r])^T g[r]
             g = torch.index_select(dy_TD, 0, tok, out=_WS.get("d1", n, D, dt))
             gw = _WS.get("f1", n, F, dt)
-            _rows_mm(g, w2_EFD.transpose(1, 2), gw, runs)
+            _rows_mm(g, W2T, gw, runs)
             h1, h3 = h1_NF[lo:hi], h3_NF[lo:hi]
             s = torch.ops.aten.silu.out(h1, out=_WS.get("f0", n, F, dt))
             act = torch.mul(s, h3, out=_WS.get("f2", n, F, dt))
@@ -497,7 +519,7 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
                     torch.sum(gw32 * act32, 1, out=dwt_N[lo:hi])
                 act.copy_(act32.mul_(w_col))
                 da = gw.copy_(gw32.mul_(w_col))
-            _dw_mm(act, g, dw2, runs, list(started))
+            _dw_mm(act, g, DW2, runs, list(started))
             # a = silu(h1) * h3: dh3 = da * s; dh1 = silu'(h1) * (da * h3)
             dh3 = torch.mul(da, s, out=_WS.get("f3", n, F, dt))
             dah3 = torch.mul(da, h3, out=act)  # act is dead after dW2
@@ -505,10 +527,10 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
                                                           grad_input=_WS.get("f4", n, F, dt))
             xc = torch.index_select(x_TD, 0, tok, out=_WS.get("d0", n, D, dt))
             dxc = _WS.get("d3", n, D, dt)
-            _dw_mm(xc, dh1, dw1, runs, list(started))
-            _dw_mm(xc, dh3, dw3, runs, started)
-            _rows_mm(dh1, w1_EDF.transpose(1, 2), dxc, runs)
-            _rows_mm(dh3, w3_EDF.transpose(1, 2), dxc, runs, accumulate=True)
+            _dw_mm(xc, dh1, DW1, runs, list(started))
+            _dw_mm(xc, dh3, DW3, runs, started)
+            _rows_mm(dh1, W1T, dxc, runs)
+            _rows_mm(dh3, W3T, dxc, runs, accumulate=True)
             dx_TD.index_add_(0, tok, dxc if dt == acc else dxc.to(acc))
         for e in range(E):
             if not started[e]:  # experts with no rows: gradient exactly zero

@@ -122,3 +122,31 @@ def test_workspace_made_under_inference_mode_still_serves_training(first):
     y = mk.moe_mlp(*ps, ids, wts, backend="torch")
     y.backward(dy)
     assert torch.equal(y.detach(), y0) and all(p.grad is not None for p in ps)
+
+
+@settings(max_examples=150, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=8), max_rows=st.integers(1, 9))
+def test_chunked_gemms_equal_per_expert_gemms(counts, max_rows):
+    """_rows_mm and _dw_mm over any chunking (experts split across chunks, batched runs that
+    start with a split expert) give each expert's rows @ w[e] and sum of a^T g over its rows."""
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    E, N, D, F = len(counts), bounds[-1], 3, 2
+    gen = torch.Generator().manual_seed(N * 31 + max_rows)
+    a = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    g = torch.randn(N, F, generator=gen, dtype=torch.float64)
+    w = torch.randn(E, D, F, generator=gen, dtype=torch.float64)
+    out = torch.full((N, F), float("nan"), dtype=torch.float64)
+    dw = torch.full((E, D, F), float("nan"), dtype=torch.float64)
+    started = [False] * E
+    for lo, hi, runs in mm_mod._row_chunks(bounds, max_rows):
+        mm_mod._rows_mm(a[lo:hi], mm_mod._per_expert(w), out[lo:hi], runs)
+        mm_mod._rows_mm(a[lo:hi], mm_mod._per_expert(w), out[lo:hi], runs, accumulate=True)
+        mm_mod._dw_mm(a[lo:hi], g[lo:hi], mm_mod._per_expert(dw), runs, started)
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        assert started[e] == (hi > lo)
+        torch.testing.assert_close(out[lo:hi], 2 * a[lo:hi] @ w[e])
+        if hi > lo:
+            torch.testing.assert_close(dw[e], a[lo:hi].t() @ g[lo:hi])
