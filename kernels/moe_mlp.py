@@ -484,16 +484,18 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
         E, D, F = w1_EDF.shape
         N = token_N.numel()
         dt, acc = x_TD.dtype, w_N.dtype
-        need_dwt = ctx.needs_input_grad[4]
+        # Frozen experts (router-only training) or a leaf x need no dW / dx: skip those GEMMs.
+        need_dx, need_dw1, need_dw3, need_dw2, need_dwt = ctx.needs_input_grad[:5]
         dy_TD = dy_TD.contiguous().to(dt)
         dwt_N = torch.empty(N, dtype=acc) if need_dwt else None
-        dw1, dw3 = w1_EDF.new_empty(E, D, F), w3_EDF.new_empty(E, D, F)
-        dw2 = w2_EFD.new_empty(E, F, D)
+        dw1 = w1_EDF.new_empty(E, D, F) if need_dw1 else None
+        dw3 = w3_EDF.new_empty(E, D, F) if need_dw3 else None
+        dw2 = w2_EFD.new_empty(E, F, D) if need_dw2 else None
         started = [False] * E
-        dx_TD = x_TD.new_zeros(T, D, dtype=acc)
+        dx_TD = x_TD.new_zeros(T, D, dtype=acc) if need_dx else None
         W1T, W3T = _per_expert(w1_EDF.transpose(1, 2)), _per_expert(w3_EDF.transpose(1, 2))
         W2T = _per_expert(w2_EFD.transpose(1, 2))
-        DW1, DW3, DW2 = _per_expert(dw1), _per_expert(dw3), _per_expert(dw2)
+        DW1, DW3, DW2 = (None if d is None else _per_expert(d) for d in (dw1, dw3, dw2))
         for lo, hi, runs in ctx.chunks:
             n, tok = hi - lo, token_N[lo:hi]
             w_col = w_N[lo:hi, None]
@@ -519,27 +521,36 @@ class _MoeMLPChunkedCPU(torch.autograd.Function):
                     torch.sum(gw32 * act32, 1, out=dwt_N[lo:hi])
                 act.copy_(act32.mul_(w_col))
                 da = gw.copy_(gw32.mul_(w_col))
-            _dw_mm(act, g, DW2, runs, list(started))
+            if need_dw2:
+                _dw_mm(act, g, DW2, runs, list(started))
             # a = silu(h1) * h3: dh3 = da * s; dh1 = silu'(h1) * (da * h3)
             dh3 = torch.mul(da, s, out=_WS.get("f3", n, F, dt))
             dah3 = torch.mul(da, h3, out=act)  # act is dead after dW2
             dh1 = torch.ops.aten.silu_backward.grad_input(dah3, h1,
                                                           grad_input=_WS.get("f4", n, F, dt))
-            xc = torch.index_select(x_TD, 0, tok, out=_WS.get("d0", n, D, dt))
-            dxc = _WS.get("d3", n, D, dt)
-            _dw_mm(xc, dh1, DW1, runs, list(started))
-            _dw_mm(xc, dh3, DW3, runs, started)
-            _rows_mm(dh1, W1T, dxc, runs)
-            _rows_mm(dh3, W3T, dxc, runs, accumulate=True)
-            dx_TD.index_add_(0, tok, dxc if dt == acc else dxc.to(acc))
+            if need_dw1 or need_dw3:
+                xc = torch.index_select(x_TD, 0, tok, out=_WS.get("d0", n, D, dt))
+                if need_dw1:
+                    _dw_mm(xc, dh1, DW1, runs, list(started))
+                if need_dw3:
+                    _dw_mm(xc, dh3, DW3, runs, list(started))
+            if need_dx:
+                dxc = _WS.get("d3", n, D, dt)
+                _rows_mm(dh1, W1T, dxc, runs)
+                _rows_mm(dh3, W3T, dxc, runs, accumulate=True)
+                dx_TD.index_add_(0, tok, dxc if dt == acc else dxc.to(acc))
+            for e0, n_run, _, _ in runs:
+                started[e0:e0 + n_run] = [True] * n_run
         for e in range(E):
             if not started[e]:  # experts with no rows: gradient exactly zero
-                dw1[e].zero_()
-                dw3[e].zero_()
-                dw2[e].zero_()
+                for dw in (dw1, dw3, dw2):
+                    if dw is not None:
+                        dw[e].zero_()
         dwt = None if dwt_N is None else dwt_N.index_select(0, inv_N).view(T, K).to(
             weights_TK.dtype)
-        return dx_TD if dt == acc else dx_TD.to(dt), dw1, dw3, dw2, dwt, None
+        if dx_TD is not None and dt != acc:
+            dx_TD = dx_TD.to(dt)
+        return dx_TD, dw1, dw3, dw2, dwt, None
 
 
 def _moe_mlp_loop(x_TD, w1_EDF, w3_EDF, w2_EFD, expert_ids_TK, weights_TK):
