@@ -18,8 +18,8 @@ Determinism: the combine never uses atomics. On CUDA (triton, and torch's whole-
 path) expert outputs are computed per assignment in sorted order, gathered back through the
 inverse permutation and summed over j = 0..K-1 in a fixed order; dx is reduced the same way;
 dW partials are summed in a fixed order. The CPU torch path combines the same way (with
-embedding_bag, which sums each bag in order on CPU). The weights' gradient is dweights[t,j] = dot(dy[t],
-expert_out[t,j]).
+embedding_bag, which sums each bag in order on CPU). The weights' gradient is
+dweights[t,j] = dot(dy[t], expert_out[t,j]).
 """
 
 from __future__ import annotations
