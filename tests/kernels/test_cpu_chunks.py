@@ -144,6 +144,8 @@ def test_chunked_gemms_equal_per_expert_gemms(counts, max_rows):
         mm_mod._rows_mm(a[lo:hi], mm_mod._per_expert(w), out[lo:hi], runs)
         mm_mod._rows_mm(a[lo:hi], mm_mod._per_expert(w), out[lo:hi], runs, accumulate=True)
         mm_mod._dw_mm(a[lo:hi], g[lo:hi], mm_mod._per_expert(dw), runs, started)
+        for e0, n, _, _ in runs:
+            started[e0:e0 + n] = [True] * n
     for e in range(E):
         lo, hi = bounds[e], bounds[e + 1]
         assert started[e] == (hi > lo)
