@@ -270,16 +270,27 @@ def test_aggregate_mean_std():
     # constant across seeds: std 0
     assert agg["models"]["moe"]["bpb"]["code"]["std"] == pytest.approx(0.0)
     # a domain never evaluated: n 0, no mean
-    assert agg["models"]["btm"]["bpb"]["dna"] == {"mean": None, "std": None, "n": 0, "values": []}
+    assert agg["models"]["btm"]["bpb"]["dna"] == {"mean": None, "std": None, "half": None, "n": 0,
+                                                  "values": []}
+    # 95% CI half-width: t(0.975, 2) = 4.30265 times s / sqrt(n) = 0.1 / sqrt(3)
+    assert s["half"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert agg["level"] == 0.95
     g = agg["gains"]["experts (BTX + router)"]["text"]
     # deltas per seed: -0.05, 0.0, +0.05
     assert g["delta"]["mean"] == pytest.approx(0.0, abs=1e-12)
     assert g["delta"]["std"] == pytest.approx(0.05)
     assert g["wins"] == 1
+    assert g["delta"]["half"] == pytest.approx(4.302653 * 0.05 / math.sqrt(3), rel=1e-6)
+    assert g["verdict"] == "not distinguishable at 95%"
+    verdicts = {d: agg["gains"]["experts (BTX + router)"][d]["verdict"] for d in DOMAINS}
+    assert verdicts == {"text": "not distinguishable at 95%", "code": "beats", "dna": "loses"}
+    assert agg["gains"]["BTM ensemble"]["dna"]["verdict"] is None  # never evaluated: no test
     assert agg["gains"]["experts (BTX + router)"]["code"]["delta"]["mean"] == pytest.approx(-0.1)
     assert "monolithic, compute-matched" not in agg["gains"]
     single = aggregate([_seeded(0)])
     assert single["models"]["moe"]["bpb"]["text"]["std"] is None
+    assert single["models"]["moe"]["bpb"]["text"]["half"] is None
+    assert single["gains"]["experts (BTX + router)"]["code"]["verdict"] == "one seed: not tested"
     with pytest.raises(ValueError):
         aggregate([])
 
@@ -292,19 +303,40 @@ def test_aggregate_report(tmp_path):
     path = write_aggregate_report(agg, tmp_path)
     md = path.read_text(encoding="utf-8")
     rows = table_rows(section(md, "Per-domain bits per byte"))
-    assert rows["experts (BTX + router)"][1] == "2.300 ± 0.100"
+    assert rows["experts (BTX + router)"][1] == "2.300 ± 0.248"  # 95% CI, not the std
+    assert rows["parameter average"][1] == "2.450 ± 0.000"
     assert rows["parameter average"][-1] == "2"
     assert rows["BTM ensemble"][-1] == "0–3"
-    gains = table_rows(section(md, "Gains vs the compute-matched"))
+    gains_text, verdict_text = section(md, "Gains vs the compute-matched").split("Verdict at 95%")
+    gains = table_rows(gains_text)
     assert gains["experts (BTX + router)"][2] == f"{M}0.100 ± 0.000 ({M}5.9%; 3/3)"
     answer = section(md, "Answer")
-    assert "on **code** it beats it on average" in answer
-    assert "on **dna** it does not beat it" in answer
+    assert f"on **code**: beats, {M}0.100 ± 0.000 bpb ({M}5.9%), lower in 3/3 seeds" in answer
+    assert "on **dna**: loses, +0.100 ± 0.000 bpb" in answer
+    assert "on **text**: not distinguishable at 95%, +0.000 ± 0.124 bpb" in answer
+    assert "averaged over domains: not distinguishable at 95%" in answer
+    verdicts = table_rows(verdict_text)
+    assert verdicts["experts (BTX + router)"] == ["not distinguishable at 95%", "beats", "loses",
+                                                 "not distinguishable at 95%"]
+    assert verdicts["BTM ensemble"][2:] == ["-", "-"]
+    assert "mean ± half-width of its 95% confidence interval" in md
     png = (tmp_path / "plots" / "bpb_by_domain.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1024
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "report.md"]
     assert not math.isnan(agg["models"]["moe"]["bpb_mean"]["mean"])
     assert copy.deepcopy(agg) == agg  # plain data: JSON-friendly, no shared objects
+
+
+def test_aggregate_report_one_seed(tmp_path):
+    md = write_aggregate_report(aggregate([_seeded(0)]), tmp_path).read_text(encoding="utf-8")
+    rows = table_rows(section(md, "Per-domain bits per byte"))
+    assert rows["experts (BTX + router)"][1] == "**2.200 (n=1, no CI)**"
+    gains_text, verdict_text = section(md, "Gains vs the compute-matched").split("Verdict at 95%")
+    assert table_rows(gains_text)["experts (BTX + router)"][1] == f"{M}0.050 ({M}2.2%; n=1, no CI)"
+    assert table_rows(verdict_text)["experts (BTX + router)"] == ["one seed: not tested"] * 4
+    answer = section(md, "Answer")
+    assert f"on **text**: one seed: not tested, {M}0.050 bpb ({M}2.2%; n=1, no CI)" in answer
+    assert "one seed: no confidence intervals" in md
 
 
 def test_odd_inputs_do_not_crash(tmp_path):
