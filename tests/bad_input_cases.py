@@ -53,6 +53,33 @@ CASES: list[Case] = [
          lambda fx: _train(fx, "trainer.max_steps=many"), "max_steps"),
     Case("recipe-wrong-type-list", "recipe: list field given a scalar",
          lambda fx: _train(fx, "data.domains=text"), "data.domains"),
+    Case("recipe-section-list", "recipe: a section given a list (`model: [1, 2]`)",
+         lambda fx: ["train", str(fx["recipes"] / "section_list.yaml")],
+         "'model' must be a mapping (section), got a list"),
+    Case("override-section-list", "override: a section given a list (`model=[1,2]`)",
+         lambda fx: _train(fx, "model=[1,2]"), "'model' must be a mapping (section), got a list",
+         subprocess=True),
+    Case("override-section-scalar", "override: a section given a scalar (`data=5`)",
+         lambda fx: _train(fx, "data=5"), "'data' must be a mapping (section), got 5"),
+    Case("override-section-null", "override: a section set to null",
+         lambda fx: _train(fx, "data=null"), "'data' must be a mapping (section), got null"),
+    Case("override-list-mapping", "override: a list field given a mapping",
+         lambda fx: _train(fx, "data.domains={text: 1}"),
+         "'data.domains' must be a list, got a mapping"),
+    Case("override-scalar-list", "override: a number field given a list",
+         lambda fx: _train(fx, "optim.lr=[0.1]"), "'optim.lr' must be a number, got a list"),
+    Case("override-sources-list", "override: data.sources (per-domain sections) given a list",
+         lambda fx: _train(fx, "data.sources=[text]"), "'data.sources' must be a mapping, got"),
+    Case("recipe-lr-nan", "recipe: `optim.lr: .nan`",
+         lambda fx: ["train", str(fx["recipes"] / "lr_nan.yaml")],
+         "optim.lr must be a finite number, got nan"),
+    Case("override-lr-inf", "override: optim.lr=inf",
+         lambda fx: _train(fx, "optim.lr=inf"), "optim.lr must be a finite number, got inf"),
+    Case("override-lr-neg-inf", "override: optim.lr=-inf",
+         lambda fx: _train(fx, "optim.lr=-inf"), "optim.lr must be a finite number, got -inf"),
+    Case("override-weights-nan", "override: a data.weights entry is NaN",
+         lambda fx: _train(fx, "data.weights={text: .nan, code: 1.0}"),
+         "data.weights.text must be a finite number, got nan"),
     Case("recipe-missing-file", "recipe file does not exist",
          lambda fx: ["train", str(fx["tmp"] / "nope.yaml")], "recipe file not found"),
     Case("recipe-bad-yaml", "recipe is not valid YAML",
@@ -194,6 +221,19 @@ CASES: list[Case] = [
          lambda fx: _merge_yaml(fx, "slerp_no_t"), "needs t"),
     Case("merge-not-mapping", "merge config is a YAML list",
          lambda fx: _merge_yaml(fx, "list"), "must be a mapping"),
+    Case("merge-parameters-list", "merge config: `parameters:` given a list",
+         lambda fx: _merge_yaml(fx, "parameters_list"),
+         "'parameters' must be a mapping (section), got a list"),
+    Case("merge-models-mapping", "merge config: `models:` given a mapping",
+         lambda fx: _merge_yaml(fx, "models_mapping"), "'models' must be a list, got a mapping"),
+    Case("merge-weight-nan", "merge config: a model's weight is .nan",
+         lambda fx: _merge_yaml(fx, "weight_nan"),
+         "models[0].parameters.weight must be a finite number, got nan"),
+    Case("merge-lambda-inf", "merge config: parameters.lambda is .inf",
+         lambda fx: _merge_yaml(fx, "lambda_inf"),
+         "parameters.lambda must be a finite number, got inf"),
+    Case("merge-t-nan", "merge config: slerp with t: .nan",
+         lambda fx: _merge_yaml(fx, "t_nan"), "parameters.t must be a finite number, got nan"),
     Case("merge-non-utf8", "merge config file is not UTF-8",
          lambda fx: _merge_yaml(fx, "latin1"), "latin1.yaml"),
     Case("merge-truncated-input", "merge: an input's model.safetensors truncated",
@@ -346,6 +386,8 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     (rec / "list.yaml").write_text("- model\n- data\n")
     (rec / "cycle_a.yaml").write_text("defaults: [cycle_b.yaml]\nname: a\n")
     (rec / "cycle_b.yaml").write_text("defaults: [cycle_a.yaml]\nname: b\n")
+    (rec / "section_list.yaml").write_text(f"defaults: [{DEBUG / 'dense.yaml'}]\nmodel: [1, 2]\n")
+    (rec / "lr_nan.yaml").write_text(f"defaults: [{DEBUG / 'dense.yaml'}]\noptim:\n  lr: .nan\n")
     (rec / "latin1.yaml").write_bytes(f"defaults: [{DEBUG / 'dense.yaml'}]\n".encode()
                                       + "name: caf\xe9\n".encode("latin-1"))
 
@@ -384,6 +426,12 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     yaml("ok", f"merge_method: linear\nmodels:\n{two_code}")
     yaml("slerp_no_t", f"merge_method: slerp\nmodels:\n{two_code}")
     yaml("list", "- linear\n- ties\n")
+    yaml("parameters_list", f"merge_method: linear\nparameters: [1, 2]\nmodels:\n{two_code}")
+    yaml("models_mapping", f"merge_method: linear\nmodels: {{a: {bc}}}\n")
+    yaml("weight_nan", f"merge_method: linear\nmodels:\n  - model: {bc}\n"
+                       f"    parameters: {{weight: .nan}}\n  - model: {bc}\n")
+    yaml("lambda_inf", f"merge_method: linear\nparameters: {{lambda: .inf}}\nmodels:\n{two_code}")
+    yaml("t_nan", f"merge_method: slerp\nparameters: {{t: .nan}}\nmodels:\n{two_code}")
     yaml("unknown_key", f"merge_mthod: linear\nmodels:\n{two_code}")
     yaml("unknown_method", f"merge_method: frankenmerge\nmodels:\n{two_code}")
     yaml("slerp3", f"merge_method: slerp\nparameters: {{t: 0.5}}\nmodels:\n{two_code}"

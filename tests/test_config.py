@@ -83,3 +83,106 @@ def test_topk_out_of_range():
                 "data.sources.b.paths=[x]",
             ],
         )
+
+
+# ---------------------------------------------------------------- shapes and non-finite numbers
+
+BAD_FILES = [
+    ("model: [1, 2]\n", "'model' must be a mapping (section), got a list"),
+    ("data: 5\n", "'data' must be a mapping (section), got 5"),
+    ("data: null\n", "'data' must be a mapping (section), got null"),
+    ("model:\n  moe: [1]\n", "'model.moe' must be a mapping (section), got a list"),
+    ("data:\n  domains: {text: 1}\n", "'data.domains' must be a list, got a mapping"),
+    ("data:\n  domains: [[text]]\n", "'data.domains[0]' must be a string, got a list"),
+    ("data:\n  sources: [1]\n", "'data.sources' must be a mapping, got a list"),
+    ("data: {sources: {text: [1]}}", "'data.sources.text' must be a mapping (section), got a list"),
+    ("data:\n  weights: [1]\n", "'data.weights' must be a mapping, got a list"),
+    ("data:\n  weights:\n    text: [1]\n", "'data.weights.text' must be a number, got a list"),
+    ("optim:\n  lr: [0.1]\n", "'optim.lr' must be a number, got a list"),
+    ("name: {a: 1}\n", "'name' must be a string, got a mapping"),
+    ("optim:\n  lr: .nan\n", "optim.lr must be a finite number, got nan"),
+    ("optim:\n  lr: .inf\n", "optim.lr must be a finite number, got inf"),
+    ("optim:\n  lr: -.inf\n", "optim.lr must be a finite number, got -inf"),
+    ("optim:\n  lr: nan\n", "optim.lr must be a finite number, got nan"),
+    ("model:\n  rope_theta: 1e999\n", "model.rope_theta must be a finite number, got inf"),
+    ("data:\n  weights: {text: .nan}\n", "data.weights.text must be a finite number, got nan"),
+    ("trainer:\n  devices: .nan\n", "trainer.devices must be a finite number, got nan"),
+    ("optim:\n  lr: ${optim.eps}\n  eps: .inf\n", "optim.eps must be a finite number, got inf"),
+]
+
+
+@pytest.mark.parametrize("text,expect", BAD_FILES, ids=[t for t, _ in BAD_FILES])
+def test_wrong_shape_or_non_finite_in_file(tmp_path, text, expect):
+    p = write(tmp_path, "r.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert str(e.value) == f"{p}: {expect}"
+
+
+def test_shape_checked_in_defaults_and_against_earlier_layers(tmp_path):
+    write(tmp_path, "base.yaml", "trainer:\n  devices: [0]\noptim:\n  beta2: .nan\n")
+    p = write(tmp_path, "r.yaml", "defaults: [base.yaml]\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert str(e.value) == f"{tmp_path / 'base.yaml'}: optim.beta2 must be a finite number, got nan"
+    write(tmp_path, "base.yaml", "trainer:\n  devices: [0]\n")
+    p = write(tmp_path, "r.yaml", "defaults: [base.yaml]\ntrainer:\n  devices: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: 'trainer.devices' must be a list like its "):
+        load_recipe(p)
+
+
+BAD_OVERRIDES = [
+    ("model=[1,2]", "'model' must be a mapping (section), got a list"),
+    ("data=5", "'data' must be a mapping (section), got 5"),
+    ("model.moe=null", "'model.moe' must be a mapping (section), got null"),
+    ("data.domains={text: 1}", "'data.domains' must be a list, got a mapping"),
+    ("data.sources.text=5", "'data.sources.text' must be a mapping (section), got 5"),
+    ("optim.lr=[1]", "'optim.lr' must be a number, got a list"),
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("optim.lr=-inf", "optim.lr must be a finite number, got -inf"),
+    ("data.weights={text: .nan}", "data.weights.text must be a finite number, got nan"),
+    ("data.weights.code=inf", "data.weights.code must be a finite number, got inf"),
+    ("study.merge_density=nan", "study.merge_density must be a finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize("ov,expect", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_wrong_shape_or_non_finite_override(ov, expect):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, [ov])
+    assert str(e.value) == f"override {ov!r}: {expect}"
+
+
+def test_override_list_then_mapping_on_untyped_field():
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, ["trainer.devices=[0]", "trainer.devices={a: 1}"])
+    assert str(e.value) == (
+        "override 'trainer.devices={a: 1}': 'trainer.devices' must be a list like its earlier "
+        "value (a list and a mapping do not merge), got a mapping"
+    )
+    assert load_recipe(None, ["trainer.devices=[0]", "trainer.devices=2"]).trainer.devices == 2
+
+
+def test_every_float_field_rejects_nan():
+    """Generic: each float field of every section (found from the schema) refuses nan."""
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    from moe.config import Recipe
+
+    def float_keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            tp = hints[f.name]
+            if is_dataclass(tp):
+                yield from float_keys(tp, f"{prefix}{f.name}.")
+            elif tp is float or tp == (float | None):
+                yield f"{prefix}{f.name}"
+
+    keys = list(float_keys(Recipe))
+    assert "optim.lr" in keys and "model.moe.jitter" in keys
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"{key} must be a finite number, got nan"):
+            load_recipe(None, [f"{key}=nan"])

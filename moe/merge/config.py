@@ -13,8 +13,9 @@
     allow_cross_family: false
     out: runs/code-merged
 
-Loading goes through `OmegaConf.structured(MergeConfig)`: an unknown key or a value of the wrong
-type fails at load time with one line naming the key and the file; `validate` then checks what
+Loading goes through `OmegaConf.structured(MergeConfig)`: an unknown key, a value of the wrong
+type, a section of the wrong shape or a NaN/inf number (`moe.config.check_layer`, for every field)
+fails at load time with one line naming the key and the file; `validate` then checks what
 spans fields (method exists, slerp has two models and `t`, densities in (0, 1], inputs exist).
 Relative model paths are relative to the current directory, as for every other command.
 """
@@ -29,7 +30,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.config import ConfigError, _explain, read_yaml_mapping
+from moe.config import ConfigError, _explain, check_finite, check_layer, read_yaml_mapping
 from moe.merge import registry
 from moe.merge.sources import describe_problem
 
@@ -57,7 +58,7 @@ class MergeParameters:
     weight: float = 1.0  # default per-model weight
     density: float = 1.0  # default per-model density (ties, dare_*)
     normalize: bool | None = None  # None: the method's default (see docs/merge.md)
-    scale: float = 1.0  # λ: scales the merged task vector
+    scale: float = field(default=1.0, metadata={"yaml": "lambda"})  # λ: scales the task vector
     t: float | None = None  # slerp interpolation factor (0 = first model, 1 = second)
     seed: int = 0  # DARE's random drop
 
@@ -119,6 +120,7 @@ def merge_config_from_dict(
         raw = d if isinstance(d, DictConfig) else OmegaConf.create(d)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    check_layer(raw, MergeConfig, where)  # sections' shapes, finite numbers
     _rename_lambda(raw, where)
     _check_entries(raw, where)
     try:
@@ -126,6 +128,7 @@ def merge_config_from_dict(
         obj: MergeConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _explain(e, where, MergeConfig) from None
+    check_finite(obj, where)  # values that came through interpolation
     validate(obj, where)
     return obj
 
@@ -138,11 +141,14 @@ def load_merge_config(
     raw = read_yaml_mapping(
         path, "merge config", "a merge config must be a mapping (merge_method:, models:, ...)"
     )
+    check_layer(raw, MergeConfig, str(path))  # before an override is merged onto it
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key=value")
         try:
-            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([ov]))
+            layer = OmegaConf.from_dotlist([ov])
+            check_layer(layer, MergeConfig, f"override {ov!r}", raw)
+            raw = OmegaConf.merge(raw, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {ov!r}: {str(e).splitlines()[0]}") from None
     return merge_config_from_dict(raw, str(path))
