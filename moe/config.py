@@ -133,11 +133,23 @@ class DataConfig:
 # ----------------------------------------------------------------------------- optim/trainer
 
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # cosine: warm-up, then cosine decay to lr * min_lr_ratio at the end of the run.
+    # wsd: warm-up, constant (stable), then a linear cool-down to lr * min_lr_ratio over the last
+    #   decay_fraction of the schedule's steps (MiniCPM; Hägele et al. 2024): a run can be forked
+    #   or continued from any point of its stable phase. constant: warm-up, then constant.
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd: share of the run's steps spent cooling down
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (cosine, wsd)
     warmup_steps: int = 10
+    # length of the schedule in steps; None = trainer.max_steps. A study's seed stops at its fork
+    # point (max_steps) of a longer schedule (total_steps), still in the stable phase.
+    total_steps: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -184,28 +196,52 @@ class EvalConfig:
     batch_size: int = 8
 
 
+STUDY_PROTOCOLS = ("fork", "rewarm")
+SHARED_MODES = ("average", "seed", "frozen")
+DEFAULT_ARMS = ("seed", "branches", "btm", "average", "family", "btx", "monolith", "monolith_data")
+
+
 @dataclass
 class StudyConfig:
-    """`moe run`: the whole specialization study (seed → split → branches → merge → BTX → eval)."""
+    """`moe run`: the specialization study against one monolithic model at matched compute.
 
+    The budget is the monolith's: `budget_steps` dense steps on the mixed stream, of which the
+    first `seed_fraction` are the shared seed run. With protocol=fork (BTM, FlexOlmo) the experts
+    fork from that run in its stable phase (weights, AdamW state, step, LR) and the monolith *is*
+    the same run continued to the budget; the experts' post-fork compute (branches, the family's
+    fine-tunes, and the BTX MoE fine-tune) is sized to the monolith's. protocol=rewarm starts
+    every later stage from the seed's weights with a fresh optimizer and warm-up (an ablation).
+    Arms are named from the registry in moe/study/arms (`moe run --list-arms`).
+    """
+
+    protocol: str = "fork"  # fork | rewarm
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     experts: list[str] = field(default_factory=lambda: list(DOMAINS))  # one expert per domain
-    seed_steps: int = 100  # dense seed model on the mixed stream
-    split_method: str = "copy"  # copy | random | kmeans | activation
+    budget_steps: int = 200  # the monolith's steps, seed included: every arm's compute budget
+    seed_fraction: float = 0.5  # share of the budget trained as the shared seed before branching
+    moe_finetune_fraction: float = 0.2  # BTX MoE fine-tune FLOPs / branch FLOPs (BTX Table 3)
+    split_method: str = "copy"  # copy | random | kmeans | activation (partitions: rewarm only)
     shared_dim: int = 0  # activation split: size of the shared expert
-    branch_steps: int = 50  # each expert's branch on its own stream
-    finetune_family: str | None = "code"  # two fine-tunes of this expert, merged back; null = skip
+    shared: str = "average"  # BTX shared weights: average | seed | frozen (FlexOlmo)
+    generalist_expert: bool = False  # BTX: the seed's FFN joins the MoE as one more expert
+    finetune_family: str | None = "code"  # arm `family`: fine-tunes of this expert, merged back
     finetune_steps: int = 25  # each fine-tune, continued from the family's branch
     finetune_seeds: list[int] = field(default_factory=lambda: [1, 2])  # data order of each
-    merge_method: str = "ties"  # how the fine-tunes are merged (moe merge methods)
+    merge_method: str = "ties"  # how the fine-tunes are merged (a `moe merge` method)
     merge_density: float = 0.5  # ties/dare density
-    router_steps: int = 30  # router fine-tune of the assembled MoE on the mixed stream
     router_top_k: int = 2  # with renormalised weights, top-1 would leave the router no gradient
     router_init: str = "domain_mean"  # random | domain_mean
-    router_lr: float = 1e-2
-    baselines: list[str] = field(
-        default_factory=lambda: ["compute_matched", "data_matched", "btm_ensemble", "param_average"]
-    )
+    router_lr: float = 1e-2  # peak LR of the MoE fine-tune (a fresh schedule, as in BTX)
     eval_batches: int = 16  # held-out batches per domain for every model
+    seeds: int = 1  # repetitions with seeds seed, seed+1, ...: mean and 95% CI (`--seeds`)
+
+
+@dataclass
+class SweepConfig:
+    """`moe sweep`: one study per value of `key` (a dotted recipe key), one report across them."""
+
+    key: str | None = None  # e.g. study.budget_steps
+    values: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -216,6 +252,10 @@ class Recipe:
     out_dir: str = "runs/${name}"  # run directory
     init: str | None = None  # checkpoint directory to start from (else random init)
     resume: str | None = None  # Lightning .ckpt (or run dir) to resume from
+    # fork from another run's Lightning .ckpt (or run dir) into this new run: its weights, AdamW
+    # state, step and place in the LR schedule carry over (BTM/FlexOlmo branching); the stage,
+    # data stream and end of the schedule are this recipe's. Needs init= (same architecture).
+    fork: str | None = None
     overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -225,6 +265,7 @@ class Recipe:
     router: RouterTrainConfig = field(default_factory=RouterTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 STAGES = ("dense", "branch", "joint", "router")
@@ -546,37 +587,84 @@ def validate(r: Recipe, where: str = "recipe") -> None:
         raise bad(f"trainer.nan_policy: {r.trainer.nan_policy!r} is not one of stop, skip")
     if r.optim.lr <= 0:
         raise bad(f"optim.lr must be positive, got {r.optim.lr}")
+    o = r.optim
+    if o.schedule not in SCHEDULES:
+        raise bad(f"optim.schedule: unknown schedule {o.schedule!r}; choose one of "
+                  f"{', '.join(SCHEDULES)}")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise bad(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise bad(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0:
+        raise bad(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.total_steps is not None and o.total_steps < r.trainer.max_steps:
+        raise bad(
+            f"optim.total_steps ({o.total_steps}) is shorter than trainer.max_steps "
+            f"({r.trainer.max_steps}); the schedule must cover every step"
+        )
+    if r.fork is not None and r.init is None:
+        raise bad("fork= needs init= (the checkpoint of the run it forks from, for lineage)")
+    if r.fork is not None and r.resume is not None:
+        raise bad("fork= and resume= exclude each other: resume continues this run, fork starts "
+                  "a new one")
     _validate_study(r.study, r, bad)
 
 
-BASELINES = ("compute_matched", "data_matched", "btm_ensemble", "param_average")
-
-
 def _validate_study(s: StudyConfig, r: Recipe, bad) -> None:
+    from moe.merge.registry import names as merge_methods
+    from moe.model.split import SPLIT_METHODS
+    from moe.study.arms import ARMS
+
+    def choice(key: str, value: Any, options) -> None:
+        if value not in options:
+            raise bad(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
+
+    choice("study.protocol", s.protocol, STUDY_PROTOCOLS)
+    choice("study.shared", s.shared, SHARED_MODES)
+    choice("study.split_method", s.split_method, SPLIT_METHODS)
+    choice("study.merge_method", s.merge_method, merge_methods())
+    choice("study.router_init", s.router_init, ("random", "domain_mean"))
+    for a in s.arms:
+        choice("study.arms", a, sorted(ARMS))
+    if len(set(s.arms)) != len(s.arms):
+        raise bad("study.arms: an arm is listed twice")
     if not s.experts or len(set(s.experts)) != len(s.experts):
         raise bad("study.experts: list each expert (domain) once")
     for e in s.experts:
         if e not in DOMAINS and e not in r.data.sources:
             raise bad(f"study.experts: {e!r} is not a domain with data")
-    if s.split_method not in ("copy", "random", "kmeans", "activation"):
-        raise bad(f"study.split_method: unknown method {s.split_method!r}")
-    for k in ("seed_steps", "branch_steps", "finetune_steps", "router_steps", "eval_batches"):
+    for k in ("budget_steps", "finetune_steps", "eval_batches", "seeds"):
         if getattr(s, k) < 1:
             raise bad(f"study.{k} must be at least 1, got {getattr(s, k)}")
+    if not 0.0 < s.seed_fraction < 1.0:
+        raise bad(f"study.seed_fraction must be in (0, 1), got {s.seed_fraction}")
+    if not 0.0 <= s.moe_finetune_fraction <= 10.0:
+        raise bad(f"study.moe_finetune_fraction must be in [0, 10], got {s.moe_finetune_fraction}")
     if s.finetune_family is not None:
         if s.finetune_family not in s.experts:
             raise bad(f"study.finetune_family {s.finetune_family!r} is not one of study.experts")
         if len(s.finetune_seeds) < 2:
             raise bad("study.finetune_seeds: merging needs at least two fine-tunes")
-    if not 1 <= s.router_top_k <= len(s.experts):
-        raise bad(f"study.router_top_k must be between 1 and {len(s.experts)}")
-    if s.router_init not in ("random", "domain_mean"):
-        raise bad(f"study.router_init: {s.router_init!r} is not one of random, domain_mean")
-    for b in s.baselines:
-        if b not in BASELINES:
-            raise bad(f"study.baselines: unknown baseline {b!r} ({', '.join(BASELINES)})")
+    elif "family" in s.arms:
+        raise bad("study.arms has `family` but study.finetune_family is null")
+    n_experts = len(s.experts) + int(s.generalist_expert)
+    if not 1 <= s.router_top_k <= n_experts:
+        raise bad(f"study.router_top_k must be between 1 and {n_experts}")
     if not 0 < s.merge_density <= 1:
         raise bad(f"study.merge_density must be in (0, 1], got {s.merge_density}")
+    if s.router_lr <= 0:
+        raise bad(f"study.router_lr must be positive, got {s.router_lr}")
+    if s.protocol == "fork":
+        if r.optim.schedule == "cosine":
+            raise bad(
+                "study.protocol=fork needs a schedule with a stable phase to fork from; set "
+                "optim.schedule=wsd (or constant), or use study.protocol=rewarm"
+            )
+        if s.split_method != "copy":
+            raise bad(
+                f"study.split_method={s.split_method} partitions the FFN, so a branch is not the "
+                "seed run and cannot fork from it; use split_method=copy or study.protocol=rewarm"
+            )
 
 
 def to_yaml(r: Any) -> str:

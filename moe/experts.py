@@ -102,8 +102,13 @@ def assemble_checkpoints(
     seed: int = 0,
     calib_batches: int = 4,
     overwrite: bool = False,
+    generalist: str | os.PathLike | None = None,
 ) -> Path:
-    """Branch-Train-Mix: dense branch checkpoints become one MoE (experts named by domain)."""
+    """Branch-Train-Mix: dense branch checkpoints become one MoE (experts named by domain).
+
+    `generalist` adds the seed the branches came from as one more expert, named "generalist"
+    (BTX adds the seed model's FFN alongside the domain experts).
+    """
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
     if shared not in ("average", "base"):
@@ -116,6 +121,16 @@ def assemble_checkpoints(
     branches = [m for m, _ in loaded]
     metas = [meta for _, meta in loaded]
     names = list(experts) if experts else [m.get("domain") or m.get("family") for m in metas]
+    general = None
+    if generalist is not None:
+        general = _load(generalist)
+        gid = general[1]["id"]
+        if {m.get("base_id") for m in metas} != {general[1].get("base_id") or gid}:
+            raise ConfigError(
+                f"generalist {generalist}: the branches were not trained from it (base_id differs)"
+            )
+        if "generalist" in names:
+            raise ConfigError("an expert is already named 'generalist'")
     for p, n in zip(paths, names):
         if not n:
             raise ConfigError(f"{p}: branch has no domain in its meta; pass --experts")
@@ -136,7 +151,15 @@ def assemble_checkpoints(
     if router_init == "domain_mean" and router == "learned":
         data, dseed = data_config_of(metas[0])
         batches = [domain_batches(data, dseed, n, calib_batches) for n in names]
-        init = domain_mean_router(branches, batches)
+        if general is not None:
+            # the generalist's row: its mean input over every expert's domain
+            mixed = [b for per in batches for b in per]
+            init = domain_mean_router(branches + [general[0]], batches + [mixed])
+        else:
+            init = domain_mean_router(branches, batches)
+    if general is not None:
+        branches = branches + [general[0]]
+        names = names + ["generalist"]
     moe = assemble(
         branches,
         names,

@@ -97,6 +97,11 @@ def find_resume_ckpt(resume: str | os.PathLike) -> Path:
 
 def read_resume_step(path: Path) -> int:
     """The global step stored in a Lightning checkpoint (loaded without unpickling code)."""
+    return read_resume_state(path)[0]
+
+
+def read_resume_state(path: Path) -> tuple[int, dict]:
+    """(global step, moe-forge counters) of a Lightning checkpoint, loaded with weights_only."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad magic, or an object weights_only refuses
@@ -110,7 +115,8 @@ def read_resume_step(path: Path) -> int:
         raise RunDirError(f"resume: {path} is not a readable checkpoint ({why})") from None
     if not isinstance(ck, dict) or "global_step" not in ck:
         raise RunDirError(f"resume: {path} is not a Lightning checkpoint (no global_step)")
-    return int(ck["global_step"])
+    state = ck.get("moe_forge")
+    return int(ck["global_step"]), dict(state) if isinstance(state, dict) else {}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,4 +1,4 @@
-"""A thin LightningModule around `Transformer`: loss, per-domain logging, AdamW + warmup/cosine.
+"""A thin LightningModule around `Transformer`: loss, per-domain logging, AdamW + LR schedule.
 
 The model itself is a plain nn.Module (moe.model.transformer); this file only adds what training
 needs. Lightning's Trainer owns the loop, precision, devices and strategy.
@@ -37,6 +37,9 @@ class LitLM(pl.LightningModule):
         val_domains: list[str] | None = None,
         nan_policy: str = "stop",
         trainable: str = "all",
+        schedule_steps: int | None = None,
+        schedule_start: int = 0,
+        forked: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -44,6 +47,13 @@ class LitLM(pl.LightningModule):
         self.domain_names = list(domain_names)
         self.val_domains = list(val_domains or domain_names)
         self.max_steps = max_steps
+        # the LR schedule spans schedule_steps (default max_steps); schedule_start is where a
+        # forked run began (a wsd cool-down never starts before it)
+        self.schedule_steps = schedule_steps or max_steps
+        self.schedule_start = schedule_start
+        # loading a checkpoint: a fork's counters are its parent's totals at the fork point (this
+        # run's own counts start there); a resume's counters are this run's own
+        self.forked = forked
         self.nan_policy = nan_policy
         self.flops_per_token = train_flops_per_token(model.config, seq_len)
         cfg: ModelConfig = model.config
@@ -54,7 +64,10 @@ class LitLM(pl.LightningModule):
         self.set_trainable(trainable)
         # counted here (not derived from steps) so resumed and skipped steps stay exact
         self.tokens_seen = 0
+        self.tokens_by_domain: dict[str, int] = {}
         self.skipped_steps = 0
+        self.start_tokens = 0  # tokens_seen when this run began (non-zero after a fork)
+        self.start_tokens_by_domain: dict[str, int] = {}
         self._val_sums: dict[int, list[float]] = {}
 
     # ------------------------------------------------------------------ parameters
@@ -120,8 +133,11 @@ class LitLM(pl.LightningModule):
             self.log("train/aux_loss", out.aux_loss, batch_size=bs)
         for d in batch["domain"].unique().tolist():
             sel = batch["domain"] == d
-            dl = loss_BT[sel].sum() / mask_BT[sel].sum().clamp(min=1)
-            self.log(f"train/loss_{self.domain_names[d]}", dl, batch_size=int(sel.sum()))
+            n_d = mask_BT[sel].sum()
+            name = self.domain_names[d]
+            self.tokens_by_domain[name] = self.tokens_by_domain.get(name, 0) + int(n_d)
+            dl = loss_BT[sel].sum() / n_d.clamp(min=1)
+            self.log(f"train/loss_{name}", dl, batch_size=int(sel.sum()))
         self._log_routing(out, batch, prefix="train")
         return total
 
@@ -169,9 +185,10 @@ class LitLM(pl.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         decay, no_decay = [], []
+        # frozen parameters stay in the groups (they get no gradient, so AdamW skips them): the
+        # optimizer state then has the same layout whatever is trained, and a run that freezes
+        # part of the model can fork from one that trained all of it
         for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
             # norms (1-D) and embeddings are not decayed
             (no_decay if p.ndim < 2 or "tok_emb" in name else decay).append(p)
         opt = torch.optim.AdamW(
@@ -183,27 +200,81 @@ class LitLM(pl.LightningModule):
             betas=(o.beta1, o.beta2),
             eps=o.eps,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, self.max_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(o, self.schedule_steps, self.schedule_start)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ resume state
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["moe_forge"] = {"tokens_seen": self.tokens_seen, "skipped": self.skipped_steps}
+        checkpoint["moe_forge"] = {
+            "tokens_seen": self.tokens_seen,
+            "tokens_by_domain": dict(self.tokens_by_domain),
+            "skipped": self.skipped_steps,
+            "start_tokens": self.start_tokens,
+            "start_tokens_by_domain": dict(self.start_tokens_by_domain),
+            "schedule_start": self.schedule_start,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         st = checkpoint.get("moe_forge", {})
         self.tokens_seen = int(st.get("tokens_seen", 0))
-        self.skipped_steps = int(st.get("skipped", 0))
+        self.tokens_by_domain = {k: int(v) for k, v in st.get("tokens_by_domain", {}).items()}
+        if self.forked:
+            self.start_tokens = self.tokens_seen
+            self.start_tokens_by_domain = dict(self.tokens_by_domain)
+            self.skipped_steps = 0
+        else:
+            self.start_tokens = int(st.get("start_tokens", 0))
+            self.start_tokens_by_domain = {
+                k: int(v) for k, v in st.get("start_tokens_by_domain", {}).items()
+            }
+            self.skipped_steps = int(st.get("skipped", 0))
+
+    @property
+    def run_tokens(self) -> int:
+        """Tokens this run trained on itself (after its fork point, if it forked)."""
+        return self.tokens_seen - self.start_tokens
+
+    def run_tokens_by_domain(self) -> dict[str, int]:
+        return {
+            k: v - self.start_tokens_by_domain.get(k, 0)
+            for k, v in sorted(self.tokens_by_domain.items())
+            if v - self.start_tokens_by_domain.get(k, 0) > 0
+        }
 
 
-def lr_lambda(o: OptimConfig, max_steps: int):
-    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+def wsd_decay_start(o: OptimConfig, total: int, start: int = 0) -> int:
+    """First step of a wsd cool-down: the last decay_fraction of the schedule's `total` steps.
+
+    Steps count from the start of the lineage, so a run continued from a fork point cools down
+    exactly as if it had never been forked. A run forked at `start` late enough that its share
+    would begin earlier cools down over all of its own steps.
+    """
+    return max(start, total - max(1, round(o.decay_fraction * total)))
+
+
+def lr_lambda(o: OptimConfig, total: int, start: int = 0):
+    """LR multiplier at each step: linear warm-up to lr, then the schedule (see OptimConfig).
+
+    cosine decays to lr * min_lr_ratio at `total`; wsd stays at lr until its cool-down, then
+    falls linearly to lr * min_lr_ratio at its last step (total - 1); constant stays at lr.
+    `start` is where a forked run began (see wsd_decay_start).
+    """
+    decay_start = wsd_decay_start(o, total, start)
 
     def f(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / max(1, o.warmup_steps)
-        span = max(1, max_steps - o.warmup_steps)
+        if o.schedule == "constant":
+            return 1.0
+        if o.schedule == "wsd":
+            if step < decay_start:
+                return 1.0
+            progress = min(1.0, (step - decay_start + 1) / (total - decay_start))
+            return 1.0 - (1.0 - o.min_lr_ratio) * progress
+        span = max(1, total - o.warmup_steps)
         progress = min(1.0, (step - o.warmup_steps) / span)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

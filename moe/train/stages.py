@@ -30,7 +30,7 @@ from moe.io.rundir import (
     RunLock,
     find_resume_ckpt,
     prepare_run_dir,
-    read_resume_step,
+    read_resume_state,
 )
 from moe.model.transformer import Transformer
 from moe.train.module import LitLM
@@ -149,6 +149,22 @@ class StageProgressBar(TQDMProgressBar):
         return items
 
 
+class SaveFinalStep(pl.Callback):
+    """Write last.ckpt after the final step too, inside the loop like the periodic saves.
+
+    The final state is what later runs fork from (a study's branches, the monolith continuing
+    the seed). Lightning's own end-of-fit save records a finished loop, and a run resumed from it
+    does not replay the same batches, so the save happens at the last batch's end instead.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.save_checkpoint(str(self.path))
+
+
 def _loggers(run: Path) -> list:
     loggers: list = [CSVLogger(str(run), name="logs", version="")]
     try:
@@ -162,11 +178,26 @@ def _loggers(run: Path) -> list:
 
 
 def train(r: Recipe) -> Path:
-    """Run one training stage; returns the final checkpoint directory (`out_dir/model`)."""
+    """Run one training stage; returns the final checkpoint directory (`out_dir/model`).
+
+    `resume=` continues this run from its own Lightning checkpoint; `fork=` starts a new run from
+    another run's Lightning checkpoint, carrying its weights, AdamW state, step and LR schedule
+    position (a killed fork resumes from its own checkpoint, not the parent's).
+    """
     resume_ckpt = find_resume_ckpt(r.resume) if r.resume else None
+    fork_ckpt = find_resume_ckpt(r.fork) if r.fork else None
     run = prepare_run_dir(r.out_dir, overwrite=r.overwrite, resume=resume_ckpt is not None)
     with RunLock(run):
-        start_step = read_resume_step(resume_ckpt) if resume_ckpt else 0
+        start_ckpt = resume_ckpt or fork_ckpt
+        start_step, state = read_resume_state(start_ckpt) if start_ckpt else (0, {})
+        # where this run's own schedule segment began: the parent's step for a fork, what the
+        # checkpoint recorded for a resume (itself a fork, or a run from scratch)
+        schedule_start = start_step if fork_ckpt else int(state.get("schedule_start", 0))
+        if fork_ckpt is not None and start_step >= r.trainer.max_steps:
+            raise ConfigError(
+                f"fork: {fork_ckpt} is at step {start_step}, not before trainer.max_steps "
+                f"({r.trainer.max_steps}); the forked run would train no step"
+            )
         pl.seed_everything(r.seed, workers=True, verbose=False)
         plan = plan_stage(r)
         # what was really trained on (a branch forces its single domain) is what gets recorded
@@ -186,6 +217,9 @@ def train(r: Recipe) -> Path:
             val_domains=list(plan.data.domains),
             nan_policy=t.nan_policy,
             trainable=plan.trainable,
+            schedule_steps=r.optim.total_steps,
+            schedule_start=schedule_start,
+            forked=fork_ckpt is not None,
         )
         ckpt_cb = ModelCheckpoint(
             dirpath=str(run / "resume"),
@@ -210,7 +244,7 @@ def train(r: Recipe) -> Path:
             log_every_n_steps=t.log_every_n_steps,
             enable_progress_bar=t.enable_progress_bar,
             deterministic=t.deterministic,
-            callbacks=[ckpt_cb]
+            callbacks=[ckpt_cb, SaveFinalStep(run / "resume" / "last.ckpt")]
             + ([StageProgressBar(f"{r.name} [{r.stage}]")] if t.enable_progress_bar else []),
             logger=_loggers(run),
             plugins=[AtomicCheckpointIO()],
@@ -219,9 +253,9 @@ def train(r: Recipe) -> Path:
         )
         atomic_write_text(run / "recipe.yaml", to_yaml(r))
         t0 = time.perf_counter()
-        trainer.fit(lit, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(start_ckpt) if start_ckpt else None)
         wall = time.perf_counter() - t0
-        stage_tokens = lit.tokens_seen
+        stage_tokens = lit.run_tokens
         stage_flops = stage_tokens * lit.flops_per_token
         out = run / "model"
         if trainer.is_global_zero:
@@ -231,8 +265,10 @@ def train(r: Recipe) -> Path:
                 train_flops=plan.parent_flops + stage_flops,
                 stage=dict(
                     name=r.stage,
-                    steps=int(trainer.global_step),
+                    steps=int(trainer.global_step) - schedule_start,
+                    first_step=schedule_start,
                     tokens=stage_tokens,
+                    tokens_by_domain=lit.run_tokens_by_domain(),
                     flops=stage_flops,
                     wall_s=round(wall, 2),
                     skipped_steps=lit.skipped_steps,

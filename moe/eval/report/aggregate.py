@@ -97,7 +97,8 @@ def aggregate(results_list: list[dict]) -> dict:
         entry["bpb_mean"] = _stats([v for m in entries
                                     if (v := complete_mean([model_bpb(m, d) for d in doms]))
                                     is not None])
-        for key in ("train_flops", "tokens", "active_params", "total_params"):
+        for key in ("train_flops", "tokens", "active_params", "total_params",
+                    "tokens_by_domain", "epochs_by_domain"):
             entry[key] = entries[0].get(key)
         models[name] = entry
 
@@ -137,6 +138,8 @@ def aggregate(results_list: list[dict]) -> dict:
         "domains": doms,
         "experts": first.get("experts"),
         "split_method": first.get("split_method"),
+        "protocol": first.get("protocol"),
+        "budget": first.get("budget"),
         "device": first.get("device"),
         "wall_s": [r.get("wall_s") for r in results_list],
         "command": first.get("command"),

@@ -271,6 +271,52 @@ def _routing_section(results: dict) -> str | None:
     return "\n\n".join(out)
 
 
+PROTOCOLS = {
+    "fork": "fork (BTM/FlexOlmo): the branches fork from the seed run in its stable phase, with "
+    "its weights, AdamW state, step and learning rate, and cool down at their end; the "
+    "compute-matched monolith is the seed run itself continued to the budget",
+    "rewarm": "rewarm (ablation): every stage after the seed restarts from the seed's weights "
+    "with a fresh optimizer and its own warm-up",
+}
+
+
+def _protocol_section(results: dict) -> str | None:
+    """How the budget was shared, and what each arm read of each domain (tokens and epochs)."""
+    b = results.get("budget")
+    if not b:
+        return None
+    out = [f"- protocol: {PROTOCOLS.get(results.get('protocol'), results.get('protocol'))}."]
+    ratio = b["expert_flops_after_seed"] / max(b["monolith_flops_after_seed"], 1.0)
+    out.append(
+        f"- budget: {format_count(b['total_steps'])} steps of {format_count(b['tokens_per_step'])} "
+        f"tokens for the monolith; seed {format_count(b['seed_steps'])} steps; then "
+        f"{b['n_branches']} branches × {format_count(b['branch_steps'])} steps, "
+        f"{b['n_finetunes']} fine-tunes × {format_count(b['finetune_steps'])} steps and a MoE "
+        f"fine-tune of {format_count(b['moe_steps'])} steps; the experts' post-seed FLOPs are "
+        f"{ratio:.3f}× the monolith's."
+    )
+    doms = domains(results)
+    train = results.get("train_tokens_by_domain") or {}
+    if train:
+        out.append("- training tokens available per domain: "
+                   + ", ".join(f"{d} {format_count(train.get(d))}" for d in doms) + ".")
+    rows = []
+    for label, name in arm_table(results):
+        m = results["models"][name]
+        tok = m.get("tokens_by_domain") or {}
+        ep = m.get("epochs_by_domain") or {}
+        rows.append([label, *[f"{format_count(tok.get(d, 0))} ({format_num(ep.get(d), 2)})"
+                              for d in doms]])
+    if rows:
+        out.append("")
+        out.append("In-domain training tokens of each arm's lineage (epochs over that domain's "
+                   "training split in parentheses); data repetition beyond a few epochs "
+                   "helps less (Muennighoff et al. 2023):")
+        out.append("")
+        out.append(format_table(["arm", *doms], rows, ["l"] + ["r"] * len(doms)))
+    return "\n".join(out)
+
+
 def render_report(results: dict, plots: dict[str, bool] | None = None) -> str:
     """The report markdown; `plots` says which PNGs exist (by file name), so no link dangles."""
     plots = plots or {}
@@ -285,6 +331,7 @@ def render_report(results: dict, plots: dict[str, bool] | None = None) -> str:
         f"wall time {format_seconds(results.get('wall_s'))}",
         f"- domains: {', '.join(domains(results)) or '-'}; experts: {experts}; "
         f"split method: {results.get('split_method', '-')}",
+        "- seeds: one (no confidence interval; run with `--seeds N` for one)",
         "",
         "## Answer",
         "",
@@ -302,6 +349,9 @@ def render_report(results: dict, plots: dict[str, bool] | None = None) -> str:
         lines += [f"![bits per byte by domain]({PLOTS_DIR}/{BPB_PLOT})", ""]
     lines += ["## Gains vs the compute-matched monolithic model", "", _gains_section(results), "",
               "## Compute ledger", "", _ledger_section(results), ""]
+    protocol = _protocol_section(results)
+    if protocol:
+        lines += ["## Protocol and data exposure", "", protocol, ""]
     if plots.get(CURVES_PLOT):
         lines += ["Held-out loss during training against cumulative training FLOPs:", "",
                   f"![held-out loss vs training FLOPs]({PLOTS_DIR}/{CURVES_PLOT})", ""]
