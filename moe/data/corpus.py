@@ -1,4 +1,5 @@
-"""One domain's corpus: pick its source, load documents, balance to the byte budget, split.
+"""One domain's corpus: pick its source, load documents, split held-out and take the byte budget
+(moe.data.documents.select).
 
 Loading is cached in-process (tests and `moe eval` build the same corpora many times); the
 datamodule adds an optional on-disk cache of the tokenized result.
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from moe.config import DOMAINS, ConfigError, DataConfig, SourceConfig
-from moe.data.documents import Document, balance, heldout_split
+from moe.data.documents import Document, select
 from moe.data.source_code import code_documents
 from moe.data.source_dna import dna_documents
 from moe.data.source_files import files_documents
@@ -93,8 +94,7 @@ def _build_corpus(domain: str, key: str, budget: int, heldout_fraction: float) -
     if not docs:
         raise ConfigError(f"data: domain {domain!r} has an empty corpus (its source gave no "
                           "documents)")
-    kept = balance(docs, budget, domain)
-    train, held = heldout_split(kept, heldout_fraction)
+    train, held = select(docs, budget, heldout_fraction, domain)
     return Corpus(
         domain=domain, train=tuple(train), heldout=tuple(held), origin=summarize_origin(docs),
         source_documents=len(docs), source_bytes=sum(len(d.data) for d in docs),

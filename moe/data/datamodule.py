@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from moe.config import DOMAINS, ConfigError, DataConfig, SourceConfig
 from moe.data.corpus import build_corpus, source_for
-from moe.data.documents import BLOCK_BYTES, DNA_WINDOW
+from moe.data.documents import DNA_REGION, DNA_WINDOW, PIECE_MAX, PIECE_MIN
+from moe.data.shipped import samples_digest
 from moe.data.source_files import expand_paths
 from moe.data.streams import (
     CollateHeldout,
@@ -42,7 +43,7 @@ from moe.data.streams import (
 )
 from moe.data.tokenizer import ByteTokenizer
 
-CACHE_FORMAT = 1  # bump when packing or document splitting changes
+CACHE_FORMAT = 2  # bump when packing, document cutting, the split or the budget rule changes
 
 
 @dataclass
@@ -62,10 +63,11 @@ def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) -> st
     ident: dict = {
         "format": CACHE_FORMAT, "domain": domain, "source": asdict(src),
         "budget": cfg.bytes_per_domain, "heldout_fraction": cfg.heldout_fraction,
-        "tokenizer": tokenizer.name, "dna_window": DNA_WINDOW, "block_bytes": BLOCK_BYTES,
+        "tokenizer": tokenizer.name, "dna_window": DNA_WINDOW, "dna_region": DNA_REGION,
+        "piece_bytes": [PIECE_MIN, PIECE_MAX],
     }
     if src.kind == "builtin":
-        ident["python"] = sys.version  # the code corpus is this interpreter's stdlib
+        ident["samples"] = samples_digest()  # the shipped files the built-in corpora read
     elif src.kind == "files":
         # a changed file must not be served from a stale cache
         ident["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)

@@ -1,42 +1,47 @@
-"""Built-in `code` corpus: the `.py` files of this machine's Python standard library.
+"""Built-in `code` corpus: pinned samples of two standard libraries, shipped as package data.
 
-Every Python installation has them, so the corpus needs no network. One file is one document,
-read as raw bytes (a file in another encoding is still valid input to the byte tokenizer). The
-walk skips installed third-party packages (site-packages, dist-packages, which differ between
-machines) and test suites (`test`, `tests`, `idle_test`: they hold deliberately malformed files
-and would dominate the corpus).
+- CPython 3.11.7: 322 `.py` files of the standard library (no test suite);
+- Go 1.19: the `.go` files of whole standard-library packages (strings, fmt, encoding/json,
+  regexp, math/big, ...), their tests included.
+
+Pinned, not read from the running interpreter: the standard library differs between Python
+versions, and results would with it. Two languages make the domain closer to real repositories
+than one. The archives also hold test data (compressed files, assembly, C); only `.py` and `.go`
+files are code here. Each file is cut into documents of a few hundred bytes at blank lines,
+preferring the start of a top-level definition (moe.data.documents.split_blocks).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import sysconfig
-from pathlib import Path
+from functools import lru_cache
 
-from moe.data.documents import Document
+from moe.data.documents import Document, piece_documents
+from moe.data.shipped import tar_sample
 
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+# (archive under samples/, document id prefix, suffixes kept, description)
+ARCHIVES = (
+    ("code/cpython3.11_stdlib_sample.tar.gz", "cpython3.11", (".py",),
+     "CPython 3.11.7 standard library sample"),
+    ("code/go1.19_stdlib_sample.tar.gz", "go1.19", (".go",), "Go 1.19 standard library sample"),
+)
 
 
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+def code_files() -> list[tuple[str, str, bytes]]:
+    """(document id prefix, member path, bytes) of every source file, in a fixed order."""
+    return [(prefix, name, data) for rel, prefix, suffixes, _ in ARCHIVES
+            for name, data in tar_sample(rel, suffixes)]
 
 
-def stdlib_files(root: Path | None = None) -> list[str]:
-    """Relative posix paths of the standard library's .py files, sorted (deterministic order)."""
-    root = root or stdlib_root()
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = [x for x in dirs if x not in SKIP_DIRS]
-        for f in files:
-            if f.endswith(".py"):
-                out.append(Path(d, f).relative_to(root).as_posix())
-    return sorted(out)
+@lru_cache(maxsize=4)
+def _code_documents(domain: str) -> tuple[Document, ...]:
+    docs: list[Document] = []
+    for rel, prefix, suffixes, what in ARCHIVES:
+        files = tar_sample(rel, suffixes)
+        origin = f"{what}, {len(files)} files (moe/data/samples/{rel})"
+        for name, data in files:
+            docs += piece_documents(data, f"{prefix}/{name}", domain, origin, prose=False)
+    return tuple(docs)
 
 
 def code_documents(domain: str = "code") -> list[Document]:
-    root = stdlib_root()
-    v = sys.version_info
-    origin = f"Python {v.major}.{v.minor} standard library ({root})"
-    return [Document(rel, (root / rel).read_bytes(), domain, origin) for rel in stdlib_files(root)]
+    return list(_code_documents(domain))

@@ -1,13 +1,19 @@
-"""`files` sources: the user's own local files.
+"""`files` sources: the user's own local files. Every format may be gzipped (`name.ext.gz`).
 
-- FASTA (.fa .fasta .fna, optionally .gz): our reader (moe.data.documents.parse_fasta), cut into
-  1,024-base windows.
-- Plain text (.txt .text .md): read as raw bytes and cut into ~2 KB blocks at blank lines. We
-  read these ourselves rather than through `datasets`: its text builder must decode the file, and
-  then either fails on bytes that are not UTF-8 or replaces them; the byte tokenizer takes any
-  bytes, so nothing is lost or refused.
-- Tables (.json .jsonl .csv .parquet .arrow): `datasets.load_dataset` with the file's builder,
-  one row's `text_field` per document.
+- FASTA (.fa .fasta .fna): our reader (moe.data.documents.parse_fasta), cut into 256-base
+  windows grouped into 4,096-base regions (the held-out unit), as the built-in genomes are.
+- Plain text (.txt .text .md): read as raw bytes and cut into pieces of 128-512 bytes at blank
+  lines and sentence ends. We read these ourselves rather than through `datasets`: its text
+  builder must decode the file, and then either fails on bytes that are not UTF-8 or replaces
+  them; the byte tokenizer takes any bytes, so text in Latin-1 or another encoding is kept as is.
+- Tables (.json .jsonl .csv .parquet .arrow): `datasets.load_dataset` with the file's builder
+  (it reads gzipped json and csv itself); a gzipped parquet or arrow file is read from memory
+  with pyarrow. One row's `text_field` per document.
+
+Refused with one line naming the file: an extension we cannot read (other compressions
+included), a `.gz` that is not gzip data or is cut short, and binary content in a text or FASTA
+file (a file of another format renamed, a compressed file without its suffix other than gzip).
+Gzip data is recognised by its first bytes, so a gzipped file missing its `.gz` is read too.
 Paths may be globs; relative paths are relative to the working directory.
 """
 
@@ -15,15 +21,29 @@ from __future__ import annotations
 
 import glob
 import gzip
+import zlib
 from pathlib import Path
 
 from moe.config import ConfigError, SourceConfig
-from moe.data.documents import Document, fasta_documents, split_blocks
+from moe.data.documents import Document, fasta_documents, piece_documents
 
 FASTA_EXT = (".fa", ".fasta", ".fna")
 TEXT_EXT = (".txt", ".text", ".md")
 TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
                   ".arrow": "arrow"}
+GZIP_MAGIC = b"\x1f\x8b"
+# Formats recognised only to name them in the refusal (their data is binary to our readers).
+OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+               b"PK\x03\x04": "zip", b"7z\xbc\xaf\x27\x1c": "7z", b"%PDF": "PDF"}
+OTHER_EXT = {".bz2": "bzip2 files", ".xz": "xz files", ".zst": "zstd files", ".lz4": "lz4 files",
+             ".lzma": "lzma files", ".zip": "zip archives", ".7z": "7z archives",
+             ".tar": "tar archives", ".tgz": "tar archives"}
+# Bytes that text does not contain: C0 controls other than tab, line feed, vertical tab, form
+# feed (Python and C sources use it), carriage return and escape (colour codes in logs); and
+# DEL. Random or compressed bytes hold about 11% of them. Invalid UTF-8 alone is no sign of
+# binary data: Latin-1 or Windows-1251 text is full of it, and the byte tokenizer reads it.
+CONTROL_BYTES = bytes([*range(0, 9), *range(14, 27), *range(28, 32), 127])
+BINARY_SHARE = 0.01  # more than this share of control bytes: not text
 
 
 def expand_paths(patterns: list[str], domain: str) -> list[Path]:
@@ -37,30 +57,99 @@ def expand_paths(patterns: list[str], domain: str) -> list[Path]:
     return out
 
 
+def _gzipped(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     name = name[:-3] if name.endswith(".gz") else name
     return Path(name).suffix
 
 
-def _table_documents(path: Path, src: SourceConfig, domain: str) -> list[Document]:
-    import datasets
+def _where(path: Path, domain: str) -> str:
+    return f"data.sources.{domain}.paths: {path}"
 
+
+def read_bytes(path: Path, domain: str) -> bytes:
+    """The file's bytes, gunzipped when it is gzip data (by its first bytes) or named `.gz`."""
+    raw = path.read_bytes()
+    if not raw.startswith(GZIP_MAGIC):
+        if _gzipped(path):
+            raise ConfigError(f"{_where(path, domain)}: named .gz but not gzip data")
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:  # cut short, or a corrupt stream
+        why = "cut short" if isinstance(e, EOFError) else str(e).strip() or type(e).__name__
+        raise ConfigError(f"{_where(path, domain)}: unreadable gzip data ({why})") from None
+
+
+def check_text(data: bytes, path: Path, domain: str) -> None:
+    """Refuse binary content in a text or FASTA file (see CONTROL_BYTES)."""
+    if not data:
+        return
+    n = len(data) - len(data.translate(None, CONTROL_BYTES))
+    if n <= BINARY_SHARE * len(data):
+        return
+    kind = next((f"{v} data" for k, v in OTHER_MAGIC.items() if data.startswith(k)),
+                "binary data")
+    raise ConfigError(
+        f"{_where(path, domain)}: {kind}, not text ({n / len(data):.0%} of its bytes are NUL "
+        "or control bytes; give text, FASTA or table files, gzipped or not)"
+    )
+
+
+def _read_table_gz(raw: bytes, builder: str):
+    """A gzipped parquet or arrow file (which `datasets` cannot read) as a pyarrow table."""
+    import pyarrow as pa
+
+    data = gzip.decompress(raw)
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(pa.BufferReader(data))
+    try:  # `datasets` writes the Arrow stream format; pyarrow can also write the file format
+        return pa.ipc.open_stream(data).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+
+
+def _first_line(e: BaseException) -> str:
+    cause = e.__cause__ or e
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
+
+
+def _table_documents(path: Path, src: SourceConfig, domain: str) -> list[Document]:
     builder = TABLE_BUILDERS[_suffix(path)]
     try:
-        ds = datasets.load_dataset(builder, data_files=[str(path)], split="train")
-    except Exception as e:  # datasets wraps parser errors in several exception types
-        cause = e.__cause__ or e
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ConfigError(f"data.sources.{domain}: cannot read {path}: {first}") from None
-    if src.text_field not in ds.column_names:
+        if _gzipped(path):
+            with path.open("rb") as f:  # a .gz that is no gzip gets our message, not a parser's
+                if f.read(2) != GZIP_MAGIC:
+                    raise ConfigError(f"{_where(path, domain)}: named .gz but not gzip data")
+        if _gzipped(path) and builder in ("parquet", "arrow"):
+            table = _read_table_gz(path.read_bytes(), builder)
+            columns = table.column_names
+            values = table.column(src.text_field).to_pylist() if src.text_field in columns else []
+        else:
+            import datasets
+
+            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+            columns = ds.column_names
+            values = ds[src.text_field] if src.text_field in columns else []
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets and pyarrow wrap parser errors in several exception types
+        raise ConfigError(f"data.sources.{domain}: cannot read {path}: {_first_line(e)}") from None
+    if src.text_field not in columns:
         raise ConfigError(
             f"data.sources.{domain}.text_field: column {src.text_field!r} not in {path} "
-            f"(columns: {', '.join(ds.column_names)})"
+            f"(columns: {', '.join(columns)})"
         )
-    origin = f"{path} ({builder})"
+    origin = f"{path} ({builder}{', gzip' if _gzipped(path) else ''})"
     docs = []
-    for i, value in enumerate(ds[src.text_field]):
+    for i, value in enumerate(values):
         if value is None:
             continue
         data = value if isinstance(value, bytes) else str(value).encode("utf-8")
@@ -70,18 +159,19 @@ def _table_documents(path: Path, src: SourceConfig, domain: str) -> list[Documen
 
 def file_documents(path: Path, src: SourceConfig, domain: str) -> list[Document]:
     ext = _suffix(path)
-    if ext in FASTA_EXT:
-        raw = path.read_bytes()
-        raw = gzip.decompress(raw) if path.name.lower().endswith(".gz") else raw
-        return fasta_documents(raw, path.name, domain, f"{path} (FASTA)")
-    if ext in TEXT_EXT:
-        blocks = split_blocks(path.read_bytes())
-        return [Document(f"{path.name}/{i}", b, domain, f"{path} (text)")
-                for i, b in enumerate(blocks)]
+    if ext in FASTA_EXT or ext in TEXT_EXT:
+        data = read_bytes(path, domain)
+        check_text(data, path, domain)
+        if ext in FASTA_EXT:
+            return fasta_documents(data, path.name, domain, f"{path} (FASTA)")
+        return piece_documents(data, path.name, domain, f"{path} (text)")
     if ext in TABLE_BUILDERS:
         return _table_documents(path, src, domain)
     known = ", ".join(FASTA_EXT + TEXT_EXT + tuple(TABLE_BUILDERS))
-    raise ConfigError(f"data.sources.{domain}.paths: {path}: unsupported file type (use {known})")
+    other = OTHER_EXT.get(ext) or OTHER_EXT.get(Path(path.name.lower()).suffix)
+    what = f"{other} are not read" if other else "unsupported file type"
+    raise ConfigError(f"{_where(path, domain)}: {what} (use {known}, each optionally gzipped "
+                      "as .gz)")
 
 
 def files_documents(src: SourceConfig, domain: str) -> list[Document]:

@@ -1,40 +1,49 @@
-"""Built-in `text` corpus: Shakespeare's plays (shipped sample) and CPython's own English prose.
+"""Built-in `text` corpus: Jane Austen's six novels and Shakespeare's plays (tinyshakespeare),
+both shipped as package data, so the corpus is the same on every machine and Python version.
 
-tinyshakespeare is split into ~2 KB documents of whole speeches. `pydoc_data.topics` (the text
-behind `help("if")`, shipped with every CPython) adds technical English prose, one topic cut into
-blocks the same way.
+The novels are cut into paragraph-sized documents (a long paragraph at sentence ends), the
+plays into documents of whole speeches (moe.data.documents.split_blocks).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import re
+from functools import lru_cache
 
-from moe.data.documents import Document, split_blocks
+from moe.data.documents import Document, piece_documents
+from moe.data.shipped import read_sample
 
-SAMPLES = Path(__file__).parent / "samples"
-SHAKESPEARE = SAMPLES / "text" / "tinyshakespeare.txt"
-
-
-def shakespeare_documents(domain: str = "text") -> list[Document]:
-    origin = "tinyshakespeare (public domain plays, moe/data/samples/text)"
-    blocks = split_blocks(SHAKESPEARE.read_bytes())
-    return [Document(f"tinyshakespeare/{i:05d}", b, domain, origin) for i, b in enumerate(blocks)]
+AUSTEN = "text/austen_novels.txt.gz"
+SHAKESPEARE = "text/tinyshakespeare.txt"
+# the file's own separator line before each novel (added when the novels were packed together)
+_NOVEL = re.compile(rb"^=== (\w+) ===\n", re.MULTILINE)
 
 
-def pydoc_topic_documents(domain: str = "text") -> list[Document]:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions package it separately; Shakespeare still works
-        return []
-    v = sys.version_info
-    origin = f"Python {v.major}.{v.minor} pydoc_data.topics (reference manual prose)"
+def austen_novels() -> list[tuple[str, bytes]]:
+    """(name, text) of each novel, in the file's order; the separator lines are dropped."""
+    raw = read_sample(AUSTEN)
+    heads = list(_NOVEL.finditer(raw))
+    return [(m.group(1).decode(), raw[m.end() : nxt.start() if nxt else len(raw)].strip() + b"\n")
+            for m, nxt in zip(heads, heads[1:] + [None])]
+
+
+def austen_documents(domain: str = "text") -> list[Document]:
+    origin = f"Jane Austen's novels (moe/data/samples/{AUSTEN})"
     docs = []
-    for key in sorted(topics):
-        for j, b in enumerate(split_blocks(topics[key].encode("utf-8"))):
-            docs.append(Document(f"pydoc_topics/{key}/{j}", b, domain, origin))
+    for name, body in austen_novels():
+        docs += piece_documents(body, f"austen/{name}", domain, origin)
     return docs
 
 
+def shakespeare_documents(domain: str = "text") -> list[Document]:
+    origin = f"tinyshakespeare, Shakespeare's plays (moe/data/samples/{SHAKESPEARE})"
+    return piece_documents(read_sample(SHAKESPEARE), "tinyshakespeare", domain, origin)
+
+
+@lru_cache(maxsize=4)
+def _text_documents(domain: str) -> tuple[Document, ...]:
+    return tuple(austen_documents(domain) + shakespeare_documents(domain))
+
+
 def text_documents(domain: str = "text") -> list[Document]:
-    return shakespeare_documents(domain) + pydoc_topic_documents(domain)
+    return list(_text_documents(domain))

@@ -1,4 +1,7 @@
+import bz2
+import gzip
 import json
+import sys
 from dataclasses import replace
 
 import pytest
@@ -152,8 +155,131 @@ def test_default_describe_and_val_loaders():
         assert r["train_documents"] + r["heldout_documents"] == r["documents"]
         assert r["train_bytes"] + r["heldout_bytes"] == r["bytes"]
         assert r["heldout_sequences"] > 0 and r["train_sequences"] > 0
-    assert rows[0]["bytes"] == rows[1]["bytes"] == 400_000
-    assert "standard library" in rows[1]["origin"]
+    assert rows[0]["bytes"] == rows[1]["bytes"] == rows[2]["bytes"] == 400_000
+    assert "Austen" in rows[0]["origin"] and "tinyshakespeare" in rows[0]["origin"]
+    assert "CPython 3.11.7" in rows[1]["origin"] and "Go 1.19" in rows[1]["origin"]
+    assert all(r["heldout_documents"] >= 100 for r in rows)
     loaders = dm.val_dataloader()
     assert len(loaders) == 3
     assert [next(iter(v))["domain"][0].item() for v in loaders] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------- gzip, bad files
+
+
+def test_gz_text_is_decompressed(tmp_path):
+    data = (SHAKES * 200).encode()
+    (tmp_path / "plays.txt.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "plain.txt").write_bytes(data)
+    gz = load_documents("mine", SourceConfig(kind="files", paths=[str(tmp_path / "*.gz")]), 0)
+    plain = load_documents("mine", SourceConfig(kind="files", paths=[str(tmp_path / "p*.txt")]), 0)
+    assert b"".join(d.data for d in gz) == data
+    assert [d.data for d in gz] == [d.data for d in plain]
+    # a gzipped file that lost its .gz suffix is recognised by its first bytes
+    (tmp_path / "renamed.txt").write_bytes(gzip.compress(data))
+    docs = load_documents("mine", SourceConfig(kind="files", paths=[str(tmp_path / "re*")]), 0)
+    assert b"".join(d.data for d in docs) == data
+
+
+def test_gz_fasta_is_decompressed(tmp_path):
+    (tmp_path / "g.fa.gz").write_bytes(gzip.compress(b">g1\n" + b"ACGT" * 2000 + b"\n"))
+    docs = load_documents("dna", SourceConfig(kind="files", paths=[str(tmp_path / "g.fa.gz")]), 0)
+    assert b"".join(d.data for d in docs) == b"ACGT" * 2000
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.json.gz", "rows.csv.gz",
+                                  "rows.parquet.gz", "rows.parquet"])
+def test_gz_tables_are_decompressed(tmp_path, name):
+    import datasets
+
+    texts = [f"doc {i}: " + SHAKES for i in range(12)]
+    ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(12))})
+    plain = tmp_path / name.removesuffix(".gz")
+    if ".jsonl" in name or ".json" in name:
+        ds.to_json(plain, lines=True)
+    elif ".csv" in name:
+        ds.to_csv(plain, index=False)
+    else:
+        ds.to_parquet(plain)
+    path = plain
+    if name.endswith(".gz"):
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(plain.read_bytes()))
+        plain.unlink()
+    docs = load_documents("mine", SourceConfig(kind="files", paths=[str(path)]), 0)
+    assert [d.data.decode() for d in docs] == texts
+
+
+def test_gz_arrow_is_decompressed(tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({"text": ["first " + SHAKES, "second " + SHAKES]})
+    for writer in (pa.ipc.new_stream, pa.ipc.new_file):
+        sink = pa.BufferOutputStream()
+        with writer(sink, table.schema) as w:
+            w.write_table(table)
+        p = tmp_path / f"t-{writer.__name__}.arrow.gz"
+        p.write_bytes(gzip.compress(sink.getvalue().to_pybytes()))
+        docs = load_documents("mine", SourceConfig(kind="files", paths=[str(p)]), 0)
+        assert [d.data[:6] for d in docs] == [b"first ", b"second"]
+
+
+def _refused(path, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_documents("mine", SourceConfig(kind="files", paths=[str(path)]), 0)
+    assert "\n" not in str(e.value) and path.name in str(e.value)
+
+
+def test_binary_text_is_refused(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    noise = bytes(torch.randint(256, (20_000,), generator=g).tolist())
+    (tmp_path / "noise.txt").write_bytes(noise)
+    _refused(tmp_path / "noise.txt", "binary data, not text")
+    (tmp_path / "noise.txt.gz").write_bytes(gzip.compress(noise))
+    _refused(tmp_path / "noise.txt.gz", "binary data, not text")
+    (tmp_path / "utf16.txt").write_bytes((SHAKES * 20).encode("utf-16"))
+    _refused(tmp_path / "utf16.txt", "NUL or control bytes")
+    (tmp_path / "seq.fa").write_bytes(b">x\n" + noise)
+    _refused(tmp_path / "seq.fa", "binary data")
+    # a bzip2 file renamed .txt is named as such
+    (tmp_path / "packed.txt").write_bytes(bz2.compress((SHAKES * 50).encode()))
+    _refused(tmp_path / "packed.txt", "bzip2 data")
+
+
+def test_text_with_form_feeds_and_escapes_is_text(tmp_path):
+    p = tmp_path / "log.txt"
+    p.write_bytes(("\x1b[1mbold\x1b[0m line\r\n\f" + SHAKES).encode() * 50)
+    assert load_documents("mine", SourceConfig(kind="files", paths=[str(p)]), 0)
+
+
+def test_bad_gzip_is_refused(tmp_path):
+    (tmp_path / "plain.txt.gz").write_bytes((SHAKES * 10).encode())
+    _refused(tmp_path / "plain.txt.gz", "named .gz but not gzip data")
+    (tmp_path / "rows.jsonl.gz").write_bytes(b'{"text": "x"}\n')
+    _refused(tmp_path / "rows.jsonl.gz", "named .gz but not gzip data")
+    whole = gzip.compress((SHAKES * 400).encode())
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    _refused(tmp_path / "cut.txt.gz", r"unreadable gzip data \(cut short\)")
+
+
+@pytest.mark.parametrize("name,match", [
+    ("corpus.txt.bz2", "bzip2 files are not read"), ("corpus.tar.gz", "tar archives are not read"),
+    ("corpus.zip", "zip archives are not read"), ("corpus.xz", "xz files are not read"),
+    ("notes.docx", "unsupported file type"), ("notes.pdf.gz", "unsupported file type"),
+])
+def test_unreadable_formats_are_refused(tmp_path, name, match):
+    (tmp_path / name).write_bytes(b"whatever")
+    _refused(tmp_path / name, match)
+
+
+def test_builtin_cache_key_follows_the_samples(monkeypatch):
+    from moe.data import datamodule, shipped
+    from moe.data.tokenizer import ByteTokenizer
+
+    cfg, tok = DataConfig(), ByteTokenizer()
+    key = datamodule._cache_key("code", SourceConfig(), cfg, tok)
+    monkeypatch.setattr(sys, "version", "3.99.0 (another interpreter)")
+    assert datamodule._cache_key("code", SourceConfig(), cfg, tok) == key
+    monkeypatch.setattr(datamodule, "samples_digest", lambda: "0" * 64)
+    assert datamodule._cache_key("code", SourceConfig(), cfg, tok) != key
+    assert len(shipped.samples_digest()) == 64
