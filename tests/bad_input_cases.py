@@ -8,6 +8,8 @@ purpose (bytes-level text, IUPAC DNA letters): they must succeed.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import shutil
 from collections.abc import Callable
@@ -133,6 +135,18 @@ CASES: list[Case] = [
          lambda fx: _files(fx, "dna", fx["data"] / "noheader.fa"), "not FASTA"),
     Case("dna-binary", "FASTA file holding binary garbage",
          lambda fx: _files(fx, "dna", fx["data"] / "garbage.fa"), "garbage.fa"),
+    Case("corpus-gz-text", "text corpus gzipped (.txt.gz): read decompressed",
+         lambda fx: _files(fx, "text", fx["data"] / "plays.txt.gz"), "", accepted=True),
+    Case("corpus-gz-jsonl", "JSON-lines corpus gzipped (.jsonl.gz): read decompressed",
+         lambda fx: _files(fx, "text", fx["data"] / "rows.jsonl.gz"), "", accepted=True),
+    Case("corpus-binary-text", "text corpus holding binary data (.txt)",
+         lambda fx: _files(fx, "text", fx["data"] / "noise.txt"), "binary data, not text"),
+    Case("corpus-gz-not-gzip", "text corpus named .gz that is not gzip data",
+         lambda fx: _files(fx, "text", fx["data"] / "plain.txt.gz"), "not gzip data"),
+    Case("corpus-gz-truncated", "gzipped text corpus cut short",
+         lambda fx: _files(fx, "text", fx["data"] / "cut.txt.gz"), "unreadable gzip data"),
+    Case("corpus-bz2", "text corpus compressed with bzip2 (.txt.bz2)",
+         lambda fx: _files(fx, "text", fx["data"] / "plays.txt.bz2"), "bzip2 files are not read"),
     # ------------------------------------------------------------------ checkpoints
     Case("eval-truncated-weights", "eval: model.safetensors truncated",
          lambda fx: ["eval", str(fx["trunc"])], "model.safetensors", subprocess=True),
@@ -413,6 +427,15 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     (dat / "iupac.fa").write_bytes(b"".join(recs))
     (dat / "noheader.fa").write_bytes(b"ACGTACGTACGT\nACGTACGT\n")
     (dat / "garbage.fa").write_bytes(bytes(torch.randint(256, (4096,), generator=g).tolist()))
+    plays = (REPO / "moe" / "data" / "samples" / "text" / "tinyshakespeare.txt").read_bytes()
+    plays = plays[:120_000]  # real text, as much as the debug recipes use per domain
+    (dat / "plays.txt.gz").write_bytes(gzip.compress(plays))
+    (dat / "plays.txt.bz2").write_bytes(bz2.compress(plays))
+    (dat / "plain.txt.gz").write_bytes(plays)
+    (dat / "cut.txt.gz").write_bytes(gzip.compress(plays)[:20_000])
+    rows = [json.dumps({"text": b.decode()}) for b in plays.split(b"\n\n")]
+    (dat / "rows.jsonl.gz").write_bytes(gzip.compress("\n".join(rows).encode()))
+    (dat / "noise.txt").write_bytes(bytes(torch.randint(256, (8192,), generator=g).tolist()))
 
     # merge configs
     m = fx["merge"] = root / "merge"
