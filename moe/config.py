@@ -654,6 +654,16 @@ def _validate_study(s: StudyConfig, r: Recipe, bad) -> None:
         raise bad(f"study.merge_density must be in (0, 1], got {s.merge_density}")
     if s.router_lr <= 0:
         raise bad(f"study.router_lr must be positive, got {s.router_lr}")
+
+
+
+def validate_study_run(r: Recipe, where: str = "recipe") -> None:
+    """Checks that apply only when a recipe runs as a study (`moe run`, `moe sweep`)."""
+    s = r.study
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {msg}")
+
     if s.protocol == "fork":
         if r.optim.schedule == "cosine":
             raise bad(

@@ -41,6 +41,23 @@ def _files(fx, dom, path, *over):
                   f"data.sources.{dom}.paths=[{path}]", *over)
 
 
+def _write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _gen_fx(name, path):
+    """A small checkpoint from tests/generate_fixtures.py, built in the case's scratch dir
+    (once: the catalogue tool asks for the command line again after running it)."""
+    import generate_fixtures
+
+    return path if path.exists() else getattr(generate_fixtures, name)(path)
+
+
+def _study(fx, *over):
+    return ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}", QUIET, *over]
+
+
 def _merge_yaml(fx, name):
     return ["merge", str(fx["merge"] / f"{name}.yaml"), "--out", str(fx["tmp"] / "merged")]
 
@@ -282,6 +299,28 @@ CASES: list[Case] = [
     Case("exists-export", "export --out an existing directory",
          lambda fx: ["export", str(fx["dense"]), "--out", str(fx["hf_dense"])],
          "already exists"),
+    # ------------------------------------------------------------------ generate
+    Case("gen-prompt-over-context", "generate: prompt longer than the model's context",
+         lambda fx: ["generate", str(fx["dense"]), "--prompt-file",
+                     _write(fx["tmp"] / "long.txt", b"x" * 300)], "context"),
+    Case("gen-temperature-zero", "generate --temperature 0 (sampling)",
+         lambda fx: ["generate", str(fx["dense"]), "--temperature", "0"], "temperature",
+         subprocess=True),
+    Case("gen-top-p-over-one", "generate --top-p 1.5",
+         lambda fx: ["generate", str(fx["dense"]), "--top-p", "1.5"], "top-p"),
+    Case("gen-domain-not-expert", "generate --domain that is not an expert of the model",
+         lambda fx: ["generate", str(fx["moe_domain"]), "--domain", "klingon"], "klingon"),
+    Case("gen-domain-missing", "generate with a domain-routed MoE and no --domain",
+         lambda fx: ["generate", str(fx["moe_domain"])], "--domain"),
+    Case("gen-html-missing-dir", "generate --html in a directory that does not exist",
+         lambda fx: ["generate", str(fx["moe"]), "--html", str(fx["tmp"] / "no-dir" / "r.html")],
+         "no-dir"),
+    Case("gen-prompt-unencodable", "generate: prompt the checkpoint's tokenizer cannot encode",
+         lambda fx: ["generate", str(_gen_fx("word_checkpoint", fx["tmp"] / "words")),
+                     "--prompt", "hello klingon"], "cannot encode"),
+    Case("gen-vocab-no-tokenizer", "generate: non-byte vocabulary and no tokenizer with it",
+         lambda fx: ["generate", str(_gen_fx("no_tokenizer_checkpoint", fx["tmp"] / "v300"))],
+         "no tokenizer/"),
     # ------------------------------------------------------------------ CLI arguments
     Case("run-seeds-zero", "moe run --seeds 0",
          lambda fx: ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}",
@@ -289,6 +328,32 @@ CASES: list[Case] = [
     Case("run-unknown-stage", "moe run --stage nonsense",
          lambda fx: ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}",
                      "--stage", "nonsense"], "nonsense"),
+    Case("study-seed-fraction", "study.seed_fraction outside (0, 1)",
+         lambda fx: _study(fx, "study.seed_fraction=1.2"), "study.seed_fraction must be in (0, 1)"),
+    Case("study-fork-cosine", "fork protocol with a schedule that has no stable phase (cosine)",
+         lambda fx: _study(fx, "optim.schedule=cosine"), "optim.schedule=wsd"),
+    Case("study-fork-in-cooldown", "fork point inside the monolith's cool-down",
+         lambda fx: _study(fx, "study.seed_fraction=0.85"), "cool-down"),
+    Case("study-merge-typo", "study.merge_method misspelled (tiess): refused before any training",
+         lambda fx: _study(fx, "study.merge_method=tiess"), "tiess"),
+    Case("study-unknown-arm", "study.arms names an arm that does not exist",
+         lambda fx: _study(fx, "study.arms=[seed,experts]"), "unknown value 'experts'"),
+    Case("study-budget-too-small", "study budget leaves no step for the branches",
+         lambda fx: _study(fx, "study.budget_steps=4"), "no step is left"),
+    Case("study-fork-partition", "fork protocol with a partitioning split",
+         lambda fx: _study(fx, "study.split_method=random"), "split_method=copy"),
+    Case("sweep-unknown-key", "moe sweep over a key that does not exist",
+         lambda fx: ["sweep", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'sweep'}",
+                     "study.budget_stepz=60,120"], "study.budget_stepz"),
+    Case("sweep-wrong-type", "moe sweep value of the wrong type",
+         lambda fx: ["sweep", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'sweep'}",
+                     "study.budget_steps=60,many"], "budget_steps=many"),
+    Case("sweep-one-value", "moe sweep with a single value",
+         lambda fx: ["sweep", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'sweep'}",
+                     "study.budget_steps=60,60"], "listed twice"),
+    Case("sweep-seeds-zero", "moe sweep --seeds 0",
+         lambda fx: ["sweep", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'sweep'}",
+                     "study.budget_steps=60,120", "--seeds", "0"], "--seeds"),
     Case("cli-int-arg", "eval --max-batches given a word",
          lambda fx: ["eval", str(fx["dense"]), "--max-batches", "lots"], "--max-batches"),
     Case("cli-unknown-command", "unknown subcommand",

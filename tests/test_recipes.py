@@ -23,3 +23,40 @@ def test_there_are_recipes_of_each_kind():
     for want in ("debug/dense.yaml", "debug/branch.yaml", "debug/joint.yaml", "debug/router.yaml",
                  "quickstart.yaml", "small/study.yaml", "cluster/branch.yaml"):
         assert want in names
+
+
+STUDIES = [p for p in RECIPES if p.parent.name != "cluster"
+           and (p.stem in ("quickstart", "study", "sweep") or p.parent.name == "ablations")]
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(REPO)))
+def test_study_recipe_plans(path: Path):
+    """Dry-run every shipped study and sweep: the budget splits and every stage's dependencies
+    are built by an earlier stage of the chosen arms."""
+    from moe.study.runner import Study
+    from moe.study.sweep import Sweep
+
+    r = load_recipe(path)
+    studies = ([Study(x, Path(x.out_dir)) for x in Sweep(str(path), []).recipes]
+               if r.sweep.key else [Study(r, Path(r.out_dir))])
+    for st in studies:
+        plan = st.plan()
+        seen: set[str] = set()
+        for stage in plan:
+            assert set(stage.deps) <= seen, (stage.name, stage.deps)
+            seen.add(stage.name)
+        b = st.ctx.budget
+        # the experts' post-seed FLOPs match the monolith's to within one MoE step
+        assert abs(b.expert_flops_after_seed - b.monolith_flops_after_seed) <= (
+            b.moe_flops_per_step + b.dense_flops_per_step)
+        for m in st.model_specs():
+            assert set(m.lineage) | set(m.members) <= seen, m.name
+
+
+def test_reference_recipes_follow_the_issue():
+    study = load_recipe(REPO / "recipes" / "study.yaml")
+    assert study.study.protocol == "fork" and study.study.seeds >= 3
+    assert study.data.bytes_per_domain >= 1_000_000
+    sweep = load_recipe(REPO / "recipes" / "sweep.yaml")
+    vals = [float(v) for v in sweep.sweep.values]
+    assert len(vals) >= 4 and max(vals) / min(vals) >= 10 and sweep.study.seeds >= 3

@@ -26,7 +26,8 @@ def test_study_writes_report_results_and_plots(study):
     assert (study / "report.md").is_file()
     res = json.loads((study / "results.json").read_text())
     for name in ("seed", "branch-text", "branch-code", "branch-dna", "ft-code-1", "ft-code-2",
-                 "merge-code", "btx", "moe", "dense-compute", "dense-data", "btm", "avg"):
+                 "merge-code", "btx", "moe", "dense-compute", "dense-data", "btm", "avg",
+                 "random-btm"):
         assert name in res["models"], name
     assert list((study / "plots").glob("*.png"))
 
@@ -50,8 +51,31 @@ def test_compute_matched_baseline_has_the_experts_flops(study):
     assert abs(moe["train_flops"] - dense["train_flops"]) <= step
     ledger = {s["name"]: s for s in res["stages"]}
     after_seed = sum(ledger[n]["flops"] for n in ledger
-                     if n.startswith(("branch-", "ft-")) or n == "router")
+                     if n.startswith(("branch-", "ft-")) or n == "moe")
     assert moe["train_flops"] == pytest.approx(ledger["seed"]["flops"] + after_seed)
+    # the monolith is the seed run continued: its stage starts at the seed's last step
+    assert ledger["dense-compute"]["steps"] == res["budget"]["total_steps"] - ledger["seed"]["steps"]
+    # the in-domain tokens of a branch's lineage: the seed's share plus all of its own
+    seed_code = ledger["seed"]["tokens_by_domain"]["code"]
+    assert res["models"]["branch-code"]["tokens_by_domain"]["code"] == (
+        seed_code + ledger["branch-code"]["tokens"])
+    assert res["models"]["branch-code"]["tokens_by_domain"]["text"] == (
+        ledger["seed"]["tokens_by_domain"]["text"])
+
+
+def test_random_split_control_is_wired_like_the_branches(study):
+    res = json.loads((study / "results.json").read_text())
+    ledger = {s["name"]: s for s in res["stages"]}
+    for k in range(3):
+        ctl = ledger[f"random-{k}"]
+        assert ctl["steps"] == ledger["branch-text"]["steps"]
+        # trained on the mixed stream: every domain, not one
+        assert set(ctl["tokens_by_domain"]) == {"text", "code", "dna"}
+    orders = {json.dumps(ledger[f"random-{k}"]["tokens_by_domain"]) for k in range(3)}
+    assert len(orders) == 3  # each control branch has its own data order
+    rnd, btm = res["models"]["random-btm"], res["models"]["btm"]
+    assert rnd["train_flops"] == pytest.approx(btm["train_flops"])
+    assert rnd["total_params"] == btm["total_params"]
 
 
 def test_report_table_shows_the_results_numbers(study):
@@ -75,7 +99,7 @@ def test_rerun_keeps_finished_stages_and_stage_reruns_one(study):
 
 
 def test_changed_recipe_is_refused(study):
-    rc = main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", "study.branch_steps=11",
+    rc = main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", "study.budget_steps=81",
                *QUIET])
     assert rc == 2
 
@@ -83,8 +107,9 @@ def test_changed_recipe_is_refused(study):
 def test_seeds_repeat_the_study_and_report_mean_and_spread(tmp_path):
     out = tmp_path / "multi"
     assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={out}", "--seeds", "2",
-                 "study.seed_steps=5", "study.branch_steps=3", "study.finetune_steps=2",
-                 "study.router_steps=3", "study.eval_batches=1", *QUIET]) == 0
+                 "study.budget_steps=30", "study.finetune_steps=2",
+                 "study.arms=[seed,branches,family,btx,monolith]", "study.eval_batches=1",
+                 *QUIET]) == 0
     agg = json.loads((out / "results.json").read_text())
     assert agg["n"] == 2
     per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (1234, 1235)]

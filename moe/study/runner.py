@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moe.config import ConfigError, Recipe
+from moe.config import ConfigError, Recipe, validate_study_run
 from moe.data.datamodule import DomainDataModule
 from moe.eval.evaluate import evaluate_model
 from moe.io.checkpoint import load_checkpoint, read_config, write_json
@@ -56,6 +56,7 @@ def check_fork_point(recipe: Recipe, seed_steps: int, total: int) -> None:
 
 class Study:
     def __init__(self, recipe: Recipe, run_dir: Path):
+        validate_study_run(recipe, recipe.name)
         self.r = recipe
         arms = with_requirements(list(recipe.study.arms))
         budget = plan_budget(recipe, arms)

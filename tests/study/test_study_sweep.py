@@ -1,0 +1,60 @@
+"""`moe sweep`: the swept override, crossovers, refusal of another sweep's directory, and a tiny
+end-to-end sweep."""
+
+import json
+
+import pytest
+from helpers import DEBUG
+
+from moe.cli import main
+from moe.config import ConfigError
+from moe.study.sweep import crossover, split_sweep_override
+
+QUIET = "trainer.enable_progress_bar=false"
+
+
+def test_the_swept_override_is_the_one_with_a_top_level_comma():
+    plain, sweep = split_sweep_override(["data.domains=[text,code]", "study.budget_steps=1,2,3",
+                                         "seed=3"])
+    assert plain == ["data.domains=[text,code]", "seed=3"]
+    assert sweep == ("study.budget_steps", ["1", "2", "3"])
+    with pytest.raises(ConfigError, match="one swept key"):
+        split_sweep_override(["a=1,2", "b=3,4"])
+
+
+def test_crossover_is_named_where_the_sign_changes():
+    # (value, mean of arm - reference, CI half-width): behind, behind, ahead, ahead
+    got = crossover([("1", 0.05, 0.01), ("2", 0.01, 0.02), ("3", -0.02, 0.01), ("4", -0.05, 0.01)])
+    assert got["between"] == ["2", "3"]
+    assert not got["significant"]  # at value 2 the interval includes zero
+    assert got["verdicts"] == ["loses", "not distinguishable at 95%", "beats", "beats"]
+    assert "starts winning" in got["summary"]
+    none = crossover([("1", 0.05, 0.01), ("2", 0.03, 0.01)])
+    assert none["between"] is None and "behind at every value" in none["summary"]
+    one_seed = crossover([("1", 0.05, None), ("2", -0.03, None)])
+    assert one_seed["between"] == ["1", "2"] and not one_seed["significant"]
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_each_value_and_reports_the_gains(tmp_path):
+    out = tmp_path / "sw"
+    args = ["sweep", str(DEBUG / "study.yaml"), f"out_dir={out}", QUIET,
+            "study.arms=[seed,branches,btm,monolith]", "study.eval_batches=1",
+            "study.budget_steps=24,40"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["values"] == ["24", "40"]
+    assert [p["budget"]["total_steps"] for p in res["points"]] == [24, 40]
+    per = [json.loads((out / f"budget_steps={v}" / "results.json").read_text()) for v in (24, 40)]
+    for point, study in zip(res["points"], per):
+        g = point["gains"]["BTM ensemble"]["code"]["delta"]["mean"]
+        m = study["models"]
+        assert g == pytest.approx(m["btm"]["eval"]["code"]["bpb"]
+                                  - m["dense-compute"]["eval"]["code"]["bpb"])
+    report = (out / "report.md").read_text()
+    assert "Crossovers" in report and (out / "plots" / "gain_vs_sweep.png").is_file()
+    # the same directory with another sweep is refused, nothing is trained
+    assert main(["sweep", str(DEBUG / "study.yaml"), f"out_dir={out}", QUIET,
+                 "study.arms=[seed,branches,btm,monolith]", "study.eval_batches=1",
+                 "study.budget_steps=24,48"]) == 2
+    assert not (out / "budget_steps=48").exists()
