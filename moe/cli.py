@@ -148,6 +148,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from moe.generation import generate_command
+
+    generate_command(
+        args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, domain=args.domain, show_routing=args.show_routing,
+        layer=args.layer, html=args.html, json_path=args.json, color=args.color,
+        device=args.device,
+    )  # fmt: skip
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument mistakes print one line `moe: error: ...` and exit 2, like every other mistake."""
 
@@ -247,6 +260,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output Hugging Face directory")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser(
+        "generate", help="continue a prompt with a checkpoint; show which expert got each token",
+        description="Continue a prompt with a checkpoint (greedy unless a sampling option is "
+        "given), optionally showing the routing of every token.",
+    )  # fmt: skip
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("--prompt", help="prompt text (default: empty, start from BOS)")
+    sp.add_argument("--prompt-file", help="read the prompt from this file (bytes as they are)")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
+    sp.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    sp.add_argument("--top-p", type=float, help="sample from the smallest set with mass >= p")
+    sp.add_argument("--seed", type=int, help="sampling seed (sampling repeats with it)")
+    sp.add_argument("--domain", help="domain (expert) for a domain-routed MoE")
+    sp.add_argument("--show-routing", action="store_true",
+                    help="print the text coloured by the expert of each token, per layer")
+    sp.add_argument("--layer", type=int, help="show this layer only")
+    sp.add_argument("--html", help="write a self-contained HTML page of the routing")
+    sp.add_argument("--json", help="write tokens, ids and per-layer expert ids and weights")
+    sp.add_argument("--color", default="auto", choices=["auto", "always", "never"])
+    sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    sp.set_defaults(func=cmd_generate)
 
     sp = recipe_cmd("data", "show what each domain corpus holds", cmd_data, optional=True)
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -103,7 +103,11 @@ class MoEFFN(nn.Module):
         self.last_aux_loss = (
             self.aux_loss(logits_NE, ids_NK) if logits_NE is not None and self.training else None
         )
-        self.last_stats = {"expert_ids": ids_NK.detach(), "num_experts": self.num_experts}
+        self.last_stats = {
+            "expert_ids": ids_NK.detach(),  # (N, K), largest weight first
+            "weights": weights_NK.detach(),  # (N, K)
+            "num_experts": self.num_experts,
+        }
         return y_NC.view(B, T, C)
 
 

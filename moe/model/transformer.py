@@ -5,7 +5,11 @@ One model with a switch: each block's FFN is a dense SwiGLU, or a mixture of Swi
 without Lightning.
 
 Legend: B batch, T sequence length, C model dim, H heads, Hkv key/value heads, Dh head dim,
-F FFN hidden dim, V vocabulary.
+F FFN hidden dim, V vocabulary, S positions in the KV cache (past + current), P past positions.
+
+Incremental decoding: pass a `KVCache` (from `Transformer.new_cache`) to `forward`; each call
+appends its tokens' keys/values and its positions continue where the cache left off (RoPE offset
+by P), so generating one more token costs one position. Without a cache `forward` is unchanged.
 
 Parameter names are stable (checkpoints, merges and the Hugging Face adapters rely on them):
     tok_emb.weight                      (V, C)
@@ -56,13 +60,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # x: (B, H, T, Dh); rotate the two halves of the head dim (same layout as HF Llama)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, Dh/2)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, Dh/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class KVCache:
+    """Keys and values of every layer for the positions processed so far, in buffers allocated
+    once for `max_len` positions (writes are in place: no concatenation per token)."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (batch, n_kv_heads, max_len, head_dim)  # (B, Hkv, S_max, Dh)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0  # positions filled (P for the next call)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's k/v (B, Hkv, T, Dh) after the past ones; return all (B, Hkv, S, Dh).
+        `length` advances once per forward (in `Transformer.forward`), not per layer."""
+        P, T = self.length, k.shape[2]
+        self.k[layer][:, :, P : P + T] = k
+        self.v[layer][:, :, P : P + T] = v
+        return self.k[layer][:, :, : P + T], self.v[layer][:, :, : P + T]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
@@ -70,17 +107,42 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, Dh)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        if cache is None:
+            if self.n_kv_heads != self.n_heads:
+                rep = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(rep, dim=1)  # (B, H, T, Dh)
+                v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        else:
+            # decoding: SDPA shares each k/v head among its query heads itself (enable_gqa)
+            # instead of copying the whole cache once per token as repeat_interleave would
+            P = cache.length
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh), S = P + T
+            gqa = self.n_kv_heads != self.n_heads
+            if P == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            elif T == 1:
+                # one new token attends to every cached position and itself: no mask
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            else:
+                # query i sits at position P + i and sees keys 0..P + i (is_causal would align
+                # the mask to the top-left corner, as if there were no past)
+                S = k.shape[2]
+                rows = torch.arange(P, P + T, device=x.device).unsqueeze(1)  # (T, 1)
+                mask = torch.arange(S, device=x.device).unsqueeze(0) <= rows  # (T, S)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -101,7 +163,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.moe.experts:
             from moe.model.moe_layer import MoEFFN
@@ -110,8 +172,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, domain=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, domain=None, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.ffn(self.ffn_norm(x), domain=domain)
 
 
@@ -151,23 +213,49 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (default: the
+        model's context), in the dtype and on the device of the weights."""
+        cfg = self.config
+        max_len = cfg.max_seq_len if max_len is None else min(max_len, cfg.max_seq_len)
+        w = self.tok_emb.weight
+        return KVCache(
+            cfg.n_layers, batch, cfg.n_kv_heads, cfg.dim // cfg.n_heads, max_len, w.dtype, w.device
+        )
+
     def forward(
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         domain: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_logits_only: bool = False,
     ) -> ModelOutput:
-        """input_ids (B, T); targets (B, T) with IGNORE_INDEX for no target; domain (B,) ids."""
+        """input_ids (B, T); targets (B, T) with IGNORE_INDEX for no target; domain (B,) ids.
+
+        cache: the tokens continue the cached positions (incremental decoding); the cache is
+        extended in place. last_logits_only: logits (B, 1, V) for the last position only (a
+        decoding step needs no more; saves the head's matmul over the prompt).
+        """
         B, T = input_ids.shape
-        if T > self.config.max_seq_len:
+        P = 0 if cache is None else cache.length
+        if P + T > self.config.max_seq_len:
             raise ValueError(
-                f"sequence length {T} exceeds the model's context max_seq_len="
+                f"sequence length {P + T} exceeds the model's context max_seq_len="
                 f"{self.config.max_seq_len}"
             )
+        if last_logits_only and targets is not None:
+            raise ValueError("last_logits_only=True has no logits to score targets against")
+        if cache is not None and P + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, {P + T} needed")
         x = self.tok_emb(input_ids)  # (B, T, C)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[P : P + T], self.rope_sin[P : P + T]
         for layer in self.layers:
-            x = layer(x, cos, sin, domain=domain)
+            x = layer(x, cos, sin, domain=domain, cache=cache)
+        if cache is not None:
+            cache.length = P + T
+        if last_logits_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head)  # (B, T, V)
