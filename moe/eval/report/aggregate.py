@@ -140,6 +140,7 @@ def aggregate(results_list: list[dict]) -> dict:
         "split_method": first.get("split_method"),
         "protocol": first.get("protocol"),
         "budget": first.get("budget"),
+        "train_tokens_by_domain": first.get("train_tokens_by_domain"),
         "device": first.get("device"),
         "wall_s": [r.get("wall_s") for r in results_list],
         "command": first.get("command"),
@@ -261,6 +262,13 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
                                   ["l"] + ["r"] * (len(doms) + 1)))
     else:
         lines.append("No compute-matched reference.")
+    from moe.eval.report.sections import _protocol_section
+
+    protocol = _protocol_section(agg)
+    if protocol:
+        lines += ["", "## Protocol and data exposure", "",
+                  "(compute and tokens are the same for every seed; shown for the first)", "",
+                  protocol]
     lines += ["", "## Reproduce", "", "```",
               command_line(agg) + (f"  # --seeds {agg.get('n')}" if not agg.get("command") else ""),
               "```", ""]
