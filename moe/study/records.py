@@ -65,6 +65,7 @@ class StudyResult:
     curves: dict[str, list[dict]]
     merge: dict | None = None
     command: str = ""
+    samples: str | None = None  # markdown: greedy continuations per domain (moe.study.samples)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -178,6 +178,7 @@ class Study:
         else:
             log(f"[{len(names) - 1}/{len(names)}] eval (every model on every domain)")
             results = self.evaluate(wall=time.perf_counter() - t0).to_dict()
+            results["samples"] = self.samples(results)
             write_json(results_path, results)
         return results
 
@@ -321,6 +322,14 @@ class Study:
             curves=self.curves(records),
             merge=merge,
         )
+
+    def samples(self, results: dict) -> str | None:
+        """Greedy continuations of one prompt per domain by the seed, the branches and the MoE."""
+        from moe.study.samples import study_samples
+
+        want = [("seed", "seed")] + [(f"branch-{e}", f"branch-{e}") for e in self.r.study.experts]
+        want.append(("moe", "experts (BTX MoE)"))
+        return study_samples(self.ctx, want, results["domains"])
 
     # ------------------------------------------------------------------ curves
 

@@ -141,6 +141,7 @@ def aggregate(results_list: list[dict]) -> dict:
         "protocol": first.get("protocol"),
         "budget": first.get("budget"),
         "train_tokens_by_domain": first.get("train_tokens_by_domain"),
+        "samples": first.get("samples"),
         "device": first.get("device"),
         "wall_s": [r.get("wall_s") for r in results_list],
         "command": first.get("command"),
@@ -269,6 +270,9 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
         lines += ["", "## Protocol and data exposure", "",
                   "(compute and tokens are the same for every seed; shown for the first)", "",
                   protocol]
+    if agg.get("samples"):
+        lines += ["", agg["samples"].rstrip("\n").replace(
+            "## Samples", "## Samples (first seed)", 1)]
     lines += ["", "## Reproduce", "", "```",
               command_line(agg) + (f"  # --seeds {agg.get('n')}" if not agg.get("command") else ""),
               "```", ""]

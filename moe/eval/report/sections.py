@@ -364,6 +364,8 @@ def render_report(results: dict, plots: dict[str, bool] | None = None) -> str:
     routing = _routing_section(results)
     if routing:
         lines += ["## Router usage per domain", "", routing, ""]
+    if results.get("samples"):
+        lines += [results["samples"].rstrip("\n"), ""]
     lines += ["## Reproduce", "", "```", command_line(results), "```", ""]
     return "\n".join(lines)
 
