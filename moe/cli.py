@@ -249,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_merge)
 
-    sp = sub.add_parser("import", help="import a Hugging Face Llama directory as a checkpoint")
-    sp.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    sp = sub.add_parser(
+        "import", help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral model or a GGUF file"
+    )
+    sp.add_argument(
+        "hf_dir", help="directory with config.json and *.safetensors, a .gguf file or its directory"
+    )
     sp.add_argument("--out", required=True, help="output checkpoint directory")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_import)

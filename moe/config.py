@@ -58,6 +58,19 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3's RoPE frequency scaling (transformers' rope_type "llama3"): wavelengths longer than
+    original_max_len / low_freq_factor are divided by `factor`, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between is interpolated."""
+
+    rope_type: str = "llama3"  # the only type this model computes
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192  # transformers' original_max_position_embeddings
+
+
+@dataclass
 class ModelConfig:
     """Llama-style decoder. `size` picks a preset; any field set here overrides it."""
 
@@ -70,6 +83,8 @@ class ModelConfig:
     ffn_dim: int | None = None  # SwiGLU hidden size
     max_seq_len: int | None = None  # longest context RoPE is prepared for
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None  # None = plain RoPE
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -93,6 +108,18 @@ class ModelConfig:
             )
         if (out.dim // out.n_heads) % 2:
             raise ConfigError("model.dim / model.n_heads must be even (RoPE rotates pairs)")
+        rs = out.rope_scaling
+        if rs is not None:
+            if rs.rope_type != "llama3":
+                raise ConfigError(
+                    f"model.rope_scaling.rope_type: {rs.rope_type!r} is not supported (llama3 only)"
+                )
+            if not (rs.factor > 0 and 0 < rs.low_freq_factor < rs.high_freq_factor):
+                raise ConfigError(
+                    "model.rope_scaling: needs factor > 0 and 0 < low_freq_factor < "
+                    f"high_freq_factor, got {rs.factor}, {rs.low_freq_factor}, "
+                    f"{rs.high_freq_factor}"
+                )
         return out
 
 

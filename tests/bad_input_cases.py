@@ -274,8 +274,8 @@ CASES: list[Case] = [
          lambda fx: ["import", str(fx["hf_noconfig"]), "--out", str(fx["tmp"] / "i")],
          "config.json"),
     Case("import-not-llama", "import: a non-Llama architecture",
-         lambda fx: ["import", str(fx["hf_mistral"]), "--out", str(fx["tmp"] / "i")],
-         "only Llama-architecture"),
+         lambda fx: ["import", str(fx["hf_gpt2"]), "--out", str(fx["tmp"] / "i")],
+         "only Llama-family"),
     Case("import-missing-dir", "import of a directory that does not exist",
          lambda fx: ["import", str(fx["tmp"] / "nothing"), "--out", str(fx["tmp"] / "i")],
          "nothing"),
@@ -452,11 +452,11 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     fx["hf_noconfig"] = root / "hf-noconfig"
     fx["hf_noconfig"].mkdir()
     shutil.copy(fx["hf_dense"] / "model.safetensors", fx["hf_noconfig"] / "model.safetensors")
-    fx["hf_mistral"] = root / "hf-mistral"
-    shutil.copytree(fx["hf_dense"], fx["hf_mistral"])
-    hcfg = json.loads((fx["hf_mistral"] / "config.json").read_text())
-    hcfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
-    (fx["hf_mistral"] / "config.json").write_text(json.dumps(hcfg))
+    fx["hf_gpt2"] = root / "hf-gpt2"
+    shutil.copytree(fx["hf_dense"], fx["hf_gpt2"])
+    hcfg = json.loads((fx["hf_gpt2"] / "config.json").read_text())
+    hcfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (fx["hf_gpt2"] / "config.json").write_text(json.dumps(hcfg))
 
     # recipes
     rec = fx["recipes"] = root / "recipes"

@@ -1,5 +1,7 @@
-"""Hugging Face interop: import Llama (and Mixtral) directories, export to LlamaForCausalLM /
-MixtralForCausalLM.
+"""Hugging Face interop: import Llama-family directories (Llama incl. Llama 3 RoPE scaling,
+SmolLM2, Mistral without a sliding window, Qwen2/Qwen2.5 with q/k/v biases), Mixtral MoEs and GGUF
+files (de-quantized through transformers); export to LlamaForCausalLM, Qwen2ForCausalLM (q/k/v
+biases) or MixtralForCausalLM. Anything else is refused in one line naming the config field.
 
 Neither direction needs `transformers` to run: configs are written as JSON and weights are renamed
 tensor by tensor (transformers, the `hf` extra, is needed only to load the result). Our RoPE uses
@@ -9,6 +11,7 @@ RMSNorm/SwiGLU/GQA match Llama's, so an imported model computes the same logits.
 Names (ours ⇄ Llama):
     tok_emb.weight                  model.embed_tokens.weight
     layers.{i}.attn.w{q,k,v,o}      model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    layers.{i}.attn.w{q,k,v}.bias   model.layers.{i}.self_attn.{q,k,v}_proj.bias (Qwen2)
     layers.{i}.attn_norm.weight     model.layers.{i}.input_layernorm.weight
     layers.{i}.ffn_norm.weight      model.layers.{i}.post_attention_layernorm.weight
     layers.{i}.ffn.w{1,3,2}.weight  model.layers.{i}.mlp.{gate,up,down}_proj.weight
@@ -29,13 +32,15 @@ import json
 import os
 import re
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from moe.config import ConfigError, ModelConfig, MoEConfig
+from moe.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
 from moe.io.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -65,6 +70,10 @@ _LAYER_MAP = {
     "ffn.w1.weight": "mlp.gate_proj.weight",
     "ffn.w3.weight": "mlp.up_proj.weight",
     "ffn.w2.weight": "mlp.down_proj.weight",
+    # Qwen2's q/k/v biases (model.qkv_bias)
+    "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
 }
 _TOP_MAP = {
     "tok_emb.weight": "model.embed_tokens.weight",
@@ -129,39 +138,93 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: corrupted JSON ({e})") from None
 
 
-def _rope_theta(hf: dict[str, Any], where: Path) -> float:
-    """rope_theta from a transformers 4 (top-level + rope_scaling) or 5 (rope_parameters) config."""
-    if hf.get("rope_scaling"):
+# model_type → the transformers class: each computes what our model does, under the checks in
+# model_config_from_hf (Mistral = Llama without a sliding window; Qwen2 = Llama with q/k/v biases)
+_DENSE_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+_MOE_TYPES = {"mixtral": "MixtralForCausalLM"}
+
+
+def _model_type(hf: dict[str, Any], where: Path) -> str:
+    archs = hf.get("architectures") or []
+    mt = hf.get("model_type")
+    if mt is None:  # old configs name only the class
+        by_class = {v: k for k, v in {**_DENSE_TYPES, **_MOE_TYPES}.items()}
+        mt = next((by_class[a] for a in archs if a in by_class), None)
+    if mt not in _DENSE_TYPES and mt not in _MOE_TYPES:
         raise ConfigError(
-            f"{where}: rope_scaling {hf['rope_scaling']!r} is not supported (this model uses "
-            "plain RoPE); only Llama models without RoPE scaling can be imported"
+            f"{where}: model_type {mt!r} (architectures {archs}) is not supported; only "
+            f"Llama-family models ({', '.join(_DENSE_TYPES)}) and Mixtral MoEs can be imported"
         )
-    rp = hf.get("rope_parameters") or {}
-    if rp.get("rope_type", "default") != "default":
+    return mt
+
+
+def _rope(hf: dict[str, Any], where: Path) -> tuple[float, RopeScalingConfig | None]:
+    """rope_theta and Llama 3 scaling from a transformers 4 (rope_theta + rope_scaling) or 5
+    (rope_parameters) config; other RoPE variants are refused."""
+    scaling, params = dict(hf.get("rope_scaling") or {}), dict(hf.get("rope_parameters") or {})
+    p = {**params, **scaling}
+    kinds = {
+        "rope_scaling": scaling.get("rope_type") or scaling.get("type"),
+        "rope_parameters": params.get("rope_type"),
+    }
+    key, kind = next(
+        ((k, v) for k, v in kinds.items() if v not in (None, "default")), ("", "default")
+    )
+    theta = float(p.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    partial = p.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor {partial} is not supported (1.0 only)")
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
         raise ConfigError(
-            f"{where}: rope_parameters.rope_type {rp['rope_type']!r} is not supported (only "
-            "default RoPE)"
+            f"{where}: {key}.rope_type {kind!r} is not supported (default or llama3 RoPE only)"
         )
-    return float(rp.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in need if p.get(k) is None]
+    if missing:
+        raise ConfigError(f"{where}: {key}.{missing[0]} is missing (llama3 RoPE needs it)")
+    return theta, RopeScalingConfig(
+        factor=float(p["factor"]),
+        low_freq_factor=float(p["low_freq_factor"]),
+        high_freq_factor=float(p["high_freq_factor"]),
+        original_max_len=int(p["original_max_position_embeddings"]),
+    )
+
+
+def _check_full_attention(hf: dict[str, Any], model_type: str, where: Path) -> None:
+    """Our attention sees the whole context; a sliding window is accepted only where it is a no-op
+    (it covers max_position_embeddings, the longest sequence the model is given)."""
+    window = hf.get("sliding_window")
+    sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
+    if model_type == "qwen2":
+        used = bool(hf.get("use_sliding_window")) or bool(sliding)
+    else:
+        used = window is not None or bool(sliding)
+    context = int(hf.get("max_position_embeddings") or 2048)
+    if used and (window is None or int(window) < context):
+        raise ConfigError(
+            f"{where}: sliding_window {window} is shorter than the context "
+            f"(max_position_embeddings {context}); only full attention is supported"
+        )
 
 
 def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
-    """Our ModelConfig for a Llama (or Mixtral) config.json; refuses what our model cannot compute
-    exactly."""
-    archs = hf.get("architectures") or []
-    mixtral = hf.get("model_type") == "mixtral" or "MixtralForCausalLM" in archs
-    if not mixtral and hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise ConfigError(
-            f"{where}: only Llama-architecture dense models (and Mixtral MoEs) can be imported "
-            f"(model_type {hf.get('model_type')!r}, architectures {archs})"
-        )
-    if mixtral and hf.get("sliding_window") is not None:
-        raise ConfigError(
-            f"{where}: sliding_window {hf['sliding_window']} is not supported (full attention only)"
-        )
+    """Our ModelConfig for a Llama, Mistral, Qwen2 (or Mixtral) config.json; refuses, in one line
+    naming the field, what our model cannot compute exactly."""
+    model_type = _model_type(hf, where)
+    mixtral = model_type in _MOE_TYPES
+    _check_full_attention(hf, model_type, where)
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
-            raise ConfigError(f"{where}: {key}: true is not supported (this model has no biases)")
+            raise ConfigError(
+                f"{where}: {key}: true is not supported (the only biases modelled are Qwen2's "
+                "q/k/v biases)"
+            )
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
     dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -171,6 +234,7 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads "
             f"({dim} / {heads}); this model derives head_dim from them"
         )
+    rope_theta, rope_scaling = _rope(hf, where)
     moe = MoEConfig()
     if mixtral:
         n = int(hf["num_local_experts"])
@@ -193,7 +257,9 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
         n_kv_heads=int(hf.get("num_key_value_heads") or heads),
         ffn_dim=int(hf["intermediate_size"]),
         max_seq_len=int(hf.get("max_position_embeddings") or 2048),
-        rope_theta=_rope_theta(hf, where),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        qkv_bias=model_type == "qwen2",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
@@ -204,14 +270,24 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
 # ----------------------------------------------------------------------------- import
 
 
-def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Import a Hugging Face directory (config.json + safetensors) as a checkpoint: a Llama dense
-    model, or a Mixtral MoE (per-expert layout) as a learned-router MoE. Tokenizer files are
-    carried into `out/tokenizer/`. Returns `out`."""
+def import_hf(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    source: str | os.PathLike | None = None,
+) -> Path:
+    """Import a Hugging Face directory (config.json + safetensors) as a checkpoint: a Llama,
+    Mistral or Qwen2 dense model, or a Mixtral MoE (per-expert layout) as a learned-router MoE.
+    A GGUF file (or a directory holding one) is de-quantized through transformers first. Tokenizer
+    files are carried into `out/tokenizer/`. `source` is recorded as meta.hf_source (default:
+    `hf_dir`). Returns `out`."""
     from moe.merge.sources import TensorFile, hf_weight_files, is_hf_dir
 
     src, out = Path(hf_dir), Path(out)
     _refuse_existing(out, overwrite)
+    gguf = _gguf_file(src, is_hf_dir(src))
+    if gguf is not None:
+        return _import_gguf(gguf, out, overwrite)
     if not is_hf_dir(src):
         bins = src.is_dir() and any(src.glob("*.bin"))
         raise ConfigError(
@@ -249,7 +325,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         state[f"layers.{layer}.ffn.{w}"] = torch.stack([by_e[e] for e in range(E)])
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: the head is the embedding
-    for k, shape in _param_shapes(cfg).items():
+    shapes = _param_shapes(cfg)
+    extra = sorted(set(state) - set(shapes))
+    if extra:
+        raise ConfigError(f"{src}: tensor {extra[0]} (our name) is not part of the model config")
+    for k, shape in shapes.items():
         if k not in state:
             raise ConfigError(f"{src}: tensor {k} (our name) is missing")
         if tuple(state[k].shape) != shape:
@@ -261,7 +341,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         kind="moe" if cfg.moe.experts else "dense",
         family=None,
         recipe=None,
-        hf_source=str(src.resolve()),
+        hf_source=str(Path(source or src).resolve()),
         hf_token_ids={k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
     )
     tmp = _staging(out)
@@ -277,6 +357,58 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _gguf_file(src: Path, hf_dir: bool) -> Path | None:
+    """The GGUF file to import: `src` itself, or the one .gguf in a directory that is not a
+    Hugging Face directory; None when `src` is not GGUF."""
+    if src.is_file() and src.suffix == ".gguf":
+        return src
+    if hf_dir or not src.is_dir():
+        return None
+    found = sorted(src.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise ConfigError(f"{src}: holds several GGUF files ({names}); pass the one to import")
+    return found[0] if found else None
+
+
+def _import_gguf(gguf: Path, out: Path, overwrite: bool) -> Path:
+    """De-quantize a GGUF file with transformers (`from_pretrained(dir, gguf_file=...)`) into a
+    temporary Hugging Face directory, with its tokenizer, and import that."""
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ConfigError(
+            f"{gguf}: importing GGUF needs transformers, gguf and accelerate "
+            "(pip install 'moe-forge[hf]')"
+        ) from None
+    where, name = gguf.parent, gguf.name
+    try:
+        hf_cfg = AutoConfig.from_pretrained(where, gguf_file=name)
+    except Exception as e:  # the GGUF reader's errors (unknown architecture, corrupt file, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{gguf}: cannot read as GGUF: {first}") from None
+    model_config_from_hf(hf_cfg.to_dict(), gguf)  # refuse before de-quantizing every tensor
+    # transformers 5 names the argument dtype, 4 torch_dtype
+    kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, **{kw: torch.float32})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".moe-gguf-", dir=out.parent) as tmp:
+        # transformers refuses save_pretrained on a GGUF-loaded model: write the de-quantized
+        # tensors (cloned: a tied head shares the embedding's storage) and the config ourselves
+        sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model.config.to_json_file(str(Path(tmp) / "config.json"))
+        del model, sd
+        try:
+            tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        except Exception as e:  # no or unconvertible tokenizer: the weights still import
+            warnings.warn(f"{gguf}: tokenizer not imported ({type(e).__name__}: {e})", stacklevel=2)
+        else:
+            tok.save_pretrained(tmp)
+        return import_hf(tmp, out, overwrite, source=gguf)
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -306,7 +438,8 @@ def _token_ids(cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, int | None]:
 
 
 def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM (dense) or MixtralForCausalLM (MoE, learned router)."""
+    """config.json for LlamaForCausalLM (dense), Qwen2ForCausalLM (dense with q/k/v biases) or
+    MixtralForCausalLM (MoE, learned router)."""
     c: dict[str, Any] = {
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -317,9 +450,9 @@ def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, A
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        # transformers 4 reads rope_theta, transformers 5 rope_parameters
+        # transformers 4 reads rope_theta (+ rope_scaling), transformers 5 rope_parameters
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": _rope_parameters(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "vocab_size": cfg.vocab_size,
         "initializer_range": cfg.init_std,
@@ -329,7 +462,18 @@ def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, A
         "dtype": dtype,
         **_token_ids(cfg, meta),
     }
+    if cfg.rope_scaling is not None:
+        c["rope_scaling"] = {k: v for k, v in c["rope_parameters"].items() if k != "rope_theta"}
     m = cfg.moe
+    if not m.experts and cfg.qkv_bias:
+        c.update(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=cfg.n_layers,
+        )
+        return c
     if not m.experts:
         c.update(
             architectures=["LlamaForCausalLM"],
@@ -354,10 +498,28 @@ def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, A
     return c
 
 
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    rs = cfg.rope_scaling
+    if rs is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": cfg.rope_theta,
+        "factor": rs.factor,
+        "low_freq_factor": rs.low_freq_factor,
+        "high_freq_factor": rs.high_freq_factor,
+        "original_max_position_embeddings": rs.original_max_len,
+    }
+
+
 def _check_exportable(cfg: ModelConfig, path: Path) -> None:
     m = cfg.moe
     if not m.experts:
         return
+    if cfg.qkv_bias:
+        raise ConfigError(
+            f"{path}: cannot export qkv_bias: true to Mixtral, whose attention has no biases"
+        )
     if m.router != "learned":
         raise ConfigError(
             f"{path}: cannot export router={m.router!r} to Mixtral: it routes by each sequence's "
@@ -447,9 +609,10 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Export a checkpoint as a Hugging Face directory: dense → LlamaForCausalLM, MoE with the
-    learned top-k router → MixtralForCausalLM. Tokenizer: the one carried in at import, else the
-    byte tokenizer when the vocabulary is the byte vocabulary. Returns `out`."""
+    """Export a checkpoint as a Hugging Face directory: dense → LlamaForCausalLM (with q/k/v
+    biases: Qwen2ForCausalLM), MoE with the learned top-k router → MixtralForCausalLM. Tokenizer:
+    the one carried in at import, else the byte tokenizer when the vocabulary is the byte
+    vocabulary. Returns `out`."""
     from moe.merge.sources import resolve_input
 
     path, out = resolve_input(ckpt), Path(out)

@@ -15,6 +15,7 @@ Parameter names are stable (checkpoints, merges and the Hugging Face adapters re
     tok_emb.weight                      (V, C)
     layers.{i}.attn_norm.weight         (C,)
     layers.{i}.attn.{wq,wk,wv,wo}.weight
+    layers.{i}.attn.{wq,wk,wv}.bias     only with qkv_bias (Qwen2)
     layers.{i}.ffn_norm.weight          (C,)
     layers.{i}.ffn.{w1,w3}.weight       (F, C)   dense FFN (w1 gate, w3 up)
     layers.{i}.ffn.w2.weight            (C, F)   dense FFN (down)
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe.config import ModelConfig
+from moe.config import ModelConfig, RopeScalingConfig
 
 IGNORE_INDEX = -100
 
@@ -49,11 +50,29 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, max_len: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len, head_dim/2) for rotary embeddings (Llama's half-split layout)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv = llama3_frequencies(inv, scaling)
     ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)  # (T, Dh/2)
     return ang.cos().float(), ang.sin().float()
+
+
+def llama3_frequencies(inv: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
+    """Llama 3's long-context RoPE: slow rotations (wavelength above original_max_len /
+    low_freq_factor) are slowed `factor` times more, fast ones (below original_max_len /
+    high_freq_factor) are kept, and the band between blends the two linearly in
+    original_max_len / wavelength."""
+    wavelen = 2 * torch.pi / inv
+    # 0 at the slow edge of the band, 1 at the fast edge
+    blend = (s.original_max_len / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blend = blend.clamp(0.0, 1.0)
+    return (1 - blend) * inv / s.factor + blend * inv
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -102,9 +121,9 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(
@@ -196,7 +215,9 @@ class Transformer(nn.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         )
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(
+            cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
+        )
         # not part of the state dict: derived from the config
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -207,6 +228,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight", ".w2")):
                 # scale residual-stream outputs by depth (GPT-2 style) to keep activations stable
                 nn.init.normal_(p, std=std / (2 * self.config.n_layers) ** 0.5)
