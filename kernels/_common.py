@@ -10,9 +10,11 @@ import os
 
 import torch
 
+from ._launch import recording
+
 # TRITON_INTERPRET has to be set before triton is imported; read it once, at import, like
-# triton does. Under the interpreter kernels run on CPU tensors and autotune must get a
-# single config (several configs fail there).
+# triton does. Under the interpreter kernels run on CPU tensors, with the small tiles the
+# config functions return for arch None (see _launch.device_arch).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:  # pragma: no cover - depends on the platform
@@ -27,8 +29,10 @@ except Exception:  # ImportError, or a broken install that fails while importing
 
 
 def triton_usable(t: torch.Tensor) -> bool:
-    """True when a triton kernel can run on tensor t (CUDA, or CPU under the interpreter)."""
-    return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+    """True when a triton kernel can run on tensor t (CUDA, or CPU under the interpreter;
+    meta tensors while launches are recorded, see _launch.record_launches)."""
+    return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu")
+                           or (recording() and t.device.type == "meta"))
 
 
 def require_triton(t: torch.Tensor, what: str) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as nnf
 
-from ._common import HAS_TRITON, INTERPRET, next_pow2, require_triton, tl, triton
+from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton
+from ._launch import Config, Launch, device_arch, device_sms, run, smem_limit
 
 # --------------------------------------------------------------------------- validation
 
@@ -47,8 +48,8 @@ def check_grouped_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.T
         )
     if offsets.device != x_ND.device:
         raise ValueError(f"{what}: offsets on {offsets.device} but x_ND on {x_ND.device}")
-    if not offsets.is_cuda:
-        # Host-side checks are free on CPU; on CUDA they would synchronise, so skip them.
+    if offsets.device.type == "cpu":
+        # Host-side checks are free on CPU; on a device they would synchronise: skip them.
         o = offsets.tolist()
         if o[0] != 0 or o[-1] != x_ND.shape[0] or any(b < a for a, b in zip(o, o[1:])):
             raise ValueError(
@@ -60,30 +61,7 @@ def check_grouped_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.T
 # --------------------------------------------------------------------------- triton kernels
 
 if HAS_TRITON:
-    if INTERPRET:
-        # The interpreter cannot autotune over several configs; one small config (tl.dot
-        # needs every block dim >= 16).
-        _FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
-        _DW_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_F": 32})]
-    else:  # pragma: no cover - needs a GPU
-        _FWD_CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
-                          num_stages=s)
-            for bm, bn, bk, w, s in [
-                (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 32, 4, 4),
-            ]
-        ]
-        _DW_CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_F": bf}, num_warps=w,
-                          num_stages=s)
-            for bm, bd, bf, w, s in [
-                (64, 128, 128, 8, 3), (32, 128, 128, 8, 4), (64, 128, 64, 4, 4),
-                (64, 64, 128, 4, 4), (32, 64, 64, 4, 3),
-            ]
-        ]
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=["D", "F", "E"])
     @triton.jit
     def _grouped_mm_kernel(
         x_ptr, w_ptr, y_ptr, offsets_ptr, gather_ptr,
@@ -136,7 +114,6 @@ if HAS_TRITON:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])
 
-    @triton.autotune(configs=_DW_CONFIGS, key=["D", "F", "E", "S"])
     @triton.jit
     def _grouped_dw_kernel(
         x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr,
@@ -167,13 +144,19 @@ if HAS_TRITON:
         dmask = dd < D
         fmask = ff < F
         acc = tl.zeros((BLOCK_D, BLOCK_F), dtype=tl.float32)  # fp32 accumulate
+        # The gather index of a row block is loaded one iteration ahead of the rows it
+        # addresses. Loaded in the same iteration (index, then x through it), triton's
+        # pipeliner gives the index load a stage of its own and keeps num_stages - 2 x/dy
+        # buffers (1 on sm_80 at num_stages=4: no overlap); one iteration ahead, the x and dy
+        # tiles get the full pipeline (3 buffers on sm_80, 4 on sm_90).
+        rows = r0 + tl.arange(0, BLOCK_M)
+        if HAS_GATHER:
+            src = tl.load(gather_ptr + rows, mask=rows < r1, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
         for m0 in range(r0, r1, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             rmask = rows < r1
-            if HAS_GATHER:
-                src = tl.load(gather_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            else:
-                src = rows.to(tl.int64)
             # x loaded already transposed: (BLOCK_D, BLOCK_M).
             a = tl.load(x_ptr + src[None, :] * stride_xn + dd[:, None] * stride_xd,
                         mask=dmask[:, None] & rmask[None, :], other=0.0)
@@ -183,17 +166,147 @@ if HAS_TRITON:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
+            nxt = rows + BLOCK_M
+            if HAS_GATHER:
+                src = tl.load(gather_ptr + nxt, mask=nxt < r1, other=0).to(tl.int64)
+            else:
+                src = nxt.to(tl.int64)
         # Experts (or splits) without rows store exact zeros.
         w_ptrs = (dw_ptr + s.to(tl.int64) * stride_ws + e.to(tl.int64) * stride_we
                   + dd[:, None] * stride_wd + ff[None, :] * stride_wf)
         tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=dmask[:, None] & fmask[None, :])
 
 
+# --------------------------------------------------------------------------- configs
+
+# Tile configs, chosen from shapes, dtype and architecture only (see _launch: no autotuning).
+# Checked offline by tools/gpu_compile_report.py (compiles, registers, spills, shared memory,
+# tensor cores per architecture) and tests/kernels/test_gpu_compile.py. Names: M rows of the
+# grouped operand, N output columns, K the reduced dim; for dW, M is the reduced dim (rows).
+# 16-bit inputs run on tensor cores (HMMA on sm_80, wgmma on sm_90, tcgen05 on sm_100);
+# wgmma needs BLOCK_M >= 64 per warpgroup, so no tile here is shorter than 64 rows.
+# fp32 inputs use input_precision="ieee" (full fp32, no tf32): FMA, not tensor cores, so their
+# tiles are sized for registers instead.
+MM_TILES = {
+    # (class): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    ("tc", "large"): (128, 128, 64, 8, 4),
+    ("tc", "short"): (64, 128, 64, 4, 4),   # few rows per expert
+    ("tc", "narrow"): (128, 64, 64, 4, 4),  # N <= 64
+    ("tc", "small"): (64, 64, 64, 4, 4),
+    # D or F not a multiple of 16: no 16-divisible strides for triton to specialise on, so
+    # every element is loaded on its own (no vector loads, no cp.async); larger tiles spill.
+    ("tc", "unaligned"): (64, 64, 32, 4, 3),
+    ("fma", "large"): (64, 64, 16, 8, 3),
+    ("fma", "short"): (64, 64, 16, 8, 3),
+    ("fma", "narrow"): (64, 64, 16, 8, 3),
+    ("fma", "small"): (64, 64, 16, 8, 3),
+    ("fma", "unaligned"): (64, 64, 16, 8, 3),
+}
+DW_TILES = {
+    # (class): (BLOCK_M, BLOCK_D, BLOCK_F, num_warps, num_stages)
+    ("tc", "large"): (64, 128, 128, 8, 4),
+    ("tc", "narrow"): (64, 64, 64, 4, 4),
+    ("tc", "unaligned"): (64, 64, 64, 4, 3),
+    ("fma", "large"): (16, 64, 64, 4, 3),
+    ("fma", "narrow"): (16, 64, 64, 4, 3),
+    ("fma", "unaligned"): (16, 64, 64, 4, 3),
+}
+# The interpreter runs one small tile (tl.dot needs every block dim >= 16), so the tests'
+# small shapes still span several tiles, partial tiles and several tiles per expert.
+INTERP_MM = Config.of(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+INTERP_DW = Config.of(BLOCK_M=16, BLOCK_D=32, BLOCK_F=32)
+
+
+def _tile_class(dtype: torch.dtype) -> str:
+    return "tc" if dtype in (torch.bfloat16, torch.float16) else "fma"
+
+
+def fit_stages(stages: int, stage_bytes: int, arch: int) -> int:
+    """Fewest cuts to num_stages so that num_stages buffers of stage_bytes fit the arch's
+    shared memory (an upper bound: sm_80 allocates num_stages - 1 buffers)."""
+    while stages > 2 and stages * stage_bytes > smem_limit(arch):
+        stages -= 1
+    return stages
+
+
+def grouped_mm_config(N: int, D: int, F: int, E: int, dtype: torch.dtype,
+                      arch: int | None) -> Config:
+    """Tiles of y (N, F) = x (N, D) @ w[e] (D, F) over E experts; arch None: interpreter."""
+    if arch is None:
+        return INTERP_MM
+    rows = -(-N // max(1, E))  # mean rows per expert: a taller tile would be mostly padding
+    if D % 16 or F % 16:
+        size = "unaligned"
+    elif rows < 128:
+        size = "small" if F <= 64 else "short"
+    else:
+        size = "narrow" if F <= 64 else "large"
+    bm, bn, bk, w, s = MM_TILES[(_tile_class(dtype), size)]
+    es = dtype.itemsize
+    s = fit_stages(s, (bm * bk + bk * bn) * es, arch)
+    return Config.of(num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def grouped_dw_config(N: int, D: int, F: int, E: int, dtype: torch.dtype,
+                      arch: int | None) -> Config:
+    """Tiles of dw[e] (D, F) = x[rows of e]^T @ dy[rows of e]; arch None: interpreter."""
+    if arch is None:
+        return INTERP_DW
+    size = "unaligned" if D % 16 or F % 16 else "narrow" if min(D, F) <= 64 else "large"
+    bm, bd, bf, w, s = DW_TILES[(_tile_class(dtype), size)]
+    es = dtype.itemsize
+    s = fit_stages(s, (bd * bm + bm * bf) * es, arch)
+    return Config.of(num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_D=bd, BLOCK_F=bf)
+
+
+def dw_split(E: int, D: int, F: int, sms: int | None, block_d: int = 128,
+             block_f: int = 128) -> int:
+    """How many programs share one expert's rows. From shapes only (no data), sized so that
+    even if every row went to one expert its (D, F) tiles alone would fill the machine."""
+    if sms is None:
+        return 2  # the interpreter: exercise the split path in its tests
+    tiles_one_expert = -(-D // block_d) * -(-F // block_f)
+    split = -(-2 * sms // max(1, tiles_one_expert))
+    # Cap the fp32 partial buffer at ~4 GiB and at 8 ways.
+    cap = max(1, (4 << 30) // max(1, 4 * E * D * F))
+    return int(max(1, min(8, split, cap)))
+
+
 # --------------------------------------------------------------------------- launchers
 
 
+def grouped_mm_launch(x_MD: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Tensor,
+                      gather_N: torch.Tensor | None, y_NF: torch.Tensor,
+                      what: str = "") -> Launch:
+    E, D, F = w_EDF.shape
+    N = y_NF.shape[0]
+    # The tiles are loaded along a unit-stride dim: triton specialises a stride of 1 to a
+    # constant, which is what gives 16-byte vector loads, cp.async and a pipelined K loop.
+    # Without it (a plain i32 stride) the loads are scalar, the loop is not pipelined and
+    # 128x128 tiles spill (docs/benchmarks.md, GPU compile check). So other layouts are
+    # copied first: x along D; w along D (a transposed view) or F.
+    if x_MD.stride(1) != 1:
+        x_MD = x_MD.contiguous()
+    if w_EDF.stride(1) != 1 and w_EDF.stride(2) != 1:
+        w_EDF = w_EDF.contiguous()
+    cfg = grouped_mm_config(N, D, F, E, x_MD.dtype, device_arch(x_MD.device))
+    gather = gather_N if gather_N is not None else offsets  # dummy pointer when unused
+    # Upper bound on row tiles: every expert may waste one partial tile.
+    grid = (-(-N // cfg["BLOCK_M"]) + E, -(-F // cfg["BLOCK_N"]))
+    args = dict(
+        x_ptr=x_MD, w_ptr=w_EDF, y_ptr=y_NF, offsets_ptr=offsets, gather_ptr=gather,
+        D=D, F=F, E=E,
+        stride_xn=x_MD.stride(0), stride_xd=x_MD.stride(1),
+        stride_we=w_EDF.stride(0), stride_wd=w_EDF.stride(1), stride_wf=w_EDF.stride(2),
+        stride_yn=y_NF.stride(0), stride_yf=y_NF.stride(1),
+    )
+    meta = dict(HAS_GATHER=gather_N is not None, IEEE=x_MD.dtype == torch.float32,
+                E_PAD=max(16, next_pow2(E)), **cfg.meta())
+    return Launch(_grouped_mm_kernel, grid, args, meta, cfg.num_warps, cfg.num_stages, what)
+
+
 def grouped_mm_triton(x_MD: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Tensor,
-                      gather_N: torch.Tensor | None = None) -> torch.Tensor:
+                      gather_N: torch.Tensor | None = None, what: str = "") -> torch.Tensor:
     """y[r] = x[gather[r]] @ w[e(r)] (x[r] without gather); N = len(gather) or rows of x.
 
     w may be any strided view (a transposed weight for the backward is passed as a view).
@@ -210,45 +323,24 @@ def grouped_mm_triton(x_MD: torch.Tensor, w_EDF: torch.Tensor, offsets: torch.Te
         return y_NF
     if D == 0:
         return y_NF.zero_()
-    gather = gather_N if gather_N is not None else offsets  # dummy pointer when unused
-
-    def grid(meta):
-        # Upper bound on row tiles: every expert may waste one partial tile.
-        return (triton.cdiv(N, meta["BLOCK_M"]) + E, triton.cdiv(F, meta["BLOCK_N"]))
-
-    _grouped_mm_kernel[grid](
-        x_MD, w_EDF, y_NF, offsets, gather,           # in, in, out, in, in
-        D, F, E,                                      # sizes
-        x_MD.stride(0), x_MD.stride(1),               # x strides
-        w_EDF.stride(0), w_EDF.stride(1), w_EDF.stride(2),  # w strides
-        y_NF.stride(0), y_NF.stride(1),               # y strides
-        HAS_GATHER=gather_N is not None, IEEE=x_MD.dtype == torch.float32,
-        E_PAD=max(16, next_pow2(E)),
-    )
+    run(grouped_mm_launch(x_MD, w_EDF, offsets, gather_N, y_NF, what))
     return y_NF
 
 
-def _dw_split(E: int, D: int, F: int, device: torch.device) -> int:
-    """How many programs share one expert's rows. From shapes only (no data), sized so that
-    even if every row went to one expert its (D, F) tiles alone would fill the machine."""
-    if INTERPRET or device.type != "cuda":
-        return 2  # exercise the split path in the interpreter tests
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles_one_expert = triton.cdiv(D, 128) * triton.cdiv(F, 128)
-    split = triton.cdiv(2 * sms, max(1, tiles_one_expert))
-    # Cap the fp32 partial buffer at ~4 GiB and at 8 ways.
-    cap = max(1, (4 << 30) // max(1, 4 * E * D * F))
-    return int(max(1, min(8, split, cap)))
-
-
 def grouped_dw_triton(x_MD: torch.Tensor, dy_NF: torch.Tensor, offsets: torch.Tensor,
-                      gather_N: torch.Tensor | None = None, split: int | None = None
-                      ) -> torch.Tensor:
+                      gather_N: torch.Tensor | None = None, split: int | None = None,
+                      what: str = "") -> torch.Tensor:
     """dw[e] = sum over rows r of expert e of outer(x[gather[r]], dy[r]); shape (E, D, F)."""
     require_triton(x_MD, "grouped_mm backward")
+    if x_MD.stride(1) != 1:  # unit inner strides: see grouped_mm_launch
+        x_MD = x_MD.contiguous()
+    if dy_NF.stride(1) != 1:
+        dy_NF = dy_NF.contiguous()
     E = offsets.numel() - 1
-    D, F = x_MD.shape[1], dy_NF.shape[1]
-    S = split if split is not None else _dw_split(E, D, F, x_MD.device)
+    N, D, F = dy_NF.shape[0], x_MD.shape[1], dy_NF.shape[1]
+    cfg = grouped_dw_config(N, D, F, E, x_MD.dtype, device_arch(x_MD.device))
+    S = split if split is not None else dw_split(E, D, F, device_sms(x_MD.device),
+                                                  cfg["BLOCK_D"], cfg["BLOCK_F"])
     if S == 1:
         dw_SEDF = torch.empty(1, E, D, F, dtype=x_MD.dtype, device=x_MD.device)
     else:
@@ -256,18 +348,18 @@ def grouped_dw_triton(x_MD: torch.Tensor, dy_NF: torch.Tensor, offsets: torch.Te
     if dw_SEDF.numel() == 0:
         return dw_SEDF.sum(0).to(x_MD.dtype)
     gather = gather_N if gather_N is not None else offsets  # dummy pointer when unused
-
-    def grid(meta):
-        return (E * triton.cdiv(D, meta["BLOCK_D"]) * triton.cdiv(F, meta["BLOCK_F"]), S)
-
-    _grouped_dw_kernel[grid](
-        x_MD, dy_NF, dw_SEDF, offsets, gather,        # in, in, out, in, in
-        D, F, E, S,                                   # sizes, split factor
-        x_MD.stride(0), x_MD.stride(1),               # x strides
-        dy_NF.stride(0), dy_NF.stride(1),             # dy strides
-        dw_SEDF.stride(0), dw_SEDF.stride(1), dw_SEDF.stride(2), dw_SEDF.stride(3),
-        HAS_GATHER=gather_N is not None, IEEE=x_MD.dtype == torch.float32,
+    grid = (E * -(-D // cfg["BLOCK_D"]) * -(-F // cfg["BLOCK_F"]), S)
+    args = dict(
+        x_ptr=x_MD, dy_ptr=dy_NF, dw_ptr=dw_SEDF, offsets_ptr=offsets, gather_ptr=gather,
+        D=D, F=F, E=E, S=S,
+        stride_xn=x_MD.stride(0), stride_xd=x_MD.stride(1),
+        stride_yn=dy_NF.stride(0), stride_yf=dy_NF.stride(1),
+        stride_ws=dw_SEDF.stride(0), stride_we=dw_SEDF.stride(1),
+        stride_wd=dw_SEDF.stride(2), stride_wf=dw_SEDF.stride(3),
     )
+    meta = dict(HAS_GATHER=gather_N is not None, IEEE=x_MD.dtype == torch.float32,
+                **cfg.meta())
+    run(Launch(_grouped_dw_kernel, grid, args, meta, cfg.num_warps, cfg.num_stages, what))
     if S == 1:
         return dw_SEDF[0]
     # Fixed-order reduction over the splits: deterministic.

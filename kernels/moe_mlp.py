@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as nnf
 
 from ._common import HAS_TRITON, next_pow2, resolve_backend, tl, triton
+from ._launch import Config, Launch, run
 from .grouped_gemm import (
     grouped_dw_torch,
     grouped_dw_triton,
@@ -85,20 +86,26 @@ if HAS_TRITON:
             tl.store(dwt_ptr + t * K + j, tl.sum(acc, 0))
 
 
+def combine_config(D: int) -> Config:
+    """One program per token and BLOCK_D columns of it (at most 1024: 8 per thread)."""
+    return Config.of(num_warps=4, num_stages=3, BLOCK_D=min(1024, max(16, next_pow2(D))))
+
+
 def combine_triton(o_ND: torch.Tensor, inv_N: torch.Tensor, weights_TK: torch.Tensor | None,
-                   T: int, K: int, out_dtype: torch.dtype) -> torch.Tensor:
+                   T: int, K: int, out_dtype: torch.dtype, what: str = "") -> torch.Tensor:
     """y[t] = sum_j weights[t,j] * o[inv[t*K+j]] (weights None: plain sum). Deterministic."""
     D = o_ND.shape[1]
     y_TD = torch.empty(T, D, dtype=out_dtype, device=o_ND.device)
     if T == 0 or D == 0:
         return y_TD
-    BLOCK_D = min(1024, max(16, next_pow2(D)))
+    cfg = combine_config(D)
     w = weights_TK.contiguous() if weights_TK is not None else inv_N  # dummy when unused
-    _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](
-        o_ND, inv_N, w, y_TD,                         # in, in, in, out
-        D, o_ND.stride(0), y_TD.stride(0),            # size, strides
-        K=K, HAS_W=weights_TK is not None, BLOCK_D=BLOCK_D,
-    )
+    run(Launch(
+        _combine_kernel, (T, triton.cdiv(D, cfg["BLOCK_D"])),
+        dict(o_ptr=o_ND, inv_ptr=inv_N, w_ptr=w, y_ptr=y_TD,
+             D=D, stride_on=o_ND.stride(0), stride_yt=y_TD.stride(0)),
+        dict(K=K, HAS_W=weights_TK is not None, **cfg.meta()),
+        cfg.num_warps, cfg.num_stages, what))
     return y_TD
 
 
@@ -111,12 +118,15 @@ def combine_bwd_triton(dy_TD: torch.Tensor, o_ND: torch.Tensor, inv_N: torch.Ten
     dwt_TK = torch.empty(T, K, dtype=torch.float32, device=o_ND.device)
     if T == 0:
         return do_ND, dwt_TK
-    BLOCK_D = min(1024, max(16, next_pow2(D)))
-    _combine_bwd_kernel[(T,)](
-        dy_TD, o_ND, inv_N, weights_TK.contiguous(), do_ND, dwt_TK,  # in x4, out x2
-        D, dy_TD.stride(0), o_ND.stride(0), do_ND.stride(0),        # size, strides
-        K=K, BLOCK_D=BLOCK_D,
-    )
+    cfg = combine_config(D)
+    run(Launch(
+        _combine_bwd_kernel, (T,),
+        dict(dy_ptr=dy_TD, o_ptr=o_ND, inv_ptr=inv_N, w_ptr=weights_TK.contiguous(),
+             do_ptr=do_ND, dwt_ptr=dwt_TK,
+             D=D, stride_dyt=dy_TD.stride(0), stride_on=o_ND.stride(0),
+             stride_don=do_ND.stride(0)),
+        dict(K=K, **cfg.meta()),
+        cfg.num_warps, cfg.num_stages, "do, dweights"))
     return do_ND, dwt_TK
 
 
@@ -236,11 +246,11 @@ class _MoeMLP(torch.autograd.Function):
         off = plan.offsets
         if use_triton:
             # Rows of x are gathered inside the kernel (no permuted copy of x).
-            h1_NF = grouped_mm_triton(x_TD, w1_EDF, off, gather_N=plan.token)
-            h3_NF = grouped_mm_triton(x_TD, w3_EDF, off, gather_N=plan.token)
+            h1_NF = grouped_mm_triton(x_TD, w1_EDF, off, gather_N=plan.token, what="h1 = x @ w1")
+            h3_NF = grouped_mm_triton(x_TD, w3_EDF, off, gather_N=plan.token, what="h3 = x @ w3")
             a_NF = _swiglu_fwd(h1_NF, h3_NF)
-            o_ND = grouped_mm_triton(a_NF, w2_EFD, off)
-            y_TD = combine_triton(o_ND, plan.inv, weights_TK, T, K, x_TD.dtype)
+            o_ND = grouped_mm_triton(a_NF, w2_EFD, off, what="o = a @ w2")
+            y_TD = combine_triton(o_ND, plan.inv, weights_TK, T, K, x_TD.dtype, "y = sum w o")
             xs_ND = None
         else:
             xs_ND = x_TD.index_select(0, plan.token)
@@ -264,14 +274,16 @@ class _MoeMLP(torch.autograd.Function):
         a_NF = s_NF * h3_NF
         if ctx.use_triton:
             do_ND, dwt_TK = combine_bwd_triton(dy_TD, o_ND, inv_N, weights_TK)
-            dw2 = grouped_dw_triton(a_NF, do_ND, off)
-            da_NF = grouped_mm_triton(do_ND, w2_EFD.transpose(1, 2), off)
+            dw2 = grouped_dw_triton(a_NF, do_ND, off, what="dw2 = a^T do")
+            da_NF = grouped_mm_triton(do_ND, w2_EFD.transpose(1, 2), off, what="da = do @ w2^T")
             dh1_NF, dh3_NF = _swiglu_bwd(h1_NF, h3_NF, s_NF, da_NF)
-            dw1 = grouped_dw_triton(x_TD, dh1_NF, off, gather_N=token_N)
-            dw3 = grouped_dw_triton(x_TD, dh3_NF, off, gather_N=token_N)
-            dxs_ND = grouped_mm_triton(dh1_NF, w1_EDF.transpose(1, 2), off)
-            dxs_ND += grouped_mm_triton(dh3_NF, w3_EDF.transpose(1, 2), off)
-            dx_TD = combine_triton(dxs_ND, inv_N, None, T, K, x_TD.dtype)
+            dw1 = grouped_dw_triton(x_TD, dh1_NF, off, gather_N=token_N, what="dw1 = x^T dh1")
+            dw3 = grouped_dw_triton(x_TD, dh3_NF, off, gather_N=token_N, what="dw3 = x^T dh3")
+            dxs_ND = grouped_mm_triton(dh1_NF, w1_EDF.transpose(1, 2), off,
+                                       what="dx = dh1 @ w1^T")
+            dxs_ND += grouped_mm_triton(dh3_NF, w3_EDF.transpose(1, 2), off,
+                                        what="dx += dh3 @ w3^T")
+            dx_TD = combine_triton(dxs_ND, inv_N, None, T, K, x_TD.dtype, "dx = sum dxs")
         else:
             do_ND, dwt_TK = combine_bwd_torch(dy_TD, o_ND, token_N, order_N, inv_N, weights_TK,
                                               need_dweights=ctx.needs_input_grad[4])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
+from ._launch import Config, Launch, run
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _check_ids(expert_ids_TK: torch.Tensor, num_experts: int, what: str) -> None
     # A range check needs the values on the host: do it on CPU only; on CUDA it would be a
     # synchronisation, which the triton path promises not to do (out-of-range ids on CUDA
     # are the caller's bug; they are dropped from counts and give garbage rows).
-    if not expert_ids_TK.is_cuda and expert_ids_TK.numel() > 0:
+    if expert_ids_TK.device.type == "cpu" and expert_ids_TK.numel() > 0:
         lo, hi = int(expert_ids_TK.min()), int(expert_ids_TK.max())
         if lo < 0 or hi >= num_experts:
             raise ValueError(
@@ -162,6 +163,27 @@ if HAS_TRITON:
         tl.store(order_ptr + pos, offs.to(tl.int64), mask=valid)
 
 
+# --------------------------------------------------------------------------- configs
+
+
+def topk_route_config(T: int, E: int, k: int) -> Config:
+    """A (BLOCK_T, BLOCK_E) tile of logits per program, about 4k elements (32 per thread)."""
+    block_e = max(16, next_pow2(E))
+    block_t = max(1, min(64, 4096 // block_e))
+    return Config.of(num_warps=4, num_stages=1, BLOCK_T=block_t, BLOCK_E=block_e,
+                     BLOCK_K=max(2, next_pow2(k)))
+
+
+def plan_config(E: int) -> Config:
+    """Chunk of assignments per program of the histogram and scatter kernels: the one-hot
+    (BLOCK, E_PAD) tile stays around 4k elements, 32 per thread. (16k, as before, made the
+    scatter kernel's cumsum spill on sm_80/90/100 at E=8, 255 registers; see
+    docs/benchmarks.md, GPU compile check; and gave only N/1024 programs at E <= 16.)"""
+    e_pad = max(16, next_pow2(E))
+    block = max(16, min(1024, next_pow2(4096 // e_pad)))
+    return Config.of(num_warps=4, num_stages=1, BLOCK=block, E_PAD=e_pad)
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -173,22 +195,14 @@ def topk_route_triton(logits_TE: torch.Tensor, k: int, normalize: bool = True):
     ids_TK = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
     if T == 0:
         return weights_TK, ids_TK
-    BLOCK_E = max(16, next_pow2(E))
-    BLOCK_T = max(1, min(64, 4096 // BLOCK_E))
-    grid = (triton.cdiv(T, BLOCK_T),)
-    _topk_route_kernel[grid](
-        logits_TE, weights_TK, ids_TK,       # in, out, out
-        T, E,                                # sizes
-        logits_TE.stride(0), logits_TE.stride(1),
-        K=k, NORMALIZE=bool(normalize),
-        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=max(2, next_pow2(k)),
-    )
+    cfg = topk_route_config(T, E, k)
+    run(Launch(
+        _topk_route_kernel, (triton.cdiv(T, cfg["BLOCK_T"]),),
+        dict(logits_ptr=logits_TE, weights_ptr=weights_TK, ids_ptr=ids_TK, T=T, E=E,
+             stride_lt=logits_TE.stride(0), stride_le=logits_TE.stride(1)),
+        dict(K=k, NORMALIZE=bool(normalize), **cfg.meta()),
+        cfg.num_warps, cfg.num_stages, "top-k of the router logits"))
     return weights_TK, ids_TK
-
-
-def _plan_block(E_PAD: int) -> int:
-    # Keep the (BLOCK, E_PAD) one-hot tile around 16k elements.
-    return max(16, min(1024, next_pow2(16384 // E_PAD)))
 
 
 def plan_triton(expert_ids_TK: torch.Tensor, num_experts: int) -> Plan:
@@ -199,20 +213,16 @@ def plan_triton(expert_ids_TK: torch.Tensor, num_experts: int) -> Plan:
     dev = expert_ids_TK.device
     ids_N = expert_ids_TK.reshape(-1).contiguous()
     N = ids_N.numel()
-    E_PAD = max(16, next_pow2(E))
-    BLOCK = _plan_block(E_PAD)
-    C = max(1, triton.cdiv(N, BLOCK))
+    cfg = plan_config(E)
+    C = max(1, triton.cdiv(N, cfg["BLOCK"]))
     hist_CE = torch.empty(C, E, dtype=torch.int32, device=dev)
     order_N = torch.empty(N, dtype=torch.int64, device=dev)
     inv_N = torch.empty(N, dtype=torch.int64, device=dev)
     if N == 0:
         hist_CE.zero_()
     else:
-        _histogram_kernel[(C,)](
-            ids_N, hist_CE,                  # in, out
-            N, E,                            # sizes
-            BLOCK=BLOCK, E_PAD=E_PAD,
-        )
+        run(Launch(_histogram_kernel, (C,), dict(ids_ptr=ids_N, hist_ptr=hist_CE, N=N, E=E),
+                   cfg.meta(), cfg.num_warps, cfg.num_stages, "per-chunk expert counts"))
     # On-device scans (no host sync): offsets, and each chunk's base position per expert.
     counts_E = hist_CE.sum(0, dtype=torch.int32)
     offsets_E1 = torch.zeros(E + 1, dtype=torch.int32, device=dev)
@@ -220,11 +230,10 @@ def plan_triton(expert_ids_TK: torch.Tensor, num_experts: int) -> Plan:
     base_CE = (torch.cumsum(hist_CE, 0, dtype=torch.int32) - hist_CE) + offsets_E1[None, :E]
     base_CE = base_CE.contiguous()
     if N > 0:
-        _scatter_kernel[(C,)](
-            ids_N, base_CE, order_N, inv_N,  # in, in, out, out
-            N, E,                            # sizes
-            BLOCK=BLOCK, E_PAD=E_PAD,
-        )
+        run(Launch(_scatter_kernel, (C,),
+                   dict(ids_ptr=ids_N, base_ptr=base_CE, order_ptr=order_N, inv_ptr=inv_N,
+                        N=N, E=E),
+                   cfg.meta(), cfg.num_warps, cfg.num_stages, "sorted positions"))
     return Plan(order_N, inv_N, order_N // K, counts_E, offsets_E1, E, K)
 
 

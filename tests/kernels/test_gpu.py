@@ -68,7 +68,7 @@ def test_triton_path_never_syncs():
                                     device="cuda")
     ps = [p.requires_grad_() for p in params]
     logits = torch.randn(T, E, device="cuda")
-    for mode in ("warm", "error"):  # first pass compiles/autotunes (which may sync)
+    for mode in ("warm", "error"):  # the first pass compiles the kernels (which may sync)
         if mode == "error":
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
