@@ -47,14 +47,24 @@ def cmd_eval(args) -> int:
     doms = args.domains.split(",") if args.domains else None
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a directory; give a file name")
+    data = None
+    if args.data:
+        from moe.eval.data_spec import parse_data_spec
+
+        data = parse_data_spec(args.data)  # every mistake in it stops here, before any work
+    max_batches = args.max_batches
+    if max_batches is None:  # an explicit evaluation set is evaluated whole
+        max_batches = 0 if data is not None else 16
     reports = []
     for path in args.checkpoints:
         rep = evaluate_checkpoint(
             path,
             doms,
-            max_batches=args.max_batches,
+            max_batches=max_batches,
             batch_size=args.batch_size,
             progress=sys.stderr.isatty(),
+            data=data,
+            tokenizer=args.tokenizer,
         )
         reports.append(rep)
     print(format_table(reports))
@@ -62,7 +72,8 @@ def cmd_eval(args) -> int:
         write_json(args.json, reports if len(reports) > 1 else reports[0])
     else:
         for path, rep in zip(args.checkpoints, reports):
-            target = Path(path) / "eval.json"
+            # results on other data never replace the checkpoint's own eval.json
+            target = Path(path) / ("eval-data.json" if data is not None else "eval.json")
             write_json(target, rep)
             print(f"wrote {target}", file=sys.stderr)
     return 0
@@ -135,7 +146,13 @@ def cmd_merge(args) -> int:
 def cmd_import(args) -> int:
     from moe.io.hf import import_hf
 
-    print(import_hf(args.hf_dir, args.out, overwrite=args.overwrite))
+    out = import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+    print(out)
+    from moe.data.tokenizer import TOKENIZER_DIR
+
+    if not (Path(out) / TOKENIZER_DIR).is_dir():
+        print(f"note: {args.hf_dir} has no tokenizer files; pass the model's tokenizer to train "
+              "(data.tokenizer=PATH) and evaluate (moe eval --tokenizer PATH)", file=sys.stderr)
     return 0
 
 
@@ -193,10 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="per-domain held-out loss and bits per byte")
     sp.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
-    sp.add_argument("--domains", help="comma-separated domains (default: text,code,dna)")
-    sp.add_argument("--max-batches", type=int, default=16, help="held-out batches per domain")
+    sp.add_argument("--domains", help="comma-separated domains (default: text,code,dna, or "
+                    "every domain of --data)")
+    sp.add_argument("--data", action="append", metavar="SPEC",
+                    help="evaluate on this data instead of the checkpoint's recipe: a recipe file "
+                    "(its held-out split), DOMAIN=PATH_OR_GLOB or DOMAIN=hf:NAME[:SPLIT] (every "
+                    "document held out); repeatable")
+    sp.add_argument("--max-batches", type=int, default=None,
+                    help="held-out batches per domain (default 16; with --data 0 = all)")
     sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--json", help="write results here (default: eval.json in each directory)")
+    sp.add_argument("--tokenizer", metavar="PATH",
+                    help="tokenizer for a checkpoint imported without one (directory or "
+                    "tokenizer.json); a checkpoint's own tokenizer is always used")
+    sp.add_argument("--json", help="write results here (default: eval.json in each directory, "
+                    "eval-data.json with --data)")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("split", help="split a dense checkpoint into domain experts")

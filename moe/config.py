@@ -155,6 +155,10 @@ class DataConfig:
     batch_size: int = 8  # sequences per step (per domain for stream=per_domain)
     num_workers: int = 0
     cache_dir: str | None = None  # where tokenized corpora are cached; None = no cache
+    # byte | a Hugging Face tokenizer (a directory or a tokenizer.json file). Unset (null): the
+    # tokenizer of the init= checkpoint, else byte. A checkpoint carries its tokenizer; eval,
+    # split, assemble and merge always use the checkpoint's.
+    tokenizer: str | None = None
 
 
 # ----------------------------------------------------------------------------- optim/trainer
@@ -588,6 +592,9 @@ def validate(r: Recipe, where: str = "recipe") -> None:
         raise bad("data.weights must be non-negative with a positive sum")
     if d.batch_size < 1 or d.bytes_per_domain < 1:
         raise bad("data.batch_size and data.bytes_per_domain must be positive")
+    if d.tokenizer not in (None, "", "byte") and not Path(d.tokenizer).exists():
+        raise bad(f"data.tokenizer: no tokenizer at {d.tokenizer!r} (use byte, a tokenizer "
+                  "directory or a tokenizer.json file)")
     for dom, s in d.sources.items():
         if s.kind not in ("builtin", "files", "hf"):
             raise bad(f"data.sources.{dom}.kind: unknown kind {s.kind!r} (builtin, files, hf)")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from moe.config import DOMAINS, ConfigError, DataConfig
 from moe.data.datamodule import DomainDataModule
+from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer, checkpoint_tokenizer
 from moe.eval.evaluate import data_config_of, resolve_checkpoint
-from moe.io.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from moe.io.checkpoint import load_checkpoint, make_meta, read_config, save_checkpoint
 from moe.model.split import assemble, domain_mean_router, neuron_importance, split_model
 from moe.model.transformer import Transformer
 
@@ -26,14 +27,25 @@ def _load(path: str | os.PathLike) -> tuple[Transformer, dict]:
     return model, ck.meta
 
 
+def _tokenizer(path: str | os.PathLike, model: Transformer):
+    """The checkpoint's tokenizer, loaded (to read its domains' text)."""
+    return checkpoint_tokenizer(resolve_checkpoint(path), model.config.vocab_size)
+
+
+def _carried(path: str | os.PathLike, model: Transformer):
+    """The checkpoint's tokenizer as the output checkpoint carries it on (None if it has none)."""
+    return carried_tokenizer(resolve_checkpoint(path), model.config.vocab_size)
+
+
 def domain_batches(
-    data: DataConfig, seed: int, domain: str, n_batches: int, batch_size: int = 8
+    data: DataConfig, seed: int, domain: str, n_batches: int, batch_size: int = 8,
+    tokenizer=None,
 ) -> list[dict]:
     """`n_batches` training batches of one domain (never held-out data: splits use these)."""
     cfg = dataclasses.replace(
         data, domains=[domain], stream="separate", weights={}, batch_size=batch_size
     )
-    dm = DomainDataModule(cfg, seed=seed)
+    dm = DomainDataModule(cfg, seed=seed, tokenizer=tokenizer)
     dm.setup("fit")
     return list(itertools.islice(iter(dm.train_dataloader()), n_batches))
 
@@ -66,7 +78,9 @@ def split_checkpoint(
                 )
         seq = min(data.seq_len, dense.config.max_seq_len)
         data = dataclasses.replace(data, seq_len=seq)
-        batches = {e: domain_batches(data, dseed, e, calib_batches) for e in experts}
+        tok = _tokenizer(path, dense)
+        batches = {e: domain_batches(data, dseed, e, calib_batches, tokenizer=tok)
+                   for e in experts}  # fmt: skip
         importance = neuron_importance(dense, batches)
     moe, info = split_model(
         dense,
@@ -87,7 +101,8 @@ def split_checkpoint(
         recipe=meta.get("recipe"),
         split=info,
     )
-    return save_checkpoint(out, moe.state_dict(), moe.config, new_meta, overwrite=overwrite)
+    return save_checkpoint(out, moe.state_dict(), moe.config, new_meta, overwrite=overwrite,
+                           tokenizer=_carried(path, dense))
 
 
 def assemble_checkpoints(
@@ -118,6 +133,12 @@ def assemble_checkpoints(
     if router_init not in ("random", "domain_mean"):
         raise ConfigError(f"--router-init must be random or domain_mean, got {router_init!r}")
     loaded = [_load(p) for p in paths]
+    others = [p for p in (base, generalist) if p is not None]
+    check_same_tokenizer(
+        [(resolve_checkpoint(p), m.config.vocab_size) for p, (m, _) in zip(paths, loaded)]
+        + [(resolve_checkpoint(p), read_config(resolve_checkpoint(p)).vocab_size) for p in others],
+        "assemble",
+    )  # fmt: skip
     branches = [m for m, _ in loaded]
     metas = [meta for _, meta in loaded]
     names = list(experts) if experts else [m.get("domain") or m.get("family") for m in metas]
@@ -150,7 +171,8 @@ def assemble_checkpoints(
     init = None
     if router_init == "domain_mean" and router == "learned":
         data, dseed = data_config_of(metas[0])
-        batches = [domain_batches(data, dseed, n, calib_batches) for n in names]
+        tok = _tokenizer(paths[0], branches[0])
+        batches = [domain_batches(data, dseed, n, calib_batches, tokenizer=tok) for n in names]
         if general is not None:
             # the generalist's row: its mean input over every expert's domain
             mixed = [b for per in batches for b in per]
@@ -180,7 +202,8 @@ def assemble_checkpoints(
         recipe=metas[0].get("recipe"),
         assembled=dict(experts=names, shared=shared, router=router, router_init=router_init),
     )
-    return save_checkpoint(out, moe.state_dict(), moe.config, meta, overwrite=overwrite)
+    return save_checkpoint(out, moe.state_dict(), moe.config, meta, overwrite=overwrite,
+                           tokenizer=_carried(paths[0], loaded[0][0]))
 
 
 

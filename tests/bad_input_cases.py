@@ -54,6 +54,17 @@ def _gen_fx(name, path):
     return path if path.exists() else getattr(generate_fixtures, name)(path)
 
 
+def _tok_fx(fx, what):
+    """Tokenizer fixtures (tests/tokenizer_fixtures.py), built in the case's scratch dir."""
+    import tokenizer_fixtures as t
+
+    root = fx["tmp"] / "tok"
+    if what == "tok":
+        return t.bpe_tokenizer(root / "tok-a")
+    a, b = t.two_tokenizer_checkpoints(root)
+    return {"a": a, "b": b, "merge": t.merge_yaml(root, a, b)}[what]
+
+
 def _study(fx, *over):
     return ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}", QUIET, *over]
 
@@ -181,6 +192,31 @@ CASES: list[Case] = [
          lambda fx: ["eval", str(fx["dense"]), "--batch-size", "0"], "batch"),
     Case("eval-json-is-dir", "eval --json pointing at an existing directory",
          lambda fx: ["eval", str(fx["dense"]), "--json", str(fx["notckpt"])], "not-a-checkpoint"),
+    Case("eval-data-no-files", "eval --data DOMAIN=GLOB matching no file",
+         lambda fx: ["eval", str(fx["dense"]), "--data", f"text={fx['tmp']}/none/*.txt.gz"],
+         "no file matches"),
+    Case("eval-data-bad-spec", "eval --data naming neither a recipe nor DOMAIN=PATH",
+         lambda fx: ["eval", str(fx["dense"]), "--data", "nowhere.yaml"], "neither a recipe"),
+    Case("eval-no-tokenizer", "eval: non-byte vocabulary imported without a tokenizer",
+         lambda fx: ["eval", str(_gen_fx("no_tokenizer_checkpoint", fx["tmp"] / "v300"))],
+         "--tokenizer PATH"),
+    Case("init-no-tokenizer", "train init= a checkpoint imported without a tokenizer",
+         lambda fx: _train(fx, f"init={_gen_fx('no_tokenizer_checkpoint', fx['tmp'] / 'v300')}"),
+         "data.tokenizer=PATH"),
+    Case("init-other-tokenizer", "train init= a byte checkpoint with data.tokenizer= a BPE one",
+         lambda fx: _train(fx, f"init={fx['dense']}", f"data.tokenizer={_tok_fx(fx, 'tok')}"),
+         "is another one"),
+    Case("tokenizer-larger-than-model", "data.tokenizer with more tokens than model.vocab_size",
+         lambda fx: _train(fx, f"data.tokenizer={_tok_fx(fx, 'tok')}"),
+         "more than the model's embedding"),
+    Case("data-tokenizer-missing", "data.tokenizer= a path that does not exist",
+         lambda fx: _train(fx, f"data.tokenizer={fx['tmp'] / 'no-tok'}"), "data.tokenizer"),
+    Case("merge-tokenizer-mismatch", "merge: checkpoints with different tokenizers",
+         lambda fx: ["merge", str(_tok_fx(fx, "merge")), "--out", str(fx["tmp"] / "merged")],
+         "different tokenizers"),
+    Case("assemble-tokenizer-mismatch", "assemble: branches with different tokenizers",
+         lambda fx: ["assemble", str(_tok_fx(fx, "a")), str(_tok_fx(fx, "b")), "--out",
+                     str(fx["tmp"] / "btx")], "different tokenizers"),
     Case("init-not-checkpoint", "train init= a directory that is not a checkpoint",
          lambda fx: _train(fx, f"init={fx['notckpt']}"), "not-a-checkpoint"),
     Case("init-moe-dense-stage", "stage=dense with init= an MoE checkpoint",

@@ -209,7 +209,8 @@ def test_checkpoint_with_another_vocabulary_is_refused_for_eval_and_training(tmp
     cfg = ModelConfig(vocab_size=32000, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64)
     m = Transformer(cfg)
     ck = save_checkpoint(tmp_path / "llama", m.state_dict(), m.config, make_meta())
+    # imported without a tokenizer: each command says which tokenizer to pass
     rc, _, err = run_cli("eval", ck)
-    assert rc == 2 and "byte tokenizer" in err
+    assert rc == 2 and "no tokenizer" in err and "--tokenizer PATH" in err
     rc, _, err = run_cli("train", DEBUG / "dense.yaml", f"init={ck}", f"out_dir={tmp_path / 'r'}")
-    assert rc == 2 and "byte tokenizer" in err
+    assert rc == 2 and "no tokenizer" in err and "data.tokenizer=PATH" in err

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from moe.config import DOMAINS, ConfigError, DataConfig, SourceConfig
-from moe.data.corpus import build_corpus, source_for
+from moe.data.corpus import Corpus, build_corpus, load_documents, source_for, summarize_origin
 from moe.data.documents import DNA_REGION, DNA_WINDOW, PIECE_MAX, PIECE_MIN
 from moe.data.shipped import samples_digest
 from moe.data.source_files import expand_paths
@@ -39,9 +39,9 @@ from moe.data.streams import (
     TrainBatches,
     domain_names,
     mixture_probs,
-    pack,
+    pack_with_bytes,
 )
-from moe.data.tokenizer import ByteTokenizer
+from moe.data.tokenizer import load_tokenizer
 
 CACHE_FORMAT = 2  # bump when packing, document cutting, the split or the budget rule changes
 
@@ -53,19 +53,27 @@ class DomainTokens:
     train: np.ndarray
     heldout: np.ndarray
     stats: dict  # documents, bytes, train_/heldout_ documents and bytes, origin, ...
+    # bytes each token covers, aligned with train/heldout (tokenizers other than the byte one)
+    train_nbytes: np.ndarray | None = None
+    heldout_nbytes: np.ndarray | None = None
 
 
 _MEMORY: dict[str, DomainTokens] = {}  # in-process cache, keyed like the disk cache
 _MEMORY_ENTRIES = 32  # enough for every domain of several configs; oldest entries go first
 
 
-def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) -> str:
+def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
+               whole: bool = False) -> str:  # fmt: skip
     ident: dict = {
         "format": CACHE_FORMAT, "domain": domain, "source": asdict(src),
         "budget": cfg.bytes_per_domain, "heldout_fraction": cfg.heldout_fraction,
-        "tokenizer": tokenizer.name, "dna_window": DNA_WINDOW, "dna_region": DNA_REGION,
+        # the tokenizer's content hash ("byte" for the byte tokenizer)
+        "tokenizer": getattr(tokenizer, "sha256", tokenizer.name),
+        "dna_window": DNA_WINDOW, "dna_region": DNA_REGION,
         "piece_bytes": [PIECE_MIN, PIECE_MAX],
     }
+    if whole:
+        ident["whole"] = True  # an evaluation set: every document held out
     if src.kind == "builtin":
         ident["samples"] = samples_digest()  # the shipped files the built-in corpora read
     elif src.kind == "files":
@@ -75,8 +83,17 @@ def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) -> st
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) -> DomainTokens:
-    c = build_corpus(domain, src, cfg.bytes_per_domain, cfg.heldout_fraction)
+def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
+                  whole: bool = False) -> DomainTokens:  # fmt: skip
+    if whole:  # every document of the source is held out, in the source's order, no budget cut
+        docs = load_documents(domain, src, cfg.bytes_per_domain)
+        if not docs:
+            raise ConfigError(f"data: domain {domain!r} has an empty corpus (its source gave no "
+                              "documents)")
+        c = Corpus(domain=domain, train=(), heldout=tuple(docs), origin=summarize_origin(docs),
+                   source_documents=len(docs), source_bytes=sum(len(d.data) for d in docs))
+    else:
+        c = build_corpus(domain, src, cfg.bytes_per_domain, cfg.heldout_fraction)
     train_bytes = sum(len(d.data) for d in c.train)
     held_bytes = sum(len(d.data) for d in c.heldout)
     stats = {
@@ -86,7 +103,9 @@ def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer) ->
         "source_documents": c.source_documents, "source_bytes": c.source_bytes,
         "origin": c.origin,
     }
-    return DomainTokens(pack(c.train, tokenizer), pack(c.heldout, tokenizer), stats)
+    (train, train_nb), (held, held_nb) = (pack_with_bytes(c.train, tokenizer),
+                                          pack_with_bytes(c.heldout, tokenizer))
+    return DomainTokens(train, held, stats, train_nb, held_nb)
 
 
 def _save(path: Path, t: DomainTokens) -> None:
@@ -95,7 +114,10 @@ def _save(path: Path, t: DomainTokens) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
     os.close(fd)
     try:
-        np.savez(tmp, train=t.train, heldout=t.heldout, stats=np.array(json.dumps(t.stats)))
+        extra = {k: v for k in ("train_nbytes", "heldout_nbytes")
+                 if (v := getattr(t, k)) is not None}  # fmt: skip
+        np.savez(tmp, train=t.train, heldout=t.heldout, stats=np.array(json.dumps(t.stats)),
+                 **extra)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -105,21 +127,23 @@ def _save(path: Path, t: DomainTokens) -> None:
 def _load(path: Path) -> DomainTokens | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return DomainTokens(z["train"], z["heldout"], json.loads(str(z["stats"])))
+            nb = {k: z[k] for k in ("train_nbytes", "heldout_nbytes") if k in z.files}
+            return DomainTokens(z["train"], z["heldout"], json.loads(str(z["stats"])), **nb)
     except (OSError, ValueError, KeyError):
         return None  # unreadable or foreign file: rebuild it
 
 
-def domain_tokens(domain: str, cfg: DataConfig, tokenizer) -> DomainTokens:
-    """Tokenized corpus of one domain: from memory, else `cfg.cache_dir`, else built."""
+def domain_tokens(domain: str, cfg: DataConfig, tokenizer, whole: bool = False) -> DomainTokens:
+    """Tokenized corpus of one domain: from memory, else `cfg.cache_dir`, else built.
+    `whole`: every document is held out (an evaluation set)."""
     src = source_for(cfg, domain)
-    key = _cache_key(domain, src, cfg, tokenizer)
+    key = _cache_key(domain, src, cfg, tokenizer, whole)
     if key in _MEMORY:
         return _MEMORY[key]
     path = Path(cfg.cache_dir) / f"{domain}-{key}.npz" if cfg.cache_dir else None
     tokens = _load(path) if path is not None and path.is_file() else None
     if tokens is None:
-        tokens = _build_tokens(domain, src, cfg, tokenizer)
+        tokens = _build_tokens(domain, src, cfg, tokenizer, whole)
         if path is not None:
             _save(path, tokens)
     while len(_MEMORY) >= _MEMORY_ENTRIES:
@@ -129,11 +153,15 @@ def domain_tokens(domain: str, cfg: DataConfig, tokenizer) -> DomainTokens:
 
 
 class DomainDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, seed: int = 0, tokenizer=None, start_step: int = 0):
+    def __init__(self, cfg: DataConfig, seed: int = 0, tokenizer=None, start_step: int = 0,
+                 heldout_only: frozenset[str] | set[str] = frozenset()):  # fmt: skip
+        """`tokenizer`: default `cfg.tokenizer` (the byte tokenizer when unset).
+        `heldout_only`: domains that are evaluation sets: all their documents are held out."""
         super().__init__()
         self.cfg = cfg
         self.seed = seed
-        self.tokenizer = tokenizer or ByteTokenizer()
+        self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+        self.heldout_only = frozenset(heldout_only)
         self.start_step = start_step
         self.domain_names = domain_names(cfg)
         for d in list(cfg.domains) + list(cfg.weights):
@@ -164,7 +192,7 @@ class DomainDataModule(pl.LightningDataModule):
                    disable=not todo or not sys.stderr.isatty())
         for d in bar:
             bar.set_postfix_str(d)
-            self._tokens[d] = domain_tokens(d, self.cfg, self.tokenizer)
+            self._tokens[d] = domain_tokens(d, self.cfg, self.tokenizer, d in self.heldout_only)
 
     def prepare_data(self) -> None:
         self._ensure(list(self.cfg.domains))
@@ -180,9 +208,12 @@ class DomainDataModule(pl.LightningDataModule):
     def sequences(self, domain: str, split: str) -> PackedSequences:
         """Packed windows of one domain's `train` or `heldout` stream."""
         t = self.tokens(domain)
+        train = split == "train"
+        nb = t.train_nbytes if train else t.heldout_nbytes
         return PackedSequences(
-            t.train if split == "train" else t.heldout, self.cfg.seq_len, self.domain_id(domain),
-            self.tokenizer.byte_lengths, self.tokenizer.pad_id, pad_tail=split != "train",
+            t.train if train else t.heldout, self.cfg.seq_len, self.domain_id(domain),
+            self.tokenizer.byte_lengths if nb is None else None, self.tokenizer.pad_id,
+            pad_tail=not train, token_bytes=nb,
         )
 
     # ------------------------------------------------------------------ loaders
@@ -193,7 +224,6 @@ class DomainDataModule(pl.LightningDataModule):
         seqs = {self.domain_id(d): self.sequences(d, "train") for d in self.cfg.domains}
         return TrainBatches(
             seqs, ids, self.cfg.stream, mixture_probs(self.cfg), self.cfg.batch_size, self.seed,
-            self.tokenizer.byte_lengths,
             start_step=self.start_step if start_step is None else start_step,
         )
 
@@ -210,7 +240,7 @@ class DomainDataModule(pl.LightningDataModule):
             raise ConfigError(f"data: domain {domain!r} has no held-out sequences")
         return DataLoader(HeldoutSequences(seqs, limit), batch_size=bs, shuffle=False,
                           num_workers=self.cfg.num_workers,
-                          collate_fn=CollateHeldout(self.tokenizer.byte_lengths))
+                          collate_fn=CollateHeldout())
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.heldout_loader(d) for d in self.cfg.domains]

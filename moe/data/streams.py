@@ -39,25 +39,50 @@ def domain_names(cfg: DataConfig) -> list[str]:
 
 def pack(docs: list[Document] | tuple[Document, ...], tokenizer) -> np.ndarray:
     """`BOS doc EOS BOS doc EOS ...` as one array (uint16 when the vocabulary fits)."""
+    return pack_with_bytes(docs, tokenizer)[0]
+
+
+def pack_with_bytes(docs: list[Document] | tuple[Document, ...],
+                    tokenizer) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """(packed tokens, bytes each token covers or None).
+
+    Tokenizers that measure what each token covers (`encode_many`, see moe.data.tokenizer) give
+    the second array, aligned with the tokens: BOS 0, each token its count, EOS whatever of its
+    document no token covered. The byte tokenizer gives None: its `byte_lengths` table is exact.
+    """
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
-    fast = getattr(tokenizer, "encode_np", None)
-    parts = []
-    for d in docs:
-        body = fast(d.data) if fast else np.asarray(tokenizer.encode(d.data))
-        parts += [np.array([tokenizer.bos_id], dtype), body.astype(dtype, copy=False),
-                  np.array([tokenizer.eos_id], dtype)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+    bos, eos = np.array([tokenizer.bos_id], dtype), np.array([tokenizer.eos_id], dtype)
+    many = getattr(tokenizer, "encode_many", None)
+    if many is None:
+        fast = getattr(tokenizer, "encode_np", None)
+        parts = []
+        for d in docs:
+            body = fast(d.data) if fast else np.asarray(tokenizer.encode(d.data))
+            parts += [bos, body.astype(dtype, copy=False), eos]
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype)), None
+    parts, counts = [], []
+    zero = np.zeros(1, np.int32)
+    for d, (ids, nb) in zip(docs, many([d.data for d in docs])):
+        parts += [bos, ids.astype(dtype), eos]
+        counts += [zero, nb.astype(np.int32), np.array([len(d.data) - int(nb.sum())], np.int32)]
+    if not parts:
+        return np.zeros(0, dtype), np.zeros(0, np.int32)
+    return np.concatenate(parts), np.concatenate(counts)
 
 
 class PackedSequences:
     """Windows of `seq_len + 1` tokens over one domain's packed stream."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, domain_id: int, byte_lengths: np.ndarray,
-                 pad_id: int, pad_tail: bool = False):
+    def __init__(self, tokens: np.ndarray, seq_len: int, domain_id: int,
+                 byte_lengths: np.ndarray | None, pad_id: int, pad_tail: bool = False,
+                 token_bytes: np.ndarray | None = None):  # fmt: skip
         self.tokens = tokens
         self.seq_len = seq_len
         self.domain_id = domain_id
-        self.byte_lengths = torch.as_tensor(byte_lengths, dtype=torch.long)
+        # per-token byte counts aligned with `tokens` (pack_with_bytes), else the per-id table
+        self.token_bytes = token_bytes
+        self.byte_lengths = (None if byte_lengths is None
+                             else torch.as_tensor(byte_lengths, dtype=torch.long))  # fmt: skip
         self.pad_id = pad_id
         n_targets = max(len(tokens) - 1, 0)
         self.n = -(-n_targets // seq_len) if pad_tail else n_targets // seq_len
@@ -77,12 +102,29 @@ class PackedSequences:
             y = torch.cat([y, torch.full((T - len(y),), IGNORE_INDEX, dtype=torch.long)])
         return x, y
 
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids (T,), targets (T,), bytes each target covers (T,), 0 where none)."""
+        x, y = self.get(i)
+        valid = y != IGNORE_INDEX
+        if self.token_bytes is not None:
+            T = self.seq_len
+            b = torch.from_numpy(self.token_bytes[i * T + 1 : i * T + T + 1].astype(np.int64))
+            b = torch.cat([b, torch.zeros(T - len(b), dtype=torch.long)])
+        else:
+            b = self.byte_lengths[y.clamp(min=0)]
+        return x, y, b * valid
 
-def make_batch(seqs: list[tuple[torch.Tensor, torch.Tensor]], domains: list[int],
-               byte_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+
+def make_batch(seqs: list[tuple[torch.Tensor, ...]], domains: list[int],
+               byte_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Stack (input, target[, target bytes]) rows; without per-target bytes, `byte_lengths`
+    (the tokenizer's per-id table) gives them."""
     x = torch.stack([s[0] for s in seqs])  # (B, T)
     y = torch.stack([s[1] for s in seqs])  # (B, T)
-    nbytes = (byte_lengths[y.clamp(min=0)] * (y != IGNORE_INDEX)).sum(-1)  # (B,)
+    if all(len(s) > 2 for s in seqs):
+        nbytes = torch.stack([s[2] for s in seqs]).sum(-1)  # (B,)
+    else:
+        nbytes = (byte_lengths[y.clamp(min=0)] * (y != IGNORE_INDEX)).sum(-1)  # (B,)
     return {"input_ids": x, "targets": y, "domain": torch.tensor(domains, dtype=torch.long),
             "target_bytes": nbytes}
 
@@ -166,8 +208,8 @@ class TrainBatches(IterableDataset):
     """
 
     def __init__(self, seqs: dict[int, PackedSequences], train_ids: list[int], stream: str,
-                 probs: np.ndarray, batch_size: int, seed: int, byte_lengths: np.ndarray,
-                 start_step: int = 0):
+                 probs: np.ndarray, batch_size: int, seed: int,
+                 byte_lengths: np.ndarray | None = None, start_step: int = 0):
         for d in train_ids:
             if len(seqs[d]) == 0:
                 raise ConfigError(f"data: domain id {d} has no training sequences (corpus "
@@ -178,7 +220,6 @@ class TrainBatches(IterableDataset):
         self.batch_size = batch_size
         self.seed = seed
         self.start_step = start_step
-        self.byte_lengths = torch.as_tensor(byte_lengths, dtype=torch.long)
         self.slots = MixedSlots(seed, probs) if stream == "mixed" else None
 
     def batch(self, i: int) -> dict[str, torch.Tensor]:
@@ -192,9 +233,9 @@ class TrainBatches(IterableDataset):
             picks = [(self.train_ids[0], k) for k in range(i * B, (i + 1) * B)]
         else:  # per_domain: B sequences of each domain, grouped by domain
             picks = [(d, k) for d in self.train_ids for k in range(i * B, (i + 1) * B)]
-        seqs = [self.seqs[d].get(draw_index(self.seed, d, k, len(self.seqs[d])))
+        seqs = [self.seqs[d].item(draw_index(self.seed, d, k, len(self.seqs[d])))
                 for d, k in picks]
-        return make_batch(seqs, [d for d, _ in picks], self.byte_lengths)
+        return make_batch(seqs, [d for d, _ in picks])
 
     def __iter__(self):
         info = get_worker_info()
@@ -218,16 +259,18 @@ class HeldoutSequences(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        x, y = self.seqs.get(i)
-        return x, y, self.seqs.domain_id
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        x, y, b = self.seqs.item(i)
+        return x, y, self.seqs.domain_id, b
 
 
 class CollateHeldout:
-    """Collate (input, target, domain) items into a batch dict (a class: workers pickle it)."""
+    """Collate (input, target, domain, target bytes) items into a batch dict (a class: workers
+    pickle it)."""
 
-    def __init__(self, byte_lengths: np.ndarray):
-        self.table = torch.as_tensor(byte_lengths, dtype=torch.long)
+    def __init__(self, byte_lengths: np.ndarray | None = None):
+        self.table = None if byte_lengths is None else torch.as_tensor(byte_lengths)
 
-    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict:
-        return make_batch([(x, y) for x, y, _ in items], [d for _, _, d in items], self.table)
+    def __call__(self, items: list[tuple]) -> dict:
+        return make_batch([(it[0], it[1], *it[3:]) for it in items], [it[2] for it in items],
+                          self.table)

@@ -42,10 +42,12 @@ def evaluate_ensemble(
     max_batches: int = 16,
     batch_size: int = 8,
     progress: bool = True,
+    tokenizer=None,
 ) -> dict:
-    """{"domains": {domain: {loss, bpb, tokens, bytes}}} for the posterior-weighted ensemble."""
+    """{"domains": {domain: {loss, bpb, tokens, bytes}}} for the posterior-weighted ensemble.
+    `tokenizer`: the members' one tokenizer (default `data.tokenizer`, else byte)."""
     cfg = dataclasses.replace(data, domains=list(domains), stream="mixed", weights={})
-    dm = DomainDataModule(cfg, seed=seed)
+    dm = DomainDataModule(cfg, seed=seed, tokenizer=tokenizer)
     dm.setup("validate")
     for m in models:
         m.eval()

@@ -1,10 +1,13 @@
 """Per-domain held-out evaluation: loss (nats/token) and bits per byte, plus routing analytics.
 
 Bits per byte = total nats over the held-out targets / total raw bytes those targets cover / ln 2.
-With the shared byte-level tokenizer it is comparable across domains and across models.
+The bytes are those of the text each target token covers (moe.data.tokenizer), so the number is
+comparable across domains and across models, whatever their tokenizers. Every checkpoint is read
+with its own tokenizer (the one it carries in tokenizer/, else the byte tokenizer).
 
 The held-out data is rebuilt from the data section of the checkpoint's own recipe (same sources,
-budget and seed), so the documents a model was trained on are never in its held-out set.
+budget and seed), so the documents a model was trained on are never in its held-out set; or it is
+the data given with `--data` (moe.eval.data_spec).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from tqdm import tqdm
 
 from moe.config import DOMAINS, ConfigError, DataConfig
 from moe.data.datamodule import DomainDataModule
+from moe.data.tokenizer import check_vocab, checkpoint_tokenizer
+from moe.eval.data_spec import EvalData
 from moe.io.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
 from moe.model.transformer import IGNORE_INDEX, Transformer
 from moe.train.module import domain_to_expert
@@ -38,18 +43,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {p}")
     raise CheckpointError(f"{p} is neither a checkpoint nor a run directory holding model/")
-
-
-def check_byte_vocab(vocab_size: int, where: object) -> None:
-    """Evaluation and training read text through the shared byte tokenizer (259 ids)."""
-    from moe.data.tokenizer import ByteTokenizer
-
-    if vocab_size != ByteTokenizer.vocab_size:
-        raise ConfigError(
-            f"{where}: vocabulary of {vocab_size} tokens, but moe-forge's data pipeline uses the "
-            f"byte tokenizer ({ByteTokenizer.vocab_size}); checkpoints with another tokenizer "
-            "can be merged and exported, not trained or evaluated here"
-        )
 
 
 def data_config_of(meta: dict) -> tuple[DataConfig, int]:
@@ -76,10 +69,17 @@ def evaluate_model(
     batch_size: int = 8,
     progress: bool = True,
     datamodule: DomainDataModule | None = None,
+    tokenizer=None,
+    heldout_only: frozenset[str] = frozenset(),
 ) -> dict:
-    """{domain: {loss, bpb, tokens, bytes}} and routing shares for an in-memory model."""
+    """{domain: {loss, bpb, tokens, bytes}} and routing shares for an in-memory model.
+
+    `tokenizer`: the model's (default: `data.tokenizer`, the byte tokenizer when unset);
+    `heldout_only`: domains whose every document is held out (an evaluation set)."""
     cfg = dataclasses.replace(data, domains=list(domains), stream="mixed", weights={})
-    dm = datamodule or DomainDataModule(cfg, seed=seed)
+    dm = datamodule or DomainDataModule(cfg, seed=seed, tokenizer=tokenizer,
+                                        heldout_only=heldout_only)  # fmt: skip
+    check_vocab(dm.tokenizer, model.config.vocab_size, "evaluate")
     dm.setup("validate")
     model.eval()
     device = next(model.parameters()).device
@@ -154,24 +154,38 @@ def evaluate_checkpoint(
     max_batches: int = 16,
     batch_size: int = 8,
     progress: bool = True,
+    data: EvalData | None = None,
+    tokenizer: str | None = None,
 ) -> dict:
+    """Evaluate a checkpoint on the held-out data of its own recipe, or on `data` (--data).
+    `tokenizer`: a tokenizer for a checkpoint imported without one (--tokenizer)."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if max_batches < 0:
         raise ConfigError(f"--max-batches must be 0 (all) or more, got {max_batches}")
     ckpt_dir = resolve_checkpoint(path)
     ck = load_checkpoint(ckpt_dir)
-    check_byte_vocab(ck.config.vocab_size, ckpt_dir)
+    tok = checkpoint_tokenizer(ckpt_dir, ck.config.vocab_size, tokenizer, "--tokenizer PATH")
     model = Transformer(ck.config)
     model.load_state_dict(ck.state_dict)
-    data, seed = data_config_of(ck.meta)
-    doms = list(domains) if domains else list(DOMAINS)
-    for d in doms:
-        if d not in DOMAINS and d not in data.sources:
-            raise ConfigError(f"unknown domain {d!r}; built-in domains are {', '.join(DOMAINS)}")
-    if data.seq_len > model.config.max_seq_len:
-        data = dataclasses.replace(data, seq_len=model.config.max_seq_len)
-    rep = evaluate_model(model, data, seed, doms, max_batches, batch_size, progress)
+    cfg, seed = data_config_of(ck.meta)
+    whole: frozenset[str] = frozenset()
+    if data is not None:
+        cfg, doms, whole = data.resolve(cfg, domains)
+    else:
+        doms = list(domains) if domains else list(DOMAINS)
+        for d in doms:
+            if d not in DOMAINS and d not in cfg.sources:
+                raise ConfigError(
+                    f"unknown domain {d!r}; built-in domains are {', '.join(DOMAINS)}"
+                )
+    if cfg.seq_len > model.config.max_seq_len:
+        cfg = dataclasses.replace(cfg, seq_len=model.config.max_seq_len)
+    rep = evaluate_model(model, cfg, seed, doms, max_batches, batch_size, progress,
+                         tokenizer=tok, heldout_only=whole)  # fmt: skip
+    if data is not None:
+        rep["data"] = data.describe()
+    rep["tokenizer"] = tok.identity()
     rep.update(
         checkpoint=str(ckpt_dir),
         id=ck.meta.get("id"),

@@ -15,6 +15,8 @@ meta.json fields:
     tokens_seen   training tokens over the whole lineage
     train_flops   training FLOPs over the whole lineage
     recipe        the resolved recipe (or merge config) that produced it
+    tokenizer     {kind: byte | hf, sha256: content hash, ...}; an hf tokenizer's files are in
+                  the checkpoint's tokenizer/ directory
     sha256        {filename: hex digest} of each weights file
 """
 
@@ -125,8 +127,13 @@ def save_checkpoint(
     config: ModelConfig | dict,
     meta: dict[str, Any],
     overwrite: bool = False,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write a checkpoint directory atomically. Refuses an existing one unless `overwrite`."""
+    """Write a checkpoint directory atomically. Refuses an existing one unless `overwrite`.
+
+    `tokenizer` (a tokenizer object, or a directory of tokenizer files carried from another
+    checkpoint) is written into `tokenizer/` (none for the byte tokenizer) and recorded in
+    meta.json as `tokenizer` (kind and content hash); None records nothing."""
     path = Path(path)
     recover(path)
     if path.exists() and not overwrite:
@@ -139,6 +146,10 @@ def save_checkpoint(
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         cfg = config if isinstance(config, dict) else to_dict(config)
         meta = dict(meta)
+        if tokenizer is not None:
+            from moe.data.tokenizer import write_tokenizer
+
+            meta["tokenizer"] = write_tokenizer(tokenizer, tmp)
         meta["sha256"] = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
         for name, obj in ((CONFIG, cfg), (META, meta)):
             with open(tmp / name, "w", encoding="utf-8") as f:

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from moe.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
+from moe.data.tokenizer import tokenizer_record
 from moe.io.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -343,6 +344,7 @@ def import_hf(
         recipe=None,
         hf_source=str(Path(source or src).resolve()),
         hf_token_ids={k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        tokenizer=tokenizer_record(src),  # kind and content hash of the files carried below
     )
     tmp = _staging(out)
     try:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moe.config import ConfigError, model_config_from_dict, to_dict
+from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
 from moe.io.checkpoint import CheckpointError, make_meta, new_id, replace_dir, save_checkpoint
 from moe.merge import registry
 from moe.merge.config import MergeConfig, load_merge_config, validate
@@ -262,6 +263,9 @@ def merge(
     for s in inputs:
         if s.path.resolve() == target.resolve():
             raise ConfigError(f"output {target} is also an input of the merge")
+    # one tokenizer: inputs whose tokenizers differ cannot be merged, whatever their shapes
+    check_same_tokenizer([(s.path, int(s.config.get("vocab_size") or 0)) for s in inputs],
+                         "merge")  # fmt: skip
     check_compatible(inputs)
     if not cfg.allow_cross_family:
         check_lineage(base, models, cfg.expert)
@@ -311,5 +315,6 @@ def merge(
         _write_hf(target, template, merged, overwrite, cfg.dtype)
         return target
     return save_checkpoint(
-        target, merged, template.config, _lineage_meta(cfg, base, models), overwrite=overwrite
+        target, merged, template.config, _lineage_meta(cfg, base, models), overwrite=overwrite,
+        tokenizer=carried_tokenizer(template.path, int(template.config.get("vocab_size") or 0)),
     )

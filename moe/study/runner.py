@@ -190,6 +190,17 @@ class Study:
         model.load_state_dict(ck.state_dict)
         return model, ck.meta
 
+    def _tokenizer(self):
+        """The study's one tokenizer: the one its checkpoints carry (the seed's init= model's,
+        else data.tokenizer, else byte)."""
+        from moe.data.tokenizer import checkpoint_tokenizer, load_tokenizer
+
+        done = [st.name for st in self.plan() if self.ctx.done(st.name)]
+        if not done:
+            return load_tokenizer(self.r.data.tokenizer)
+        d = self.ctx.model_dir(done[0])
+        return checkpoint_tokenizer(d, read_config(d).vocab_size, self.r.data.tokenizer)
+
     def _eval_cached(self, name: str, fn: Callable[[], dict], key: str) -> dict:
         """Evaluations are cached beside the stage, keyed by checkpoint ids and eval settings."""
         cache = self.ctx.stages_dir / name / f"eval-{name}.json"
@@ -229,7 +240,8 @@ class Study:
     def evaluate(self, wall: float) -> StudyResult:
         r, s, ctx = self.r, self.r.study, self.ctx
         doms = list(r.data.domains)
-        dm = DomainDataModule(dataclasses.replace(r.data, stream="mixed", weights={}), seed=r.seed)
+        dm = DomainDataModule(dataclasses.replace(r.data, stream="mixed", weights={}), seed=r.seed,
+                              tokenizer=self._tokenizer())  # fmt: skip
         dm.setup("validate")
         train_tokens = {d: int(len(dm.tokens(d).train)) for d in doms}
         progress = False
@@ -262,7 +274,7 @@ class Study:
                     spec.members[0],
                     lambda members=members: evaluate_ensemble(
                         [m[0] for m in members], r.data, r.seed, doms, s.eval_batches,
-                        r.eval.batch_size, progress,
+                        r.eval.batch_size, progress, tokenizer=dm.tokenizer,
                     ),
                     f"{spec.name}:{ids}:{settings}",
                 )

@@ -44,13 +44,26 @@ class StagePlan:
     meta: dict  # lineage fields for the final checkpoint (parents, base_id, family, ...)
     parent_tokens: int = 0
     parent_flops: float = 0.0
+    tokenizer: object = None  # the tokenizer packing uses and the checkpoint carries
+
+
+def _tokenizer(r: Recipe, model: Transformer, init_dir: Path | None):
+    """The stage's tokenizer: init='s own (data.tokenizer may only name the same one, or give
+    one to a checkpoint imported without any), else data.tokenizer (byte when unset)."""
+    from moe.data.tokenizer import check_vocab, checkpoint_tokenizer, load_tokenizer
+
+    if init_dir is not None:
+        return checkpoint_tokenizer(init_dir, model.config.vocab_size, r.data.tokenizer)
+    tok = load_tokenizer(r.data.tokenizer)
+    check_vocab(tok, model.config.vocab_size, "data.tokenizer",
+                f"set model.vocab_size={tok.vocab_size} (or more)")
+    return tok
 
 
 def _load_init(path: str) -> tuple[Transformer, dict]:
-    from moe.eval.evaluate import check_byte_vocab, resolve_checkpoint
+    from moe.eval.evaluate import resolve_checkpoint
 
     ck = load_checkpoint(resolve_checkpoint(path))
-    check_byte_vocab(ck.config.vocab_size, path)
     model = Transformer(ck.config)
     missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
     if missing or unexpected:
@@ -67,6 +80,9 @@ def plan_stage(r: Recipe) -> StagePlan:
         model, pmeta = _load_init(r.init)
     else:
         model, pmeta = Transformer(r.model), None
+    from moe.eval.evaluate import resolve_checkpoint
+
+    tokenizer = _tokenizer(r, model, resolve_checkpoint(r.init) if r.init else None)
     lineage = {}
     if pmeta is not None:
         lineage = dict(
@@ -129,6 +145,7 @@ def plan_stage(r: Recipe) -> StagePlan:
         meta=lineage,
         parent_tokens=int(pmeta.get("tokens_seen", 0)) if pmeta else 0,
         parent_flops=float(pmeta.get("train_flops", 0.0)) if pmeta else 0.0,
+        tokenizer=tokenizer,
     )
 
 
@@ -204,7 +221,8 @@ def train(r: Recipe) -> Path:
         r = dataclasses.replace(r, data=plan.data)
         t = r.trainer
         dm = DomainDataModule(
-            plan.data, seed=r.seed, start_step=start_step * t.accumulate_grad_batches
+            plan.data, seed=r.seed, start_step=start_step * t.accumulate_grad_batches,
+            tokenizer=plan.tokenizer,
         )
         dm.prepare_data()
         dm.setup("fit")
@@ -277,7 +295,8 @@ def train(r: Recipe) -> Path:
                 recipe=to_dict(r),
             )
             model = lit.model.to("cpu")
-            save_checkpoint(out, model.state_dict(), model.config, meta, overwrite=True)
+            save_checkpoint(out, model.state_dict(), model.config, meta, overwrite=True,
+                            tokenizer=plan.tokenizer)
             print(
                 f"saved {out}  ({stage_tokens:,} tokens in {wall:.1f}s, "
                 f"{stage_tokens / max(wall, 1e-9):,.0f} tokens/s)",
