@@ -88,6 +88,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # training only: keep each block's input and recompute its activations in the backward
+    # (torch.utils.checkpoint): less memory for about one more forward
+    activation_checkpointing: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def resolved(self) -> ModelConfig:
@@ -186,6 +189,11 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    # which parameters are trained: all | ffn (FFNs and experts, no routers) | experts (MoE
+    # experts only) | router (routers only); None = the stage's own choice (all; ffn with
+    # branch.freeze_shared; router with router.freeze_experts). Frozen ones stay in AdamW's
+    # groups without gradients, so a run may fork from one that trained another set.
+    trainable: str | None = None
 
 
 @dataclass
@@ -300,6 +308,7 @@ class Recipe:
 
 
 STAGES = ("dense", "branch", "joint", "router")
+TRAINABLE = ("all", "ffn", "experts", "router")
 STREAMS = ("mixed", "separate", "per_domain")
 
 
@@ -617,8 +626,14 @@ def validate(r: Recipe, where: str = "recipe") -> None:
         raise bad("stage=branch needs branch.domain (e.g. branch.domain=code)")
     if r.trainer.max_steps < 1:
         raise bad(f"trainer.max_steps must be at least 1, got {r.trainer.max_steps}")
+    if r.trainer.strategy.startswith("fsdp") and r.trainer.accelerator == "cpu":
+        raise bad("trainer.strategy=fsdp needs GPUs (Lightning's FSDP does not run on CPU); "
+                  "use trainer.strategy=ddp on CPU")
     if r.trainer.nan_policy not in ("stop", "skip"):
         raise bad(f"trainer.nan_policy: {r.trainer.nan_policy!r} is not one of stop, skip")
+    if r.optim.trainable not in (None, *TRAINABLE):
+        raise bad(f"optim.trainable: unknown set {r.optim.trainable!r}; choose one of "
+                  f"{', '.join(TRAINABLE)}")
     if r.optim.lr <= 0:
         raise bad(f"optim.lr must be positive, got {r.optim.lr}")
     o = r.optim

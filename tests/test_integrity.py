@@ -141,11 +141,11 @@ def nan_at_step_3(monkeypatch):
     fired = []
 
     def forward(self, batch):
-        loss_BT, mask_BT, out = orig(self, batch)
+        loss_sum, loss_BT, mask_BT, out = orig(self, batch)
         if self.training and self.global_step == 3 and not fired:
             fired.append(True)
-            loss_BT = loss_BT * float("nan")
-        return loss_BT, mask_BT, out
+            loss_sum, loss_BT = loss_sum * float("nan"), loss_BT * float("nan")
+        return loss_sum, loss_BT, mask_BT, out
 
     monkeypatch.setattr(module.LitLM, "forward", forward)
 

@@ -66,6 +66,24 @@ class RunLock:
         self.release()
 
 
+_RANK_VARS = ("RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def launch_rank_is_zero() -> bool:
+    """Whether this process is (or will be) global rank 0 of a multi-process launch.
+
+    Decided from the environment before any process group exists: Lightning's `ddp` launcher
+    re-runs the command for ranks 1.. with LOCAL_RANK/NODE_RANK/WORLD_SIZE set, torchrun sets
+    RANK, SLURM sets SLURM_PROCID. A process with none of them set is a single process or the
+    launching one (rank 0). Only rank 0 prepares, locks and writes the run directory.
+    """
+    for var in _RANK_VARS:
+        value = os.environ.get(var, "").strip()
+        if value and value != "0":
+            return False
+    return True
+
+
 def prepare_run_dir(out_dir: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
     """Check that a run may write to `out_dir`. Clears old logs/resume files only on overwrite."""
     run = Path(out_dir)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig, RopeScalingConfig
 
@@ -198,10 +199,11 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None with return_hidden=True
     loss: torch.Tensor | None = None  # mean cross-entropy over non-ignored targets (nats/token)
     aux_loss: torch.Tensor | None = None  # router losses (load balance + z), already weighted
     router_stats: list = field(default_factory=list)  # per MoE layer, see MoEFFN.last_stats
+    hidden: torch.Tensor | None = None  # (B, T, C) final normed states, with return_hidden=True
 
 
 class Transformer(nn.Module):
@@ -253,12 +255,14 @@ class Transformer(nn.Module):
         domain: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_logits_only: bool = False,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """input_ids (B, T); targets (B, T) with IGNORE_INDEX for no target; domain (B,) ids.
 
         cache: the tokens continue the cached positions (incremental decoding); the cache is
         extended in place. last_logits_only: logits (B, 1, V) for the last position only (a
-        decoding step needs no more; saves the head's matmul over the prompt).
+        decoding step needs no more; saves the head's matmul over the prompt). return_hidden:
+        no logits; `hidden` holds the final normed states for a chunked loss (training).
         """
         B, T = input_ids.shape
         P = 0 if cache is None else cache.length
@@ -273,28 +277,45 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions, {P + T} needed")
         x = self.tok_emb(input_ids)  # (B, T, C)
         cos, sin = self.rope_cos[P : P + T], self.rope_sin[P : P + T]
+        recompute = (
+            self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        )
         for layer in self.layers:
-            x = layer(x, cos, sin, domain=domain, cache=cache)
+            if recompute and cache is None:
+                # keep only each block's input; its activations are recomputed in the backward
+                x = checkpoint(layer, x, cos, sin, domain=domain, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, domain=domain, cache=cache)
         if cache is not None:
             cache.length = P + T
         if last_logits_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head)  # (B, T, V)
-        out = ModelOutput(logits=logits)
+        if return_hidden:
+            # the caller applies the head itself (moe.model.loss.linear_cross_entropy, chunked)
+            out = ModelOutput(logits=None, hidden=x)
+        else:
+            out = ModelOutput(logits=F.linear(x, self.head_weight))  # (B, T, V)
         moe_layers = [lay.ffn for lay in self.layers if hasattr(lay.ffn, "last_stats")]
         if moe_layers:
             auxes = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
             out.aux_loss = torch.stack(auxes).sum() if auxes else None
             out.router_stats = [m.last_stats for m in moe_layers]
         if targets is not None:
+            if return_hidden:
+                raise ValueError("return_hidden=True has no logits to score targets against")
+            logits = out.logits
             out.loss = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)),
                 targets.view(-1),
                 ignore_index=IGNORE_INDEX,
             )
         return out
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection (V, C): the embedding when tied."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

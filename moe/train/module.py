@@ -10,10 +10,10 @@ import math
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from moe.config import ModelConfig, OptimConfig
 from moe.model.flops import train_flops_per_token
+from moe.model.loss import linear_cross_entropy
 from moe.model.transformer import IGNORE_INDEX, Transformer
 
 
@@ -73,7 +73,8 @@ class LitLM(pl.LightningModule):
     # ------------------------------------------------------------------ parameters
 
     def set_trainable(self, which: str) -> None:
-        """all | router (only routers) | ffn (only FFN/expert weights)."""
+        """all | router (only routers) | ffn (FFN and expert weights, shared expert included,
+        no router) | experts (only the routed experts of MoE layers)."""
         for name, p in self.model.named_parameters():
             if which == "all":
                 p.requires_grad_(True)
@@ -81,6 +82,9 @@ class LitLM(pl.LightningModule):
                 p.requires_grad_(".router." in name)
             elif which == "ffn":
                 p.requires_grad_(".ffn." in name and ".router." not in name)
+            elif which == "experts":
+                # MoEFFN keeps its experts as (E, ...) tensors named ffn.w1/w3/w2 (no .weight)
+                p.requires_grad_(name.endswith((".ffn.w1", ".ffn.w3", ".ffn.w2")))
             else:
                 raise ValueError(f"unknown trainable set {which!r}")
         if not any(p.requires_grad for p in self.model.parameters()):
@@ -97,23 +101,21 @@ class LitLM(pl.LightningModule):
             raise ValueError(f"domain(s) {', '.join(missing)} have no expert in this model")
         return hint
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """Per-token losses (B, T) and the model output."""
-        out = self.model(batch["input_ids"], domain=self._expert_hint(batch["domain"]))
-        logits = out.logits.float()
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+        """Summed loss (carries the gradient), per-token losses (B, T) (no gradient), the target
+        mask (B, T) and the model output. The head and the loss run chunked over positions
+        (moe.model.loss): the (B, T, V) logits never exist at once."""
+        out = self.model(
+            batch["input_ids"], domain=self._expert_hint(batch["domain"]), return_hidden=True
+        )
         tgt = batch["targets"]
-        loss_BT = F.cross_entropy(
-            logits.view(-1, logits.size(-1)),
-            tgt.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(tgt.shape)
-        return loss_BT, (tgt != IGNORE_INDEX), out
+        total, loss_BT = linear_cross_entropy(out.hidden, self.model.head_weight, tgt)
+        return total, loss_BT, (tgt != IGNORE_INDEX), out
 
     def training_step(self, batch: dict, batch_idx: int):
-        loss_BT, mask_BT, out = self(batch)
+        loss_sum, loss_BT, mask_BT, out = self(batch)
         n_tok = mask_BT.sum()
-        loss = loss_BT.sum() / n_tok.clamp(min=1)
+        loss = loss_sum / n_tok.clamp(min=1)
         total = loss + out.aux_loss if out.aux_loss is not None else loss
         if not torch.isfinite(total):
             doms = sorted({self.domain_names[int(d)] for d in batch["domain"].unique()})
@@ -126,7 +128,7 @@ class LitLM(pl.LightningModule):
                 self.print(f"warning: {msg}; step skipped (trainer.nan_policy=skip)")
                 return None
             raise NonFiniteLossError(msg + " (set trainer.nan_policy=skip to skip such steps)")
-        self.tokens_seen += int(n_tok)
+        self._count_tokens(batch["domain"], mask_BT)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if out.aux_loss is not None:
@@ -135,11 +137,24 @@ class LitLM(pl.LightningModule):
             sel = batch["domain"] == d
             n_d = mask_BT[sel].sum()
             name = self.domain_names[d]
-            self.tokens_by_domain[name] = self.tokens_by_domain.get(name, 0) + int(n_d)
             dl = loss_BT[sel].sum() / n_d.clamp(min=1)
             self.log(f"train/loss_{name}", dl, batch_size=int(sel.sum()))
         self._log_routing(out, batch, prefix="train")
         return total
+
+    def _count_tokens(self, domain_B: torch.Tensor, mask_BT: torch.Tensor) -> None:
+        """Add this step's target tokens, per domain, summed over every rank: the counters (and
+        the ledger built from them) are the whole job's, identical on every rank."""
+        per_row = mask_BT.sum(dim=1)  # (B,)
+        counts_D = torch.zeros(len(self.domain_names), dtype=torch.long, device=per_row.device)
+        counts_D.index_add_(0, domain_B, per_row.long())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts_D)
+        counts = counts_D.tolist()
+        self.tokens_seen += sum(counts)
+        for name, n in zip(self.domain_names, counts):
+            if n:
+                self.tokens_by_domain[name] = self.tokens_by_domain.get(name, 0) + n
 
     def _log_routing(self, out, batch: dict, prefix: str) -> None:
         if not out.router_stats or self.global_step % max(1, self.trainer.log_every_n_steps):
@@ -165,18 +180,25 @@ class LitLM(pl.LightningModule):
     # ------------------------------------------------------------------ validation
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
-        loss_BT, mask_BT, _ = self(batch)
+        _, loss_BT, mask_BT, _ = self(batch)
         s = self._val_sums.setdefault(dataloader_idx, [0.0, 0.0, 0.0])
         s[0] += float(loss_BT[mask_BT].double().sum())
         s[1] += float(mask_BT.sum())
         s[2] += float(batch["target_bytes"].sum())
 
     def on_validation_epoch_end(self):
+        # every rank evaluates the same held-out batches (no distributed sampler), so the mean
+        # over ranks (sync_dist) is each rank's own value
         for idx, (nats, toks, nbytes) in sorted(self._val_sums.items()):
             name = self.val_domains[idx]
-            self.log(f"val/loss_{name}", nats / max(toks, 1), add_dataloader_idx=False)
             self.log(
-                f"val/bpb_{name}", nats / max(nbytes, 1) / math.log(2), add_dataloader_idx=False
+                f"val/loss_{name}", nats / max(toks, 1), add_dataloader_idx=False, sync_dist=True
+            )
+            self.log(
+                f"val/bpb_{name}",
+                nats / max(nbytes, 1) / math.log(2),
+                add_dataloader_idx=False,
+                sync_dist=True,
             )
         self._val_sums = {}
 
@@ -218,10 +240,13 @@ class LitLM(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        st = checkpoint.get("moe_forge", {})
+        self.restore_counters(checkpoint.get("moe_forge", {}), self.forked)
+
+    def restore_counters(self, st: dict, forked: bool) -> None:
+        """Counters from a checkpoint's `moe_forge` state (a fork's are its parent's totals)."""
         self.tokens_seen = int(st.get("tokens_seen", 0))
         self.tokens_by_domain = {k: int(v) for k, v in st.get("tokens_by_domain", {}).items()}
-        if self.forked:
+        if forked:
             self.start_tokens = self.tokens_seen
             self.start_tokens_by_domain = dict(self.tokens_by_domain)
             self.skipped_steps = 0

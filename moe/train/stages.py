@@ -13,6 +13,7 @@ Stages (recipe `stage:`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
 from moe.config import ConfigError, Recipe, to_dict, to_yaml
 from moe.data.datamodule import DomainDataModule
@@ -29,6 +31,7 @@ from moe.io.rundir import (
     AtomicCheckpointIO,
     RunLock,
     find_resume_ckpt,
+    launch_rank_is_zero,
     prepare_run_dir,
     read_resume_state,
 )
@@ -132,6 +135,10 @@ def plan_stage(r: Recipe) -> StagePlan:
         raise ConfigError("stage=dense got an MoE model; use stage=joint or stage=router")
     if r.stage in ("dense", "joint", "router") and len(data.domains) == 1:
         lineage.setdefault("domain", data.domains[0])
+    if r.optim.trainable is not None:
+        trainable = r.optim.trainable  # an explicit choice overrides the stage's default
+    # a runtime choice, not part of the architecture: the recipe's, also for an init= model
+    model.config.activation_checkpointing = r.model.activation_checkpointing
     if data.seq_len > model.config.max_seq_len:
         raise ConfigError(
             f"data.seq_len ({data.seq_len}) is larger than the model's context "
@@ -182,6 +189,18 @@ class SaveFinalStep(pl.Callback):
             trainer.save_checkpoint(str(self.path))
 
 
+def _strategy(name: str):
+    """Lightning's strategy for `trainer.strategy`; `fsdp` shards each transformer block as its
+    own unit (only one block's full weights exist at a time), not the model as one unit."""
+    if name == "fsdp":
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        from moe.model.transformer import Block
+
+        return FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
+    return name
+
+
 def _loggers(run: Path) -> list:
     loggers: list = [CSVLogger(str(run), name="logs", version="")]
     try:
@@ -203,8 +222,15 @@ def train(r: Recipe) -> Path:
     """
     resume_ckpt = find_resume_ckpt(r.resume) if r.resume else None
     fork_ckpt = find_resume_ckpt(r.fork) if r.fork else None
-    run = prepare_run_dir(r.out_dir, overwrite=r.overwrite, resume=resume_ckpt is not None)
-    with RunLock(run):
+    # multi-process launches (Lightning's ddp re-runs this command per rank, torchrun, SLURM):
+    # rank 0 alone checks, creates and locks the run directory and writes into it; the other
+    # ranks write nothing there and meet rank 0 at the process group's start inside fit
+    rank0 = launch_rank_is_zero()
+    if rank0:
+        run = prepare_run_dir(r.out_dir, overwrite=r.overwrite, resume=resume_ckpt is not None)
+    else:
+        run = Path(r.out_dir)
+    with RunLock(run) if rank0 else contextlib.nullcontext():
         start_ckpt = resume_ckpt or fork_ckpt
         start_step, state = read_resume_state(start_ckpt) if start_ckpt else (0, {})
         # where this run's own schedule segment began: the parent's step for a fork, what the
@@ -250,7 +276,7 @@ def train(r: Recipe) -> Path:
             max_steps=t.max_steps,
             accelerator=t.accelerator,
             devices=t.devices,
-            strategy=t.strategy,
+            strategy=_strategy(t.strategy),
             num_nodes=t.num_nodes,
             precision=t.precision,
             accumulate_grad_batches=t.accumulate_grad_batches,
@@ -266,16 +292,28 @@ def train(r: Recipe) -> Path:
             + ([StageProgressBar(f"{r.name} [{r.stage}]")] if t.enable_progress_bar else []),
             logger=_loggers(run),
             plugins=[AtomicCheckpointIO()],
+            # every rank evaluates the same held-out batches: validation numbers do not depend
+            # on the number of devices (training batches are dealt per rank by TrainBatches)
+            use_distributed_sampler=False,
             enable_model_summary=False,
             default_root_dir=str(run),
         )
-        atomic_write_text(run / "recipe.yaml", to_yaml(r))
+        if rank0 and trainer.is_global_zero:
+            atomic_write_text(run / "recipe.yaml", to_yaml(r))
         t0 = time.perf_counter()
         trainer.fit(lit, datamodule=dm, ckpt_path=str(start_ckpt) if start_ckpt else None)
         wall = time.perf_counter() - t0
+        global_step = int(trainer.global_step)
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            # ddp_spawn: worker processes trained and sent back only the weights; the step and
+            # the (already all-rank) token counters are in the final resume checkpoint
+            global_step, state = read_resume_state(run / "resume" / "last.ckpt")
+            lit.restore_counters(state, forked=False)
         stage_tokens = lit.run_tokens
         stage_flops = stage_tokens * lit.flops_per_token
         out = run / "model"
+        # a sharded strategy (FSDP) gathers the full weights: a collective, so every rank calls it
+        state_dict = trainer.strategy.lightning_module_state_dict()
         if trainer.is_global_zero:
             meta = make_meta(
                 **plan.meta,
@@ -283,7 +321,7 @@ def train(r: Recipe) -> Path:
                 train_flops=plan.parent_flops + stage_flops,
                 stage=dict(
                     name=r.stage,
-                    steps=int(trainer.global_step) - schedule_start,
+                    steps=global_step - schedule_start,
                     first_step=schedule_start,
                     tokens=stage_tokens,
                     tokens_by_domain=lit.run_tokens_by_domain(),
@@ -294,8 +332,12 @@ def train(r: Recipe) -> Path:
                 ),
                 recipe=to_dict(r),
             )
-            model = lit.model.to("cpu")
-            save_checkpoint(out, model.state_dict(), model.config, meta, overwrite=True,
+            weights = {
+                k.removeprefix("model."): v.detach().cpu()
+                for k, v in state_dict.items()
+                if k.startswith("model.")
+            }
+            save_checkpoint(out, weights, lit.model.config, meta, overwrite=True,
                             tokenizer=plan.tokenizer)
             print(
                 f"saved {out}  ({stage_tokens:,} tokens in {wall:.1f}s, "
