@@ -389,11 +389,17 @@ def generate(
         model.train(was_training)
     all_ids = ids + new
     pieces, specials = token_pieces(tokenizer, all_ids)
+    prompt_b, full_b = _as_bytes(tokenizer.decode(ids)), _as_bytes(tokenizer.decode(all_ids))
+    # the continuation as it reads after the prompt (tokenizers that drop a word's leading
+    # space at the start of a decode would lose it in decode(new) alone)
+    new_b = (
+        full_b[len(prompt_b) :] if full_b.startswith(prompt_b) else _as_bytes(tokenizer.decode(new))
+    )
     return Generation(
         ids=all_ids,
         prompt_len=len(ids),
-        prompt=_as_text(_as_bytes(tokenizer.decode(ids))),
-        text=_as_text(_as_bytes(tokenizer.decode(new))),
+        prompt=_as_text(prompt_b),
+        text=_as_text(new_b),
         pieces=pieces,
         specials=specials,
         stop=stop,

@@ -149,12 +149,11 @@ def _header(g: Generation, source: str | None) -> list[str]:
         if r.router == "domain"
         else f"learned router, top-{r.top_k}"
     )
-    new = len(g.new_ids)
-    lines = [
-        f"routing of {source + ': ' if source else ''}{kind}, {len(r.experts)} experts; "
-        f"{g.prompt_len} prompt + {new} generated tokens ({g.stop})"
+    head = f"routing of {source}" if source else "routing"
+    return [
+        f"{head}: {kind}, {len(r.experts)} experts; {g.prompt_len} prompt + "
+        f"{len(g.new_ids)} generated tokens ({g.stop})"
     ]
-    return lines
 
 
 def _share_table(g: Generation, layers: list[int], names: list[str]) -> list[str]:

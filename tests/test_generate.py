@@ -223,7 +223,7 @@ def test_generate_with_a_checkpoints_own_tokenizer(tmp_path, capsys):
     rec = json.loads((tmp_path / "g.json").read_text())
     assert rec["ids"][:2] == [3, 4] and rec["prompt"] == "hello world"
     assert all(0 <= i < 10 for i in rec["ids"])
-    assert out.startswith("hello world")
+    assert out.startswith("hello world ") and out.rstrip("\n") == rec["prompt"] + rec["text"]
     rc, out, err = _run(["generate", ck, "--prompt", "hello klingon"], capsys)
     assert rc == 2 and "cannot encode" in err and "unknown" in err
 
