@@ -173,7 +173,7 @@ def cmd_generate(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, domain=args.domain, show_routing=args.show_routing,
         layer=args.layer, html=args.html, json_path=args.json, color=args.color,
-        device=args.device,
+        device=args.device, tokenizer=args.tokenizer,
     )  # fmt: skip
     return 0
 
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="write tokens, ids and per-layer expert ids and weights")
     sp.add_argument("--color", default="auto", choices=["auto", "always", "never"])
     sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    sp.add_argument("--tokenizer", help="tokenizer dir/file, for a checkpoint imported without one")
     sp.set_defaults(func=cmd_generate)
 
     sp = recipe_cmd("data", "show what each domain corpus holds", cmd_data, optional=True)

@@ -152,6 +152,14 @@ def _is_byte_tokenizer(tok: Any) -> bool:
     return isinstance(tok, ByteTokenizer)
 
 
+def _is_own_tokenizer(tok: Any) -> bool:
+    """moe-forge's tokenizers (byte, or a Hugging Face one run through `tokenizers`): their
+    encode adds no specials, and training documents all start with BOS."""
+    from moe.data.tokenizer import ByteTokenizer, HFTokenizer
+
+    return isinstance(tok, (ByteTokenizer, HFTokenizer))
+
+
 def special_id(tok: Any, name: str) -> int | None:
     """bos / eos / pad / unk id of our tokenizers (`eos_id`), a transformers tokenizer
     (`eos_token_id`) or our HFTokenizer wrapper around one; None when it has none."""
@@ -338,7 +346,8 @@ def generate(
     tokenizer when None). prompt: text, or token ids used as they are. Sampling when any of
     temperature / top_k / top_p / seed is given, else greedy. domain: the expert of a
     domain-routed MoE (required there, ignored by other models). add_bos: put the tokenizer's
-    BOS first (default: for the byte tokenizer, whose training documents all start with BOS).
+    BOS first (default: for moe-forge's own tokenizers, whose training documents all start with
+    BOS; a transformers tokenizer's encode adds its specials itself).
     use_cache=False recomputes the whole sequence for every token (the reference the cache is
     tested against). Raises ConfigError for bad options or a prompt that does not fit.
     """
@@ -351,7 +360,7 @@ def generate(
     cfg = model.config
     dom = domain_input(model, domain)
     if add_bos is None:
-        add_bos = _is_byte_tokenizer(tokenizer) and isinstance(prompt, (str, bytes))
+        add_bos = _is_own_tokenizer(tokenizer) and isinstance(prompt, (str, bytes))
     ids = encode_prompt(tokenizer, prompt, add_bos)
     if not ids:
         raise ConfigError("the prompt is empty and the tokenizer has no BOS token to start from")
@@ -483,43 +492,29 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint nor a run directory holding model/")
 
 
-def load_tokenizer(ckpt_dir: Path, vocab_size: int) -> Any:
-    """The checkpoint's tokenizer: the byte tokenizer for the byte vocabulary, else the tokenizer
-    an import carried into `tokenizer/`; refused when there is neither."""
-    from moe.data.tokenizer import ByteTokenizer, HFTokenizer
-    from moe.io.hf import TOKENIZER_DIR
+def load_tokenizer(ckpt_dir: Path, vocab_size: int, override: str | None = None) -> Any:
+    """The checkpoint's own tokenizer (`moe.data.tokenizer.checkpoint_tokenizer`: the one it
+    carries, else the byte tokenizer for the byte vocabulary); `override` only for a checkpoint
+    imported without one. Refused, in one line, when there is none."""
+    from moe.data.tokenizer import checkpoint_tokenizer
 
-    if vocab_size == ByteTokenizer.vocab_size:
-        return ByteTokenizer()
-    tok_dir = ckpt_dir / TOKENIZER_DIR
-    if not tok_dir.is_dir():
-        raise ConfigError(
-            f"{ckpt_dir}: vocabulary of {vocab_size} tokens, not the byte tokenizer's "
-            f"({ByteTokenizer.vocab_size}), and no {TOKENIZER_DIR}/ directory with it: cannot "
-            "tell how to write or read its tokens (moe import carries a model's tokenizer over)"
-        )
-    tok = HFTokenizer(str(tok_dir))
-    if tok.vocab_size > vocab_size:
-        raise ConfigError(
-            f"{tok_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
-            f"vocabulary ({vocab_size})"
-        )
-    return tok
+    return checkpoint_tokenizer(ckpt_dir, vocab_size, override, flag="--tokenizer PATH")
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None
 ) -> tuple[torch.nn.Module, Any, Path]:
-    """(model in eval mode on `device`, its tokenizer, the checkpoint directory)."""
+    """(model in eval mode on `device`, its tokenizer, the checkpoint directory). tokenizer: a
+    tokenizer directory or file for a checkpoint imported without its own."""
     from moe.io.checkpoint import load_checkpoint
     from moe.model.transformer import Transformer
 
     ckpt_dir = resolve_checkpoint(path)
     ck = load_checkpoint(ckpt_dir)
-    tokenizer = load_tokenizer(ckpt_dir, ck.config.vocab_size)
+    tok = load_tokenizer(ckpt_dir, ck.config.vocab_size, tokenizer)
     model = Transformer(ck.config)
     model.load_state_dict(ck.state_dict)
-    return model.to(device).eval(), tokenizer, ckpt_dir
+    return model.to(device).eval(), tok, ckpt_dir
 
 
 # ----------------------------------------------------------------------------- the command
@@ -551,6 +546,7 @@ def generate_command(
     json_path: str | None = None,
     color: str = "auto",
     device: str = "auto",
+    tokenizer: str | None = None,
     out: Callable[[str], None] = print,
     err: Callable[[str], None] | None = None,
 ) -> Generation:
@@ -589,7 +585,7 @@ def generate_command(
         # escapes Python uses for argv bytes that are not UTF-8)
         text = os.fsencode(prompt) if prompt is not None else b""
 
-    model, tokenizer, ckpt_dir = load_model(checkpoint, device)
+    model, tok, ckpt_dir = load_model(checkpoint, device, tokenizer)
     m = model.config.moe
     if domain is not None and domain not in m.experts:
         what = f"experts: {', '.join(m.experts)}" if m.experts else "it is a dense model"
@@ -602,7 +598,7 @@ def generate_command(
     if domain is not None and m.router != "domain":
         err(f"note: --domain has no effect: the router of {ckpt_dir} is learned, it picks experts")
     g = generate(
-        model, tokenizer, text, max_new_tokens, temperature=temperature, top_k=top_k,
+        model, tok, text, max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, domain=domain,
     )  # fmt: skip
     if show_routing:

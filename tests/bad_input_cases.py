@@ -356,7 +356,7 @@ CASES: list[Case] = [
                      "--prompt", "hello klingon"], "cannot encode"),
     Case("gen-vocab-no-tokenizer", "generate: non-byte vocabulary and no tokenizer with it",
          lambda fx: ["generate", str(_gen_fx("no_tokenizer_checkpoint", fx["tmp"] / "v300"))],
-         "no tokenizer/"),
+         "no tokenizer"),
     # ------------------------------------------------------------------ CLI arguments
     Case("run-seeds-zero", "moe run --seeds 0",
          lambda fx: ["run", str(DEBUG / "study.yaml"), f"out_dir={fx['tmp'] / 'study'}",

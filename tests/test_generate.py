@@ -221,7 +221,7 @@ def test_generate_with_a_checkpoints_own_tokenizer(tmp_path, capsys):
                          "--json", tmp_path / "g.json"], capsys)  # fmt: skip
     assert rc == 0, err
     rec = json.loads((tmp_path / "g.json").read_text())
-    assert rec["ids"][:2] == [3, 4] and rec["prompt"] == "hello world"
+    assert rec["ids"][:3] == [1, 3, 4] and rec["prompt"] == "hello world"  # BOS first
     assert all(0 <= i < 10 for i in rec["ids"])
     assert out.startswith("hello world ") and out.rstrip("\n") == rec["prompt"] + rec["text"]
     rc, out, err = _run(["generate", ck, "--prompt", "hello klingon"], capsys)
@@ -232,7 +232,13 @@ def test_a_vocabulary_without_its_tokenizer_is_refused(tmp_path, capsys):
     ck = no_tokenizer_checkpoint(tmp_path / "v300")
     rc, out, err = _run(["generate", ck, "--prompt", "hi"], capsys)
     assert rc == 2 and err.startswith("moe: error: ") and "300 tokens" in err
-    assert err.count("\n") == 1
+    assert err.count("\n") == 1 and "--tokenizer" in err
+    # the model's tokenizer given on the command line
+    tok = word_tokenizer(tmp_path / "tok")
+    rc, out, err = _run(["generate", ck, "--prompt", "the expert", "--max-new-tokens", "4",
+                         "--tokenizer", tok], capsys)  # fmt: skip
+    assert rc == 0, err
+    assert out.startswith("the expert")
 
 
 # ----------------------------------------------------------------------------- views
