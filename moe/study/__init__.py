@@ -95,6 +95,26 @@ def _study_changed(saved: Path, recipe: Recipe) -> bool:
             d.pop(key, None)
         d.get("trainer", {}).pop("enable_progress_bar", None)
         d.get("study", {}).pop("seeds", None)  # more seeds extend a study; finished ones stay
-    return json.dumps(old, sort_keys=True, default=str) != json.dumps(
-        new, sort_keys=True, default=str
+    # a field added to the schema since the run was recorded, at its default, changes nothing
+    default = _flat(to_dict(Recipe()))
+    old_f, new_f = _flat(old), _flat(new)
+    for k in set(new_f) - set(old_f):
+        if k in default and _same(new_f[k], default[k]):
+            new_f.pop(k)
+    return json.dumps(old_f, sort_keys=True, default=str) != json.dumps(
+        new_f, sort_keys=True, default=str
     )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)

@@ -177,7 +177,11 @@ class Study:
             results = json.loads(results_path.read_text())
         else:
             log(f"[{len(names) - 1}/{len(names)}] eval (every model on every domain)")
-            results = self.evaluate(wall=time.perf_counter() - t0).to_dict()
+            wall = time.perf_counter() - t0
+            if only == "eval" and results_path.is_file():
+                # re-evaluating does not change what the study cost: keep its recorded wall time
+                wall = json.loads(results_path.read_text()).get("wall_s", wall)
+            results = self.evaluate(wall=wall).to_dict()
             results["samples"] = self.samples(results)
             write_json(results_path, results)
         return results
