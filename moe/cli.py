@@ -33,10 +33,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from moe.study import run_study
+    from moe.study import dry_run, run_study
 
-    report = run_study(_recipe(args), only=args.stage, seeds=args.seeds, recipe_path=args.recipe)
+    if args.list_arms:
+        from moe.study.arms import ARMS
+
+        for name, arm in sorted(ARMS.items()):
+            print(f"{name:14s} {arm.description}")
+        return 0
+    if args.recipe is None:
+        raise ConfigError("moe run needs a recipe file (or --list-arms)")
+    recipe = _recipe(args)
+    if args.dry_run:
+        print(dry_run(recipe))
+        return 0
+    report = run_study(recipe, only=args.stage, seeds=args.seeds, recipe_path=args.recipe)
     print(report)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from moe.study.sweep import run_sweep
+
+    out = run_sweep(args.recipe, list(args.overrides), seeds=args.seeds,
+                    overwrite=args.overwrite, dry_run=args.dry_run)
+    print(out)
     return 0
 
 
@@ -203,10 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp = recipe_cmd("train", "run one training stage from a recipe", cmd_train)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
 
-    sp = recipe_cmd("run", "run the whole specialization study of a recipe", cmd_run)
+    sp = recipe_cmd("run", "run the whole specialization study of a recipe", cmd_run,
+                    optional=True)
     sp.add_argument("--overwrite", action="store_true", help="start the study again from scratch")
     sp.add_argument("--stage", help="re-run or resume this one stage (e.g. branch-code, eval)")
-    sp.add_argument("--seeds", type=int, default=1, help="repeat with N seeds; mean and spread")
+    sp.add_argument("--seeds", type=int, default=None,
+                    help="repeat with N seeds (default: study.seeds); mean ± 95%% CI")
+    sp.add_argument("--dry-run", action="store_true", help="print the stage plan and budget only")
+    sp.add_argument("--list-arms", action="store_true", help="list the study arms and exit")
+
+    sp = recipe_cmd("sweep", "one study per value of a recipe key (key=v1,v2,... or `sweep:`)",
+                    cmd_sweep)
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace a different sweep's directory")
+    sp.add_argument("--seeds", type=int, default=None,
+                    help="seeds per value (default: study.seeds)")
+    sp.add_argument("--dry-run", action="store_true", help="print every value's stage plan only")
 
     sp = sub.add_parser("eval", help="per-domain held-out loss and bits per byte")
     sp.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
@@ -331,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    # a fork (a study's branches, the monolith) restores another run's state into a new dir
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
     parser = build_parser()
     # key=value overrides may come after options (`moe run r.yaml --stage x a=b`): argparse
     # leaves such trailing positionals unrecognised, so they are collected here
