@@ -113,14 +113,14 @@ def _run_until(out, banner: str | None, delay: float = 0.0):
 def test_moe_run_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_path):
     out = tmp_path / "study"
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    # kill 1: as the second branch starts; kill 2: somewhere inside the router fine-tune
+    # kill 1: as the second branch starts; kill 2: somewhere inside the MoE fine-tune
     rc, err = _run_until(out, "branch-code", delay=rng.uniform(0.0, 2.0))
     assert rc == -signal.SIGKILL
     first = _study_ids(out)
-    assert {"seed", "split", "branch-text"} <= set(first), (first, err[-2000:])
+    assert {"seed", "branch-text"} <= set(first), (first, err[-2000:])
     assert not (out / "report.md").exists()
 
-    rc, err = _run_until(out, "router", delay=rng.uniform(0.0, 1.0))
+    rc, err = _run_until(out, "moe", delay=rng.uniform(0.0, 1.0))
     assert rc == -signal.SIGKILL
     for name in first:
         assert f"] {name}: done, kept" in err, err[-3000:]
@@ -134,5 +134,5 @@ def test_moe_run_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_pa
         assert f"] {name}: done, kept" in err, err[-3000:]
     final = _study_ids(out)
     assert {k: final[k] for k in second} == second, "a finished stage was redone"
-    assert "router" in final and (out / "report.md").is_file()
+    assert "moe" in final and (out / "report.md").is_file()
     assert (out / "results.json").is_file()
