@@ -57,7 +57,10 @@ def plot_sweep(summary: dict, path: Path) -> bool:
                 ax.errorbar(px, ys, yerr=errs, marker="o", capsize=3, label=label)
         ax.axhline(0.0, color="black", linewidth=0.8)
         if logx:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide at 16x
         ax.set_title(d)
         ax.set_xlabel(xlabel, fontsize=8)
     axes[0].set_ylabel("Δ bpb vs monolith (negative: arm better)")
@@ -96,9 +99,9 @@ def render_sweep_report(summary: dict, plot: bool = False) -> str:
                                   ["l", "r"] + ["r"] * len(summary["arms"])))
         lines.append("")
     lines += ["## Epochs over each domain's training data", "",
-              "How many times each arm's lineage read its domains' training splits (mean of the "
-              "seeds' first): repetition beyond a few epochs adds little (Muennighoff et al. "
-              "2023).", ""]
+              "How many times each arm's lineage read its domains' training splits (the first "
+              "seed's; every seed reads as much): repetition beyond a few epochs adds little "
+              "(Muennighoff et al. 2023).", ""]
     rows = []
     for p in summary["points"]:
         for label, ep in (p.get("epochs") or {}).items():
