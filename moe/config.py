@@ -284,6 +284,23 @@ class SweepConfig:
 
 
 @dataclass
+class InitStudyConfig:
+    """`moe run` of an init-from-distribution experiment (moe/surgery/init_study.py, issue 15):
+    a source model trained on the train split, then one target per arm x warm-up x seed.
+    Empty `arms` = not an init study."""
+
+    arms: list[str] = field(default_factory=list)  # METHOD[+norms][+emb], e.g. histogram+emb
+    source_steps: int = 1000  # the source model's training steps (train split)
+    steps: int = 300  # each target's training steps
+    warmup: list[int] = field(default_factory=lambda: [100, 0])  # warm-up steps: on / off
+    eval_every: int = 25  # held-out evaluation interval (steps), step 0 included
+    eval_batches: int = 4  # held-out batches per domain at each evaluation
+    diagnostics_at: list[int] = field(default_factory=lambda: [0, 50, 300])  # steps
+    thresholds_at: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.9])  # of steps
+    seeds: int = 3
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     stage: str = "dense"  # dense | branch | joint | router
@@ -305,6 +322,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    init_study: InitStudyConfig = field(default_factory=InitStudyConfig)
 
 
 STAGES = ("dense", "branch", "joint", "router")
@@ -586,7 +604,7 @@ def validate(r: Recipe, where: str = "recipe") -> None:
         raise bad("data.domains: a domain is listed twice")
     if d.seq_len < 2:
         raise bad(f"data.seq_len must be at least 2, got {d.seq_len}")
-    if d.seq_len > m.max_seq_len:
+    if d.seq_len > m.max_seq_len and r.init is None:  # with init=, its checkpoint's context
         raise bad(
             f"data.seq_len ({d.seq_len}) is larger than the model's context "
             f"model.max_seq_len ({m.max_seq_len})"

@@ -54,7 +54,8 @@ def test_compute_matched_baseline_has_the_experts_flops(study):
                      if n.startswith(("branch-", "ft-")) or n == "moe")
     assert moe["train_flops"] == pytest.approx(ledger["seed"]["flops"] + after_seed)
     # the monolith is the seed run continued: its stage starts at the seed's last step
-    assert ledger["dense-compute"]["steps"] == res["budget"]["total_steps"] - ledger["seed"]["steps"]
+    total = res["budget"]["total_steps"]
+    assert ledger["dense-compute"]["steps"] == total - ledger["seed"]["steps"]
     # the in-domain tokens of a branch's lineage: the seed's share plus all of its own
     seed_code = ledger["seed"]["tokens_by_domain"]["code"]
     assert res["models"]["branch-code"]["tokens_by_domain"]["code"] == (

@@ -49,10 +49,20 @@ class Budget:
         return d
 
 
+def dense_config(recipe: Recipe) -> object:
+    """The seed's model config: the `init:` checkpoint's when the seed starts from one."""
+    if recipe.init:
+        from moe.eval.evaluate import resolve_checkpoint
+        from moe.io.checkpoint import read_config
+
+        return read_config(resolve_checkpoint(recipe.init))
+    return recipe.model.resolved()
+
+
 def moe_config(recipe: Recipe) -> object:
     """The model config of the assembled BTX MoE (for its FLOPs per token)."""
     s = recipe.study
-    m = recipe.model.resolved()
+    m = dense_config(recipe)
     names = list(s.experts) + (["generalist"] if s.generalist_expert else [])
     return dataclasses.replace(
         m, moe=MoEConfig(experts=names, router="learned", top_k=s.router_top_k)
@@ -62,7 +72,7 @@ def moe_config(recipe: Recipe) -> object:
 def plan_budget(recipe: Recipe, arms: list[str]) -> Budget:
     s, d = recipe.study, recipe.data
     tps = d.batch_size * d.seq_len
-    dense = train_flops_per_token(recipe.model.resolved(), d.seq_len) * tps
+    dense = train_flops_per_token(dense_config(recipe), d.seq_len) * tps
     moe = train_flops_per_token(moe_config(recipe), d.seq_len) * tps
     total = s.budget_steps
     seed = max(1, round(s.seed_fraction * total))
