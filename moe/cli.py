@@ -44,6 +44,11 @@ def cmd_run(args) -> int:
     if args.recipe is None:
         raise ConfigError("moe run needs a recipe file (or --list-arms)")
     recipe = _recipe(args)
+    if recipe.init_study.arms:  # the init-from-distribution experiment (moe/surgery/init_study.py)
+        from moe.surgery.init_study import run_init_study
+
+        print(run_init_study(recipe, seeds=args.seeds, recipe_path=args.recipe))
+        return 0
     if args.dry_run:
         print(dry_run(recipe))
         return 0
@@ -139,6 +144,18 @@ def cmd_split(args) -> int:
         args.checkpoint, args.out, _names(args.experts), method=args.method, router=args.router,
         top_k=args.top_k, shared_dim=args.shared_dim, seed=args.seed,
         calib_batches=args.calib_batches, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_init(args) -> int:
+    from moe.surgery.init_dist import init_checkpoint
+
+    out = init_checkpoint(
+        args.source, args.method, args.out, seed=args.seed, keep_norms=args.keep_norms,
+        keep_embeddings=args.keep_embeddings, overrides=list(args.overrides),
+        overwrite=args.overwrite,
     )
     print(out)
     return 0
@@ -280,6 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output checkpoint directory")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_split)
+
+    sp = sub.add_parser("init", help="a fresh model from a trained model's weight distribution")
+    sp.add_argument("overrides", nargs="*", help="model.FIELD=VALUE: the target's shape (select)")
+    sp.add_argument("--from", dest="source", required=True, help="trained checkpoint")
+    sp.add_argument("--method", required=True, help="standard | gaussian | histogram | shuffle | "
+                    "spectrum | select | trained (see moe/surgery/init_dist.py)")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--keep-norms", action="store_true", help="copy the trained norm gains")
+    sp.add_argument("--keep-embeddings", action="store_true",
+                    help="copy the trained token embedding and output head")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("assemble", help="assemble dense branches into one MoE (Branch-Train-Mix)")
     sp.add_argument("branches", nargs="+", help="branch checkpoints or run directories")

@@ -1,0 +1,1 @@
+"""Operations on a checkpoint's weights that write a new checkpoint."""
