@@ -312,6 +312,11 @@ class Recipe:
     # state, step and place in the LR schedule carry over (BTM/FlexOlmo branching); the stage,
     # data stream and end of the schedule are this recipe's. Needs init= (same architecture).
     fork: str | None = None
+    # start from a trained checkpoint's weight *distribution* (moe/surgery/init_dist.py): each
+    # tensor re-made by init_method (standard | gaussian | histogram | shuffle | spectrum |
+    # select | trained); `select` makes this recipe's (smaller) model section. Excludes init=.
+    init_from: str | None = None
+    init_method: str = "histogram"
     overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -669,6 +674,15 @@ def validate(r: Recipe, where: str = "recipe") -> None:
             f"optim.total_steps ({o.total_steps}) is shorter than trainer.max_steps "
             f"({r.trainer.max_steps}); the schedule must cover every step"
         )
+    if r.init_from is not None and r.init is not None:
+        raise bad("init_from= and init= exclude each other: init= continues a checkpoint, "
+                  "init_from= re-makes its weights by init_method")
+    if r.init_from is not None:
+        from moe.surgery.init_dist import METHODS as INIT_METHODS
+
+        if r.init_method not in INIT_METHODS:
+            raise bad(f"init_method: unknown method {r.init_method!r}; choose one of "
+                      f"{', '.join(sorted(INIT_METHODS))}")
     if r.fork is not None and r.init is None:
         raise bad("fork= needs init= (the checkpoint of the run it forks from, for lineage)")
     if r.fork is not None and r.resume is not None:

@@ -77,15 +77,41 @@ def _load_init(path: str) -> tuple[Transformer, dict]:
     return model, ck.meta
 
 
+def _init_from_distribution(r: Recipe) -> tuple[Transformer, dict, dict]:
+    """`init_from:` + `init_method:`: a fresh model made from a trained checkpoint's weights.
+
+    Only `trained` and `select` carry the source's training into the lineage's token count; the
+    distribution methods start a new model whose parent is recorded but whose compute is not.
+    """
+    from moe.eval.evaluate import resolve_checkpoint
+    from moe.surgery.init_dist import init_state
+
+    src = resolve_checkpoint(r.init_from)
+    ck = load_checkpoint(src)
+    target = r.model.resolved() if r.init_method == "select" else None
+    res = init_state(ck.state_dict, ck.config, r.init_method, target, seed=r.seed)
+    model = Transformer(res.config)
+    model.load_state_dict(res.state_dict)
+    carried = r.init_method in ("trained", "select")
+    pmeta = dict(ck.meta)
+    if not carried:
+        pmeta.update(tokens_seen=0, train_flops=0.0)
+    return model, pmeta, {"init": {"source_id": ck.meta["id"], "method": r.init_method}}
+
+
 def plan_stage(r: Recipe) -> StagePlan:
     data = dataclasses.replace(r.data)
+    init_meta = {}
     if r.init:
         model, pmeta = _load_init(r.init)
+    elif r.init_from:
+        model, pmeta, init_meta = _init_from_distribution(r)
     else:
         model, pmeta = Transformer(r.model), None
     from moe.eval.evaluate import resolve_checkpoint
 
-    tokenizer = _tokenizer(r, model, resolve_checkpoint(r.init) if r.init else None)
+    src = r.init or r.init_from
+    tokenizer = _tokenizer(r, model, resolve_checkpoint(src) if src else None)
     lineage = {}
     if pmeta is not None:
         lineage = dict(
@@ -93,6 +119,11 @@ def plan_stage(r: Recipe) -> StagePlan:
             base_id=pmeta.get("base_id") or pmeta["id"],
             family=pmeta.get("family"),
         )
+    if init_meta:
+        lineage.update(init_meta)
+        if r.init_method not in ("trained", "select"):
+            # a new model made from the source's distribution: not a fine-tune of it
+            lineage = dict(parents=[pmeta["id"]], **init_meta)
     trainable = "all"
     kind = "moe" if model.config.moe.experts else "dense"
     if r.stage == "branch":
