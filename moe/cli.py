@@ -47,6 +47,14 @@ def cmd_run(args) -> int:
     if recipe.init_study.arms:  # the init-from-distribution experiment (moe/surgery/init_study.py)
         from moe.surgery.init_study import run_init_study
 
+        s = recipe.init_study
+        if args.dry_run:
+            n = s.seeds if args.seeds is None else args.seeds
+            print(f"init study {recipe.name}: source {s.source_steps} steps; then "
+                  f"{len(s.arms)} arms x warm-up {s.warmup} x {n} seeds = "
+                  f"{len(s.arms) * len(s.warmup) * n} targets of {s.steps} steps "
+                  f"(arms: {', '.join(s.arms)})")
+            return 0
         print(run_init_study(recipe, seeds=args.seeds, recipe_path=args.recipe))
         return 0
     if args.dry_run:

@@ -298,6 +298,9 @@ class InitStudyConfig:
     diagnostics_at: list[int] = field(default_factory=lambda: [0, 50, 300])  # steps
     thresholds_at: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.9])  # of steps
     seeds: int = 3
+    # the targets' peak LR (None: optim.lr, the source's); a higher one asks whether a
+    # distribution init trains stably where `standard` needs warm-up
+    target_lr: float | None = None
 
 
 @dataclass

@@ -60,6 +60,7 @@ def summarise(runs: list[dict], r: Recipe, arms: list[str], source: dict, flops_
                      for f in (0.1, 0.5, 1.0)})  # fmt: skip
     out: dict = {
         "source": source, "arms": arms, "warmup": list(s.warmup), "seeds": seed_ids,
+        "target_lr": s.target_lr or r.optim.lr, "source_lr": r.optim.lr,
         "steps": s.steps, "eval_steps": steps, "flops_per_step": flops_step,
         "thresholds": thresholds, "curves": {}, "steps_to_threshold": {}, "ratio_to_standard": {},
         "gain_at_steps": {}, "final_bpb": {}, "warmup_ablation": {}, "diverged": {},
@@ -221,7 +222,8 @@ def write_report(res: dict, out: Path, runs: list[dict]) -> Path:
     L = ["# Initialising from a trained model's weight distribution (issue 15)", ""]
     L += [f"Source: {src['steps']} steps on the train split ({src['tokens']:,} tokens, "
           f"{src['train_flops']:.3g} FLOPs); its held-out bpb {src['heldout_bpb']['mean']:.3f}. "
-          f"Targets: {res['steps']} steps each, seeds {res['seeds']}, warm-up "
+          f"Targets: {res['steps']} steps each at peak LR {res.get('target_lr', '-')} (the "
+          f"source's: {res.get('source_lr', '-')}), seeds {res['seeds']}, warm-up "
           f"{' / '.join(map(str, res['warmup']))} steps; 1 step = {res['flops_per_step']:.3g} "
           f"training FLOPs, the same for every arm (so loss against FLOPs is loss against steps "
           f"rescaled). Held-out text: documents in the corpora's held-out split, which neither "

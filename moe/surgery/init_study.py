@@ -213,7 +213,8 @@ def run_init_study(r: Recipe, seeds: int | None = None, recipe_path: str | None 
                 init = init_state(src.state_dict, src.config, method, seed=seed,
                                   keep_norms=keep_norms, keep_embeddings=keep_emb)  # fmt: skip
                 model = _load(init.state_dict, init.config)
-                optim = dataclasses.replace(r.optim, warmup_steps=w)
+                optim = dataclasses.replace(r.optim, warmup_steps=w,
+                                            lr=s.target_lr or r.optim.lr)
                 tdm = DomainDataModule(r.data, seed=seed, tokenizer=dm.tokenizer)
                 tdm._tokens = dm._tokens  # same corpora; only the data order differs
                 rec = train_loop(model, r, optim, s.steps, tdm, heldout, s.eval_every,
