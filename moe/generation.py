@@ -478,20 +478,6 @@ def _decode(model, ids, max_new, eos, sampler, dom, use_cache):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory holding one at `model/` (as `moe eval`)."""
-    from moe.io.checkpoint import CheckpointError, is_checkpoint
-
-    p = Path(path)
-    if is_checkpoint(p):
-        return p
-    if is_checkpoint(p / "model"):
-        return p / "model"
-    if not p.exists():
-        raise CheckpointError(f"no such checkpoint or run directory: {p}")
-    raise CheckpointError(f"{p} is neither a checkpoint nor a run directory holding model/")
-
-
 def load_tokenizer(ckpt_dir: Path, vocab_size: int, override: str | None = None) -> Any:
     """The checkpoint's own tokenizer (`moe.data.tokenizer.checkpoint_tokenizer`: the one it
     carries, else the byte tokenizer for the byte vocabulary); `override` only for a checkpoint
@@ -506,6 +492,7 @@ def load_model(
 ) -> tuple[torch.nn.Module, Any, Path]:
     """(model in eval mode on `device`, its tokenizer, the checkpoint directory). tokenizer: a
     tokenizer directory or file for a checkpoint imported without its own."""
+    from moe.eval.evaluate import resolve_checkpoint
     from moe.io.checkpoint import load_checkpoint
     from moe.model.transformer import Transformer
 
