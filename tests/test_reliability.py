@@ -113,14 +113,15 @@ def _run_until(out, banner: str | None, delay: float = 0.0):
 def test_moe_run_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_path):
     out = tmp_path / "study"
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    # kill 1: as the second branch starts; kill 2: somewhere inside the MoE fine-tune
-    rc, err = _run_until(out, "branch-code", delay=rng.uniform(0.0, 2.0))
+    # kill 1: as the second branch starts; kill 2: somewhere inside the data-matched monolith,
+    # a later and longer stage (forked stages are short: a longer first delay could pass it)
+    rc, err = _run_until(out, "branch-code", delay=rng.uniform(0.0, 0.5))
     assert rc == -signal.SIGKILL
     first = _study_ids(out)
     assert {"seed", "branch-text"} <= set(first), (first, err[-2000:])
     assert not (out / "report.md").exists()
 
-    rc, err = _run_until(out, "moe", delay=rng.uniform(0.0, 1.0))
+    rc, err = _run_until(out, "dense-data", delay=rng.uniform(0.0, 0.5))
     assert rc == -signal.SIGKILL
     for name in first:
         assert f"] {name}: done, kept" in err, err[-3000:]
@@ -134,5 +135,5 @@ def test_moe_run_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_pa
         assert f"] {name}: done, kept" in err, err[-3000:]
     final = _study_ids(out)
     assert {k: final[k] for k in second} == second, "a finished stage was redone"
-    assert "moe" in final and (out / "report.md").is_file()
+    assert "dense-data" in final and (out / "report.md").is_file()
     assert (out / "results.json").is_file()
