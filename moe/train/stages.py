@@ -194,6 +194,12 @@ class StageProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=1)
         self.label = label
 
+    def init_train_tqdm(self):
+        # a resumed or forked run starts mid-epoch, where on_train_epoch_start is not called
+        bar = super().init_train_tqdm()
+        bar.set_description(self.label)
+        return bar
+
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(self.label)
