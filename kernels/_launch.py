@@ -106,6 +106,25 @@ def record_launches(arch: int = 90, sms: int = 132) -> Iterator[list[Launch]]:
         _STATE.recorder = saved
 
 
+def layer_on_meta(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype) -> list:
+    """Route, plan, forward and backward of the MoE layer (triton backend) on meta tensors, as a
+    caller of `record_launches` traces them; returns the five gradients (x, w1, w3, w2, weights).
+    """
+    from moe_kernels.moe_mlp import moe_mlp
+    from moe_kernels.routing import topk_route
+
+    m = dict(device="meta", dtype=dtype)
+    x = torch.empty(T, D, **m, requires_grad=True)
+    w1 = torch.empty(E, D, F, **m, requires_grad=True)
+    w3 = torch.empty(E, D, F, **m, requires_grad=True)
+    w2 = torch.empty(E, F, D, **m, requires_grad=True)
+    wts, ids = topk_route(torch.empty(T, E, **m), K, backend="triton")
+    wts.requires_grad_()
+    y = moe_mlp(x, w1, w3, w2, ids, wts, backend="triton")
+    y.backward(torch.empty_like(y))
+    return [t.grad for t in (x, w1, w3, w2, wts)]
+
+
 def run(launch: Launch) -> None:
     rec = _STATE.recorder
     if rec is not None:

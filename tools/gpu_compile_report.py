@@ -132,19 +132,10 @@ def arch_problem(arch: int) -> str | None:
 def record_layer(T, D, F, E, K, dtype, arch, sms=None):
     """Every launch of routing + plan + forward + backward of the MoE layer (triton backend),
     recorded on meta tensors as if on sm_<arch>."""
-    import moe_kernels as mk
-    from moe_kernels._launch import record_launches
+    from moe_kernels._launch import layer_on_meta, record_launches
 
-    m = dict(device="meta", dtype=dtype)
     with record_launches(arch, sms or SMS.get(arch, 132)) as launches:
-        x = torch.empty(T, D, **m, requires_grad=True)
-        w1 = torch.empty(E, D, F, **m, requires_grad=True)
-        w3 = torch.empty(E, D, F, **m, requires_grad=True)
-        w2 = torch.empty(E, F, D, **m, requires_grad=True)
-        wts, ids = mk.topk_route(torch.empty(T, E, **m), K, backend="triton")
-        wts.requires_grad_()
-        y = mk.moe_mlp(x, w1, w3, w2, ids, wts, backend="triton")
-        y.backward(torch.empty_like(y))
+        layer_on_meta(T, D, F, E, K, dtype)
     return list(launches)
 
 

@@ -185,17 +185,8 @@ class _FailOnSync(TorchDispatchMode):
 
 
 def _layer_on_meta(T, D, F, E, K, dtype=BF16, arch=90):
-    m = dict(device="meta", dtype=dtype)
     with record_launches(arch, 132) as launches, _FailOnSync() as mode:
-        x = torch.empty(T, D, **m, requires_grad=True)
-        w1 = torch.empty(E, D, F, **m, requires_grad=True)
-        w3 = torch.empty(E, D, F, **m, requires_grad=True)
-        w2 = torch.empty(E, F, D, **m, requires_grad=True)
-        wts, ids = mk.topk_route(torch.empty(T, E, **m), K, backend="triton")
-        wts.requires_grad_()
-        y = mk.moe_mlp(x, w1, w3, w2, ids, wts, backend="triton")
-        y.backward(torch.empty_like(y))
-        grads = [t.grad for t in (x, w1, w3, w2, wts)]
+        grads = _launch.layer_on_meta(T, D, F, E, K, dtype)
     return launches, mode.ops, grads
 
 
