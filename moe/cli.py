@@ -33,6 +33,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from moe.experiments import experiment_of
     from moe.study import dry_run, run_study
 
     if args.list_arms:
@@ -44,18 +45,12 @@ def cmd_run(args) -> int:
     if args.recipe is None:
         raise ConfigError("moe run needs a recipe file (or --list-arms)")
     recipe = _recipe(args)
-    if recipe.init_study.arms:  # the init-from-distribution experiment (moe/surgery/init_study.py)
-        from moe.surgery.init_study import run_init_study
-
-        s = recipe.init_study
+    experiment = experiment_of(recipe)  # init_study, ... (moe/experiments.py); else the study
+    if experiment is not None:
         if args.dry_run:
-            n = s.seeds if args.seeds is None else args.seeds
-            print(f"init study {recipe.name}: source {s.source_steps} steps; then "
-                  f"{len(s.arms)} arms x warm-up {s.warmup} x {n} seeds = "
-                  f"{len(s.arms) * len(s.warmup) * n} targets of {s.steps} steps "
-                  f"(arms: {', '.join(s.arms)})")
-            return 0
-        print(run_init_study(recipe, seeds=args.seeds, recipe_path=args.recipe))
+            print(experiment.plan(recipe, args.seeds))
+        else:
+            print(experiment.run(recipe, args.seeds, args.recipe))
         return 0
     if args.dry_run:
         print(dry_run(recipe))

@@ -61,3 +61,33 @@ def test_reference_recipes_follow_the_issue():
     sweep = load_recipe(REPO / "recipes" / "sweep.yaml")
     vals = [float(v) for v in sweep.sweep.values]
     assert len(vals) >= 4 and max(vals) / min(vals) >= 10 and sweep.study.seeds >= 3
+
+
+
+def _experiment(path: Path):
+    from moe.experiments import experiment_of
+
+    return experiment_of(load_recipe(path))
+
+
+EXPERIMENT_RECIPES = [p for p in RECIPES if p not in STUDIES and _experiment(p) is not None]
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_experiment_recipe_plans(path: Path):
+    """Every shipped experiment recipe (init study, surgery, pruning, fleet...) dry-runs."""
+    r = load_recipe(path)
+    assert r.name in _experiment(path).plan(r, None)
+
+
+def test_a_recipe_runs_one_experiment(monkeypatch):
+    import moe.experiments as ex
+    from moe.config import ConfigError
+
+    assert ex.experiment_of(load_recipe(None)) is None  # no section switched on: the study
+    r = load_recipe(REPO / "recipes" / "init" / "study.yaml")
+    assert ex.experiment_of(r).section == "init_study"
+    other = ex.Experiment("other", lambda r: True, "moe.surgery.init_study", "always on")
+    monkeypatch.setitem(ex.EXPERIMENTS, "other", other)
+    with pytest.raises(ConfigError, match="runs one"):
+        ex.experiment_of(r)

@@ -241,3 +241,19 @@ def _load(state: dict[str, torch.Tensor], config) -> Transformer:
     model = Transformer(config)
     model.load_state_dict(state)
     return model
+
+
+# ----------------------------------------------------------------------------- `moe run` entry
+
+
+def plan(r: Recipe, seeds: int | None = None) -> str:
+    """What `moe run --dry-run` prints for an init study."""
+    s = r.init_study
+    n = s.seeds if seeds is None else seeds
+    return (f"init study {r.name}: source {s.source_steps} steps; then {len(s.arms)} arms x "
+            f"warm-up {s.warmup} x {n} seeds = {len(s.arms) * len(s.warmup) * n} targets of "
+            f"{s.steps} steps (arms: {', '.join(s.arms)})")
+
+
+def run(r: Recipe, seeds: int | None = None, recipe_path: str | None = None) -> Path:
+    return run_init_study(r, seeds=seeds, recipe_path=recipe_path)
