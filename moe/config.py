@@ -80,6 +80,9 @@ class ModelConfig:
     n_layers: int | None = None
     n_heads: int | None = None
     n_kv_heads: int | None = None  # grouped-query attention when < n_heads
+    # per-head size; None = dim // n_heads. Set when heads were pruned (moe prune keeps each
+    # head's size, so n_heads * head_dim may be less than dim)
+    head_dim: int | None = None
     ffn_dim: int | None = None  # SwiGLU hidden size
     max_seq_len: int | None = None  # longest context RoPE is prepared for
     rope_theta: float = 10000.0
@@ -103,13 +106,23 @@ class ModelConfig:
         for k, v in MODEL_SIZES[self.size].items():
             if getattr(out, k) is None:
                 setattr(out, k, v)
-        if out.dim % out.n_heads:
-            raise ConfigError(f"model.dim ({out.dim}) must be divisible by n_heads ({out.n_heads})")
-        if out.n_heads % out.n_kv_heads:
+        if out.n_heads < 0 or out.n_kv_heads < 0 or (out.n_heads == 0) != (out.n_kv_heads == 0):
+            raise ConfigError(
+                f"model.n_heads ({out.n_heads}) and n_kv_heads ({out.n_kv_heads}) must both be "
+                "positive (or both 0: a model whose every head was pruned)"
+            )
+        if out.head_dim is None:
+            if out.n_heads == 0 or out.dim % out.n_heads:
+                raise ConfigError(
+                    f"model.dim ({out.dim}) must be divisible by n_heads ({out.n_heads})"
+                )
+        elif out.head_dim < 2:
+            raise ConfigError(f"model.head_dim must be at least 2, got {out.head_dim}")
+        if out.n_heads and out.n_heads % out.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({out.n_heads}) must be divisible by n_kv_heads ({out.n_kv_heads})"
             )
-        if (out.dim // out.n_heads) % 2:
+        if out.head_size() % 2:
             raise ConfigError("model.dim / model.n_heads must be even (RoPE rotates pairs)")
         rs = out.rope_scaling
         if rs is not None:
@@ -124,6 +137,10 @@ class ModelConfig:
                     f"{rs.high_freq_factor}"
                 )
         return out
+
+    def head_size(self) -> int:
+        """Each attention head's size (of a resolved config)."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
 
 
 # ----------------------------------------------------------------------------- data
@@ -273,6 +290,9 @@ class StudyConfig:
     router_lr: float = 1e-2  # peak LR of the MoE fine-tune (a fresh schedule, as in BTX)
     eval_batches: int = 16  # held-out batches per domain for every model
     seeds: int = 1  # repetitions with seeds seed, seed+1, ...: mean and 95% CI (`--seeds`)
+    # more held-out sets for every model, as `moe eval --data DOMAIN=PATH_OR_GLOB` (or
+    # DOMAIN=hf:NAME) gives them: each evaluated whole, reported in a section of its own
+    eval_data: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -230,11 +230,8 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
         raise ConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
     dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * heads != dim:
-        raise ConfigError(
-            f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads "
-            f"({dim} / {heads}); this model derives head_dim from them"
-        )
+    # a head size other than hidden_size / heads (a pruned model's) is kept explicitly
+    head_dim = None if head_dim is None or head_dim * heads == dim else int(head_dim)
     rope_theta, rope_scaling = _rope(hf, where)
     moe = MoEConfig()
     if mixtral:
@@ -256,6 +253,7 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
         n_layers=int(hf["num_hidden_layers"]),
         n_heads=heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
         ffn_dim=int(hf["intermediate_size"]),
         max_seq_len=int(hf.get("max_position_embeddings") or 2048),
         rope_theta=rope_theta,
@@ -448,7 +446,7 @@ def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, A
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim // cfg.n_heads,
+        "head_dim": cfg.head_size(),
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
@@ -515,6 +513,9 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _check_exportable(cfg: ModelConfig, path: Path) -> None:
+    if cfg.n_heads == 0:
+        raise ConfigError(f"{path}: cannot export a model with no attention heads (every head "
+                          "was pruned): a Llama layer has at least one")  # fmt: skip
     m = cfg.moe
     if not m.experts:
         return

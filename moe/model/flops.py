@@ -21,7 +21,7 @@ class ParamCount:
 
 
 def _attn_params(c: ModelConfig) -> int:
-    hd = c.dim // c.n_heads
+    hd = c.head_size()
     return c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2  # wq, wo, wk, wv
 
 
@@ -60,7 +60,8 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     matmul_params = (
         p.active - p.embedding - norms + (c.vocab_size * c.dim if c.tie_embeddings else 0)
     )
-    return 2.0 * matmul_params + 2.0 * c.n_layers * seq_len * c.dim
+    # scores and values span the heads' width (n_heads * head size: dim unless heads were pruned)
+    return 2.0 * matmul_params + 2.0 * c.n_layers * seq_len * c.n_heads * c.head_size()
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:

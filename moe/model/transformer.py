@@ -121,7 +121,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = cfg.head_size()
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
@@ -135,6 +135,9 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        if self.n_heads == 0:
+            # every head pruned (moe prune --allow-empty): the block adds nothing here
+            return torch.zeros_like(x)  # (B, T, C)
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -218,7 +221,7 @@ class Transformer(nn.Module):
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         )
         cos, sin = rope_tables(
-            cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
+            cfg.head_size(), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
         )
         # not part of the state dict: derived from the config
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -245,7 +248,7 @@ class Transformer(nn.Module):
         max_len = cfg.max_seq_len if max_len is None else min(max_len, cfg.max_seq_len)
         w = self.tok_emb.weight
         return KVCache(
-            cfg.n_layers, batch, cfg.n_kv_heads, cfg.dim // cfg.n_heads, max_len, w.dtype, w.device
+            cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_size(), max_len, w.dtype, w.device
         )
 
     def forward(

@@ -133,7 +133,6 @@ def test_export_refuses_what_mixtral_cannot_compute(tmp_path, moe, why):
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"head_dim": 32}, "head_dim"),
     ],
 )
 def test_import_refusals(tmp_path, kw, why):
