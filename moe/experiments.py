@@ -9,9 +9,9 @@ one. A new experiment adds one entry here and its section in moe/config.py.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from moe.config import ConfigError, Recipe
 

@@ -119,3 +119,36 @@ def test_seeds_repeat_the_study_and_report_mean_and_spread(tmp_path):
     stats = agg["models"]["moe"]["bpb"]["code"]
     assert stats["n"] == 2 and stats["mean"] == pytest.approx((a + b) / 2)
     assert "±" in (out / "report.md").read_text()
+
+
+def test_eval_data_sets_join_every_models_results(tmp_path):
+    """study.eval_data: each model (checkpoints and the BTM ensemble) is evaluated on the extra
+    set; a checkpoint's numbers equal `moe eval --data` on it, and both reports show the set."""
+    from moe.eval.data_spec import parse_data_spec
+
+    poems = tmp_path / "poems.txt"
+    poems.write_text("\n\n".join(f"Stanza {i}: the sea, the sky and the long grey road home."
+                                 for i in range(40)))
+    out = tmp_path / "sets"
+    spec = f"poems={poems}"
+    assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={out}", "--seeds", "2",
+                 "study.budget_steps=20", "study.arms=[seed,branches,btm,monolith]",
+                 "study.eval_batches=1", f"study.eval_data=[{spec}]", *QUIET]) == 0
+    res = json.loads((out / "seed-1234" / "results.json").read_text())
+    assert res["eval_sets"] == ["poems"]
+    for name, m in res["models"].items():
+        assert m["eval_sets"]["poems"]["bpb"] > 0, name
+        if m["checkpoint"] is None:
+            continue
+        rep = evaluate_checkpoint(out / "seed-1234" / m["checkpoint"], ["poems"], max_batches=0,
+                                  batch_size=8, progress=False, data=parse_data_spec([spec]))
+        assert m["eval_sets"]["poems"]["bpb"] == pytest.approx(rep["domains"]["poems"]["bpb"],
+                                                               rel=1e-6), name
+    from moe.eval.report import render_report
+
+    one = render_report(res)  # the single-seed report of the same results
+    assert "## Other held-out sets" in one and f"`{spec}`" in one
+    agg = json.loads((out / "results.json").read_text())
+    assert agg["eval_sets"]["models"]["btm"]["bpb"]["poems"]["n"] == 2
+    text = (out / "report.md").read_text()
+    assert "## Other held-out sets" in text and "poems" in text

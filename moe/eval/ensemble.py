@@ -43,11 +43,13 @@ def evaluate_ensemble(
     batch_size: int = 8,
     progress: bool = True,
     tokenizer=None,
+    heldout_only: frozenset[str] = frozenset(),
 ) -> dict:
     """{"domains": {domain: {loss, bpb, tokens, bytes}}} for the posterior-weighted ensemble.
-    `tokenizer`: the members' one tokenizer (default `data.tokenizer`, else byte)."""
+    `tokenizer`: the members' one tokenizer (default `data.tokenizer`, else byte);
+    `heldout_only`: domains whose every document is held out (an evaluation set)."""
     cfg = dataclasses.replace(data, domains=list(domains), stream="mixed", weights={})
-    dm = DomainDataModule(cfg, seed=seed, tokenizer=tokenizer)
+    dm = DomainDataModule(cfg, seed=seed, tokenizer=tokenizer, heldout_only=heldout_only)
     dm.setup("validate")
     for m in models:
         m.eval()

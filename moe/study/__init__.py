@@ -95,6 +95,7 @@ def _study_changed(saved: Path, recipe: Recipe) -> bool:
             d.pop(key, None)
         d.get("trainer", {}).pop("enable_progress_bar", None)
         d.get("study", {}).pop("seeds", None)  # more seeds extend a study; finished ones stay
+        d.get("study", {}).pop("eval_data", None)  # more held-out sets re-evaluate, not retrain
     # a field added to the schema since the run was recorded, at its default, changes nothing
     default = _flat(to_dict(Recipe()))
     old_f, new_f = _flat(old), _flat(new)

@@ -42,6 +42,7 @@ class ModelResult:
     routing: Any = None
     domain: str | None = None
     family: str | None = None
+    eval_sets: dict[str, dict[str, float]] = field(default_factory=dict)  # study.eval_data
 
 
 @dataclass
@@ -66,6 +67,8 @@ class StudyResult:
     merge: dict | None = None
     command: str = ""
     samples: str | None = None  # markdown: greedy continuations per domain (moe.study.samples)
+    eval_sets: list[str] = field(default_factory=list)  # study.eval_data's domains
+    eval_data: list[str] = field(default_factory=list)  # its specs, as given
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,6 +63,7 @@ class Study:
         check_fork_point(recipe, budget.seed_steps, budget.total_steps)
         self.ctx = StudyContext(recipe, run_dir, budget, arms)
         self.arms = [get_arm(a) for a in arms]
+        self.eval_data = parse_eval_sets(recipe.study.eval_data)
 
     # ------------------------------------------------------------------ the plan
 
@@ -205,9 +206,10 @@ class Study:
         d = self.ctx.model_dir(done[0])
         return checkpoint_tokenizer(d, read_config(d).vocab_size, self.r.data.tokenizer)
 
-    def _eval_cached(self, name: str, fn: Callable[[], dict], key: str) -> dict:
-        """Evaluations are cached beside the stage, keyed by checkpoint ids and eval settings."""
-        cache = self.ctx.stages_dir / name / f"eval-{name}.json"
+    def _eval_cached(self, name: str, fn: Callable[[], dict], key: str, tag: str = "") -> dict:
+        """Evaluations are cached beside the stage, keyed by checkpoint ids and eval settings
+        (`tag` names a second cache: the study.eval_data sets)."""
+        cache = self.ctx.stages_dir / name / f"eval-{name}{tag}.json"
         if cache.is_file():
             try:
                 got = json.loads(cache.read_text())
@@ -251,6 +253,11 @@ class Study:
         progress = False
         settings = f"{s.eval_batches}x{r.eval.batch_size}:{','.join(doms)}"
         records = self.stage_records()
+        sets: list[str] = []
+        rep_sets: dict = {}
+        if self.eval_data is not None:  # study.eval_data: evaluation sets, each read whole
+            sets_cfg, sets, whole = self.eval_data.resolve(r.data, None)
+            sets_key = f"sets:{r.eval.batch_size}:{json.dumps(self.eval_data.describe())}"
         models: dict[str, ModelResult] = {}
         arms: dict[str, str] = {}
         for spec in self.model_specs():
@@ -267,6 +274,15 @@ class Study:
                     ),
                     f"{meta['id']}:{settings}",
                 )
+                if sets:
+                    rep_sets = self._eval_cached(
+                        spec.checkpoint,
+                        lambda model=model: evaluate_model(
+                            model, sets_cfg, r.seed, sets, 0, r.eval.batch_size, progress,
+                            tokenizer=dm.tokenizer, heldout_only=whole,
+                        ),
+                        f"{meta['id']}:{sets_key}", tag="-sets",
+                    )
                 active = records[spec.checkpoint].active_params
                 total = records[spec.checkpoint].total_params
             else:
@@ -282,6 +298,16 @@ class Study:
                     ),
                     f"{spec.name}:{ids}:{settings}",
                 )
+                if sets:
+                    rep_sets = self._eval_cached(
+                        spec.members[0],
+                        lambda members=members: evaluate_ensemble(
+                            [m[0] for m in members], sets_cfg, r.seed, sets, 0,
+                            r.eval.batch_size, progress, tokenizer=dm.tokenizer,
+                            heldout_only=whole,
+                        ),
+                        f"{spec.name}:{ids}:{sets_key}", tag=f"-sets-{spec.name}",
+                    )
                 active = sum(records[n].active_params for n in spec.members)
                 total = sum(records[n].total_params for n in spec.members)
             by_dom: dict[str, int] = {}
@@ -306,6 +332,7 @@ class Study:
                 routing=rep.get("routing"),
                 domain=spec.extra.get("domain"),
                 family=spec.extra.get("family"),
+                eval_sets=rep_sets.get("domains", {}) if sets else {},
             )
             if spec.label:
                 arms[spec.label] = spec.name
@@ -337,6 +364,8 @@ class Study:
             reference_arm=REFERENCE_LABEL if REFERENCE_LABEL in arms else "",
             curves=self.curves(records),
             merge=merge,
+            eval_sets=sets,
+            eval_data=list(s.eval_data),
         )
 
     def samples(self, results: dict) -> str | None:
@@ -393,3 +422,21 @@ def _ordered_arms(arms: dict[str, str]) -> dict[str, str]:
              "random-split ensemble (control)", "parameter average", "seed"]
     rank = {label: i for i, label in enumerate(order)}
     return dict(sorted(arms.items(), key=lambda kv: rank.get(kv[0], len(order) - 1)))
+
+
+def parse_eval_sets(specs: list[str]):
+    """study.eval_data as an EvalData (None when empty); a mistake stops the study before it
+    trains anything, named as the recipe field."""
+    if not specs:
+        return None
+    from moe.eval.data_spec import parse_data_spec
+
+    try:
+        data = parse_data_spec(list(specs))
+    except ConfigError as e:
+        raise ConfigError(f"study.eval_data: {str(e).removeprefix('--data ')}") from None
+    if data.recipe is not None:
+        raise ConfigError("study.eval_data: give DOMAIN=PATH_OR_GLOB (or DOMAIN=hf:NAME) sets; "
+                          "the study's own domains are evaluated already")
+    return data
+

@@ -31,6 +31,7 @@ from moe.eval.report.results import (
     command_line,
     complete_mean,
     domains,
+    eval_sets_view,
     experts_arm,
     model_bpb,
     reference,
@@ -130,7 +131,10 @@ def aggregate(results_list: list[dict]) -> dict:
                           if delta["n"] else None}
             gain[label] = row
 
+    views = [v for r in results_list if (v := eval_sets_view(r)) is not None]
     return {
+        "eval_sets": aggregate(views) if views else None,  # study.eval_data, the same tables
+        "eval_data": first.get("eval_data") or [],
         "name": first.get("name"),
         "seeds": [r.get("seed") for r in results_list],
         "n": len(results_list),
@@ -156,6 +160,71 @@ def aggregate(results_list: list[dict]) -> dict:
 def _ci(s: dict[str, Any], signed: bool = False) -> str:
     """A stats dict as "mean ± half" (or "mean (n=1, no CI)"); "-" with no values."""
     return format_mean_ci(s["mean"], s["half"], signed=signed) if s["n"] else "-"
+
+
+def _bpb_table(agg: dict, arms: list[tuple[str, str]]) -> list[str]:
+    """Per-arm bpb per domain (and mean), mean ± CI over seeds; best per column in bold."""
+    doms, models = list(agg.get("domains") or []), agg.get("models") or {}
+    lines: list[str] = []
+    best: dict[str, float] = {}
+    for d in [*doms, "mean"]:
+        col = [s["mean"] for _, n in arms
+               if (s := (models[n]["bpb"].get(d) if d != "mean" else models[n]["bpb_mean"]))
+               and s["n"]]
+        if col:
+            best[d] = min(col)
+    rows = []
+    for label, name in arms:
+        cells = []
+        for d in [*doms, "mean"]:
+            s = models[name]["bpb"][d] if d != "mean" else models[name]["bpb_mean"]
+            cell = _ci(s)
+            cells.append(bold(cell) if s["n"] and s["mean"] == best.get(d) else cell)
+        ns = [models[name]["bpb"][d]["n"] for d in doms]
+        n_cell = str(max(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}"
+        rows.append([label, f"`{name}`", *cells, n_cell])
+    lines.append(format_table(["arm", "model", *doms, "mean", "n"], rows,
+                              ["l", "l"] + ["r"] * (len(doms) + 2)))
+    lines.append("")
+    return lines
+
+
+def _gains_tables(agg: dict, arms: list[tuple[str, str]]) -> list[str]:
+    """Paired gains vs the reference per domain, and the verdict table."""
+    doms, gains = list(agg.get("domains") or []), agg.get("gains") or {}
+    ref, pct = agg.get("reference_arm"), f"{100 * agg.get('level', LEVEL):g}%"
+    lines: list[str] = []
+    if ref and gains:
+        lines.append(f"Reference: {ref}. Cells: Δbpb = arm − reference paired per seed "
+                     f"(negative = better), mean ± {pct} CI; mean relative change; seeds where "
+                     "the arm is lower.")
+        lines.append("")
+        rows, verdicts = [], []
+        arm_model = dict(arms)
+        for label, row in gains.items():
+            cells = []
+            for d in [*doms, "mean"]:
+                g = row[d]
+                if not g["delta"]["n"]:
+                    cells.append("-")
+                    continue
+                pct_cell = format_pct(g["rel_pct"]["mean"])
+                if g["delta"]["half"] is None:
+                    cells.append(f"{format_delta(g['delta']['mean'])} ({pct_cell}; n=1, no CI)")
+                else:
+                    cells.append(f"{_ci(g['delta'], signed=True)} "
+                                 f"({pct_cell}; {g['wins']}/{g['delta']['n']})")
+            rows.append([label, f"`{arm_model.get(label, '-')}`", *cells])
+            verdicts.append([label, *(row[d]["verdict"] or "-" for d in [*doms, "mean"])])
+        lines.append(format_table(["arm", "model", *doms, "mean"], rows,
+                                  ["l", "l"] + ["r"] * (len(doms) + 1)))
+        lines += ["", f"Verdict at {pct}: \"beats\" / \"loses\" when the paired interval "
+                  "lies wholly below / above zero.", ""]
+        lines.append(format_table(["arm", *doms, "mean"], verdicts,
+                                  ["l"] + ["r"] * (len(doms) + 1)))
+    else:
+        lines.append("No compute-matched reference.")
+    return lines
 
 
 def render_aggregate_report(agg: dict, plot: bool = False) -> str:
@@ -210,59 +279,19 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
         lines.append("No comparison: the results hold no compute-matched reference or no "
                      "experts arm.")
     lines += ["", "## Per-domain bits per byte", ""]
-    best: dict[str, float] = {}
-    for d in [*doms, "mean"]:
-        col = [s["mean"] for _, n in arms
-               if (s := (models[n]["bpb"].get(d) if d != "mean" else models[n]["bpb_mean"]))
-               and s["n"]]
-        if col:
-            best[d] = min(col)
-    rows = []
-    for label, name in arms:
-        cells = []
-        for d in [*doms, "mean"]:
-            s = models[name]["bpb"][d] if d != "mean" else models[name]["bpb_mean"]
-            cell = _ci(s)
-            cells.append(bold(cell) if s["n"] and s["mean"] == best.get(d) else cell)
-        ns = [models[name]["bpb"][d]["n"] for d in doms]
-        n_cell = str(max(ns)) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}"
-        rows.append([label, f"`{name}`", *cells, n_cell])
-    lines.append(format_table(["arm", "model", *doms, "mean", "n"], rows,
-                              ["l", "l"] + ["r"] * (len(doms) + 2)))
-    lines.append("")
+    lines += _bpb_table(agg, arms)
     if plot:
         lines += [f"![bits per byte by domain]({PLOTS_DIR}/{BPB_PLOT})", ""]
     lines += ["## Gains vs the compute-matched monolithic model", ""]
-    if ref and gains:
-        lines.append(f"Reference: {ref}. Cells: Δbpb = arm − reference paired per seed "
-                     f"(negative = better), mean ± {pct} CI; mean relative change; seeds where "
-                     "the arm is lower.")
-        lines.append("")
-        rows, verdicts = [], []
-        arm_model = dict(arms)
-        for label, row in gains.items():
-            cells = []
-            for d in [*doms, "mean"]:
-                g = row[d]
-                if not g["delta"]["n"]:
-                    cells.append("-")
-                    continue
-                pct_cell = format_pct(g["rel_pct"]["mean"])
-                if g["delta"]["half"] is None:
-                    cells.append(f"{format_delta(g['delta']['mean'])} ({pct_cell}; n=1, no CI)")
-                else:
-                    cells.append(f"{_ci(g['delta'], signed=True)} "
-                                 f"({pct_cell}; {g['wins']}/{g['delta']['n']})")
-            rows.append([label, f"`{arm_model.get(label, '-')}`", *cells])
-            verdicts.append([label, *(row[d]["verdict"] or "-" for d in [*doms, "mean"])])
-        lines.append(format_table(["arm", "model", *doms, "mean"], rows,
-                                  ["l", "l"] + ["r"] * (len(doms) + 1)))
-        lines += ["", f"Verdict at {pct}: \"beats\" / \"loses\" when the paired interval "
-                  "lies wholly below / above zero.", ""]
-        lines.append(format_table(["arm", *doms, "mean"], verdicts,
-                                  ["l"] + ["r"] * (len(doms) + 1)))
-    else:
-        lines.append("No compute-matched reference.")
+    lines += _gains_tables(agg, arms)
+    sets = agg.get("eval_sets")
+    if sets:
+        specs = ", ".join(f"`{x}`" for x in agg.get("eval_data") or []) or "-"
+        lines += ["", "## Other held-out sets", "",
+                  f"`study.eval_data`: {specs}. Every document of each set is evaluated; "
+                  "the mean is over these sets.", ""]
+        lines += _bpb_table(sets, [(lb, n) for lb, n in arms if n in sets["models"]])
+        lines += _gains_tables(sets, [(lb, n) for lb, n in arms if n in sets["models"]])
     from moe.eval.report.sections import _protocol_section
 
     protocol = _protocol_section(agg)

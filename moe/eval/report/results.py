@@ -103,6 +103,18 @@ def domains(results: dict) -> list[str]:
     return seen
 
 
+def eval_sets_view(results: dict) -> dict | None:
+    """The results seen through study.eval_data: its sets as the domains and each model's
+    results on them as its `eval`, so every table of the study renders them unchanged
+    (None when the study has no such sets)."""
+    sets = list(results.get("eval_sets") or [])
+    if not sets:
+        return None
+    models = {n: {**m, "eval": m.get("eval_sets") or {}}
+              for n, m in (results.get("models") or {}).items()}
+    return {**results, "domains": sets, "models": models, "eval_sets": []}
+
+
 def forgetting(results: dict) -> list[dict]:
     """Every (branch, other domain) pair with bpb and Δ vs the seed, worst (largest Δ) first."""
     models = results.get("models") or {}

@@ -31,6 +31,7 @@ from moe.eval.report.results import (
     command_line,
     complete_mean,
     domains,
+    eval_sets_view,
     experts_arm,
     forgetting,
     gains,
@@ -317,6 +318,12 @@ def _protocol_section(results: dict) -> str | None:
     return "\n".join(out)
 
 
+def _eval_sets_intro(results: dict) -> str:
+    specs = ", ".join(f"`{x}`" for x in results.get("eval_data") or []) or "-"
+    return (f"`study.eval_data`: {specs}. Every document of each set is evaluated (none was "
+            "trained on, unless the set repeats a training corpus); the mean is over these sets.")
+
+
 def render_report(results: dict, plots: dict[str, bool] | None = None) -> str:
     """The report markdown; `plots` says which PNGs exist (by file name), so no link dangles."""
     plots = plots or {}
@@ -347,8 +354,12 @@ def render_report(results: dict, plots: dict[str, bool] | None = None) -> str:
     ]
     if plots.get(BPB_PLOT):
         lines += [f"![bits per byte by domain]({PLOTS_DIR}/{BPB_PLOT})", ""]
-    lines += ["## Gains vs the compute-matched monolithic model", "", _gains_section(results), "",
-              "## Compute ledger", "", _ledger_section(results), ""]
+    lines += ["## Gains vs the compute-matched monolithic model", "", _gains_section(results), ""]
+    view = eval_sets_view(results)
+    if view is not None:
+        lines += ["## Other held-out sets", "", _eval_sets_intro(results), "",
+                  _bpb_section(view), "", _gains_section(view), ""]
+    lines += ["## Compute ledger", "", _ledger_section(results), ""]
     protocol = _protocol_section(results)
     if protocol:
         lines += ["## Protocol and data exposure", "", protocol, ""]
