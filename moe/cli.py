@@ -184,6 +184,33 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_delta(args) -> int:
+    from moe.delta import ops
+
+    if args.action == "extract":
+        info = ops.extract(args.base, args.finetune, args.out, overwrite=args.overwrite,
+                           allow_cross_family=args.allow_cross_family)
+    elif args.action == "compress":
+        info = ops.compress(args.delta, args.method, args.out, seed=args.seed,
+                            overwrite=args.overwrite)
+    elif args.action == "apply":
+        print(ops.apply_delta(args.base, args.delta, args.out, overwrite=args.overwrite,
+                              scale=args.scale))
+        return 0
+    else:
+        info = ops.info(args.delta)
+    if getattr(args, "json", False):
+        print(json.dumps(info, indent=2))
+    else:
+        out = f"{args.out}: " if getattr(args, "out", None) else ""
+        ranks = f", lowrank rank {info['lowrank_ranks']}" if info["lowrank_ranks"] else ""
+        print(f"{out}{info['bytes']} bytes ({info['bytes_per_parameter']:.3f} per parameter, "
+              f"{info['parameters']} parameters), method {info['method']}, density "
+              f"{info['density']:.4f}{ranks}, base {info['base_id']}, family {info['family']}, "
+              f"exact {info['exact']}")
+    return 0
+
+
 def cmd_import(args) -> int:
     from moe.io.hf import import_hf
 
@@ -341,6 +368,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output directory (default: the config's out:)")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_merge)
+
+    sp = sub.add_parser("delta", help="fine-tune deltas: extract, compress, apply, info")
+    dsub = sp.add_subparsers(dest="action", required=True)
+    dp = dsub.add_parser("extract", help="the lossless delta FINETUNE - BASE (one file)")
+    dp.add_argument("base", help="base checkpoint or run directory")
+    dp.add_argument("finetune", help="fine-tuned checkpoint of that base")
+    dp.add_argument("-o", "--out", required=True, help="output delta file (NAME.delta.safetensors)")
+    dp.add_argument("--allow-cross-family", action="store_true",
+                    help="extract even when the base belongs to another expert family")
+    dp.add_argument("--overwrite", action="store_true")
+    dp.add_argument("--json", action="store_true", help="print the delta's info as JSON")
+    dp = dsub.add_parser("compress", help="re-encode a delta: topk:D, dare:D, lowrank:R, then "
+                         "int8, int4, bitdelta or fp16, joined by + (e.g. topk:0.05+int8)")
+    dp.add_argument("delta", help="input delta file")
+    dp.add_argument("method", help="compression spec, e.g. topk:0.05+int8, dare:0.1, lowrank:4")
+    dp.add_argument("-o", "--out", required=True, help="output delta file")
+    dp.add_argument("--seed", type=int, default=0, help="seed of DARE's random mask")
+    dp.add_argument("--overwrite", action="store_true")
+    dp.add_argument("--json", action="store_true")
+    dp = dsub.add_parser("apply", help="base + delta -> a checkpoint (the base's hash is checked)")
+    dp.add_argument("base", help="the delta's own base checkpoint")
+    dp.add_argument("delta", help="delta file")
+    dp.add_argument("-o", "--out", required=True, help="output checkpoint directory")
+    dp.add_argument("--scale", type=float, default=1.0, help="apply scale x delta")
+    dp.add_argument("--overwrite", action="store_true")
+    dp = dsub.add_parser("info", help="a delta's exact size in bytes, density, rank, lineage")
+    dp.add_argument("delta", help="delta file")
+    dp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_delta)
 
     sp = sub.add_parser(
         "import", help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral model or a GGUF file"
