@@ -1,0 +1,120 @@
+"""The simulated fleet: R = 1, H = 1, average, lossless equals plain training bit for bit; a
+killed and resumed fleet equals an uninterrupted one; bad arms are one-line errors."""
+
+import pytest
+import torch
+
+from moe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, Recipe
+from moe.data.datamodule import DomainDataModule
+from moe.delta.fleet import FleetSpec, Shard, parse_arm, run_fleet
+from moe.model.transformer import Transformer
+from moe.surgery.init_study import train_loop
+
+CFG = ModelConfig(size="debug", dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32,
+                  max_seq_len=32)  # fmt: skip
+DATA = DataConfig(domains=["text", "dna"], stream="mixed", bytes_per_domain=40_000,
+                  seq_len=32, batch_size=4)  # fmt: skip
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, schedule="wsd", decay_fraction=0.3)
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def dm():
+    d = DomainDataModule(DATA, seed=SEED)
+    d.setup()
+    return d
+
+
+def _init():
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in Transformer(CFG).state_dict().items()}
+
+
+def _spec(steps, **kw):
+    return FleetSpec(init=_init(), config=CFG, optim=OPTIM, steps=steps, batch_size=4, seed=SEED,
+                     eval_every=2, **kw)
+
+
+def _plain(dm, steps):
+    """The project's plain training loop (as the init study trains) on the text stream."""
+    data = DataConfig(domains=["text"], stream="separate", bytes_per_domain=40_000, seq_len=32,
+                      batch_size=4)  # fmt: skip
+    tdm = DomainDataModule(data, seed=SEED, tokenizer=dm.tokenizer)
+    tdm._tokens = {"text": dm.tokens("text")}
+    model = Transformer(CFG)
+    model.load_state_dict(_init())
+    train_loop(model, Recipe(model=CFG, data=data, optim=OPTIM), OPTIM, steps, tdm, None, 1, [],
+               None)  # fmt: skip
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("arm", ["R=1 H=1 S=0 c=lossless outer=average", "sync R=1"])
+def test_one_replica_every_step_is_plain_training(dm, arm):
+    rec = run_fleet(parse_arm(arm, 1, ["text"]), _spec(10), dm, None)
+    want = _plain(dm, 10)
+    got = rec["final"]["text"]
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k  # bit for bit
+
+
+def test_compressed_fleet_differs_from_plain(dm):
+    """The exactness above is not vacuous: a lossy exchange changes the result."""
+    rec = run_fleet(parse_arm("R=1 H=1 c=topk:0.5", 1, ["text"]), _spec(6), dm, None)
+    want = _plain(dm, 6)
+    assert any(not torch.equal(rec["final"]["text"][k], v) for k, v in want.items())
+
+
+def test_shards_are_disjoint(dm):
+    seqs = dm.sequences("text", "train")
+    rows = [set() for _ in range(3)]
+    for r in range(3):
+        sh = Shard(seqs, r, 3, SEED)
+        for i in range(4):
+            for x in sh.batch(i, 4)["input_ids"]:
+                rows[r].add(tuple(x.tolist()))
+    assert not (rows[0] & rows[1]) and not (rows[1] & rows[2]) and not (rows[0] & rows[2])
+
+
+def _evaluate(theta):
+    return {"sum": float(sum(t.double().sum() for t in theta.values()))}
+
+
+@pytest.mark.parametrize("arm", ["R=2 H=2 S=1 c=dare:0.5+int8 outer=nesterov",
+                                 "R=2 H=1 c=topk:0.3 fam=text,dna x=cross"])
+def test_resumed_fleet_equals_uninterrupted(dm, tmp_path, arm):
+    a = parse_arm(arm, 2, ["text"])
+    whole = run_fleet(a, _spec(8, checkpoint_every=2), dm, _evaluate, tmp_path / "whole.pt")
+
+    class Kill(Exception):
+        pass
+
+    def kill(step):
+        if step == 5:
+            raise Kill
+
+    st = tmp_path / "killed.pt"
+    with pytest.raises(Kill):
+        run_fleet(a, _spec(8, checkpoint_every=2), dm, _evaluate, st, on_step=kill)
+    assert st.is_file()
+    resumed = run_fleet(a, _spec(8, checkpoint_every=2), dm, _evaluate, st)
+    for g, theta in whole["final"].items():
+        for k, v in theta.items():
+            assert torch.equal(resumed["final"][g][k], v), (g, k)
+    for key in ("eval_steps", "bpb", "bytes_up", "train_loss", "bytes_total"):
+        assert resumed[key] == whole[key], key
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("R=0 H=1", "R \\(replicas\\) must be >= 1"), ("R=2 H=0", "H \\(local steps per round\\)"),
+    ("R=2 S=-1", "S \\(staleness"), ("R=2 c=topk:0", "density must be in"),
+    ("R=2 outer=adam", "outer must be one of"), ("R=3 fam=text,dna", "do not split evenly"),
+    ("R=2 H=x", "must be a whole number"), ("R=2 Q=1", "unknown key"), ("R2", "KEY=VALUE"),
+])  # fmt: skip
+def test_bad_arms(text, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse_arm(text, 4, ["text"])
+
+
+def test_steps_must_be_a_multiple_of_h(dm):
+    with pytest.raises(ConfigError, match="multiple of H"):
+        run_fleet(parse_arm("R=1 H=4", 1, ["text"]), _spec(6), dm, None)
