@@ -164,6 +164,33 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_grow(args) -> int:
+    from moe.surgery.grow import GrowSpec, grow_checkpoint, parse_ints, parse_range
+
+    spec = GrowSpec(
+        ffn_dim=args.ffn_dim, dim=args.dim, kv_heads=args.kv_heads, method=args.method,
+        noise=args.noise, identity_after=parse_ints(args.identity_after, "--identity-after"),
+        duplicate=parse_range(args.duplicate, "--duplicate"),
+        layers=parse_ints(args.layers, "--layers"), seed=args.seed,
+    )
+    print(grow_checkpoint(args.checkpoint, args.out, spec, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_shrink(args) -> int:
+    from moe.surgery.grow import parse_ints
+    from moe.surgery.shrink import ShrinkSpec, shrink_checkpoint
+
+    spec = ShrinkSpec(
+        drop_layers=parse_ints(args.drop_layers, "--drop-layers"), bi_layers=args.bi_layers,
+        by=args.by, calib_batches=args.calib_batches, ffn=args.ffn, heads=args.heads,
+        channels=args.channels, select=args.select, seed=args.seed,
+    )
+    print(shrink_checkpoint(args.checkpoint, args.out, spec, heal_steps=args.heal_steps,
+                            overrides=list(args.overrides), overwrite=args.overwrite))
+    return 0
+
+
 def cmd_assemble(args) -> int:
     from moe.experts import assemble_checkpoints
 
@@ -340,6 +367,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="copy the trained token embedding and output head")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_init)
+
+    sp = sub.add_parser("grow", help="a larger model computing the same function: more FFN "
+                        "neurons, heads, model dim or layers")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--ffn-dim", type=int, help="FFN hidden size (each expert's for an MoE)")
+    sp.add_argument("--dim", type=int, help="model dim (zero channels; norm gains rescaled)")
+    sp.add_argument("--kv-heads", type=int, help="key/value head groups (query heads follow)")
+    sp.add_argument("--method", default="zero", help="new units: zero (zero output weights) | "
+                    "split (Net2Net copies)")
+    sp.add_argument("--noise", type=float, default=0.0,
+                    help="split: perturb the copies' output shares (still exact)")
+    sp.add_argument("--identity-after", help="LLaMA-Pro: identity copies after these layers")
+    sp.add_argument("--duplicate", help="SOLAR: repeat layers A..B-1 (A:B)")
+    sp.add_argument("--layers", help="new layer i = old layer L[i], e.g. 0,1,1,2")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_grow)
+
+    sp = sub.add_parser("shrink", help="a smaller model: delete layers (by index or Block "
+                        "Influence), FFN neurons, heads, channels; optionally heal")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("overrides", nargs="*", help="key=value for the healing stage (optim.lr=...)")
+    sp.add_argument("--out", required=True,
+                    help="output checkpoint (a run directory with --heal-steps)")
+    sp.add_argument("--drop-layers", help="delete these layers, e.g. 3,5")
+    sp.add_argument("--bi-layers", type=int, default=0,
+                    help="delete the N layers of lowest Block Influence (ShortGPT)")
+    sp.add_argument("--by", default="all", help="Block Influence calibration domain, or all")
+    sp.add_argument("--calib-batches", type=int, default=8, help="per domain (train split)")
+    sp.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed")
+    sp.add_argument("--heads", type=float, default=0.0, help="fraction of kv head groups removed")
+    sp.add_argument("--channels", type=float, default=0.0, help="fraction of model dim removed")
+    sp.add_argument("--select", default="magnitude", help="random | magnitude")
+    sp.add_argument("--heal-steps", type=int, default=0,
+                    help="train the cut model N steps (resumable training stage)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_shrink)
 
     sp = sub.add_parser("assemble", help="assemble dense branches into one MoE (Branch-Train-Mix)")
     sp.add_argument("branches", nargs="+", help="branch checkpoints or run directories")
