@@ -191,6 +191,32 @@ def cmd_shrink(args) -> int:
     return 0
 
 
+def cmd_importance(args) -> int:
+    from moe.surgery.importance import importance_checkpoint
+
+    out = importance_checkpoint(
+        args.checkpoint, _names(args.domains), args.out, batches=args.batches,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from moe.surgery.prune import prune_checkpoint
+
+    out = prune_checkpoint(
+        args.checkpoint, args.out, heads=args.heads, ffn=args.ffn, layers=args.layers,
+        by=args.by, method=args.method, scores_path=args.scores,
+        domains=_names(args.domains) if args.domains else None, calib_batches=args.batches,
+        heal_steps=args.heal_steps, heal_lr=args.heal_lr, unstructured=args.unstructured,
+        bits=args.bits, group=args.group, seed=args.seed, allow_empty=args.allow_empty,
+        overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
 def cmd_assemble(args) -> int:
     from moe.experts import assemble_checkpoints
 
@@ -406,6 +432,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_shrink)
+
+    sp = sub.add_parser("importance", help="per-domain importance of every head, FFN neuron "
+                        "and layer (safetensors + JSON summary)")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("--domains", required=True, help="comma-separated domains to score")
+    sp.add_argument("--out", required=True, help="scores file (.safetensors; .json beside it)")
+    sp.add_argument("--batches", type=int, default=8, help="calibration batches per domain "
+                    "(training split)")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_importance)
+
+    sp = sub.add_parser("prune", help="remove heads, FFN neurons and layers by importance; "
+                        "optionally sparsify and quantize")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--heads", type=float, default=0.0,
+                    help="fraction of key/value head groups removed per layer, in [0, 1)")
+    sp.add_argument("--ffn", type=float, default=0.0,
+                    help="fraction of FFN neurons removed per layer (per expert), in [0, 1)")
+    sp.add_argument("--layers", type=int, default=0, help="number of whole layers removed")
+    sp.add_argument("--by", default="all", help="DOMAIN whose scores decide, or all (default)")
+    sp.add_argument("--method", default="taylor", help="taylor | magnitude | random")
+    sp.add_argument("--scores", help="scores from moe importance (default: computed now)")
+    sp.add_argument("--domains", help="domains to score when --scores is not given "
+                    "(default: --by, or the checkpoint's domains for all)")
+    sp.add_argument("--batches", type=int, default=8, help="calibration batches per domain")
+    sp.add_argument("--heal-steps", type=int, default=0,
+                    help="fine-tune the pruned model this many steps (--by's stream)")
+    sp.add_argument("--heal-lr", type=float, default=1e-3)
+    sp.add_argument("--unstructured", type=float, default=0.0,
+                    help="then zero this fraction of each weight matrix by magnitude")
+    sp.add_argument("--bits", type=int, default=16, help="simulated weight quantization: 16 "
+                    "(none), 8 or 4")
+    sp.add_argument("--group", type=int, default=32, help="quantization group size")
+    sp.add_argument("--seed", type=int, default=0, help="seed of --method random and healing")
+    sp.add_argument("--allow-empty", action="store_true",
+                    help="allow removing every head (or neuron) of a layer")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_prune)
 
     sp = sub.add_parser("assemble", help="assemble dense branches into one MoE (Branch-Train-Mix)")
     sp.add_argument("branches", nargs="+", help="branch checkpoints or run directories")
