@@ -324,6 +324,32 @@ class InitStudyConfig:
 
 
 @dataclass
+class FleetConfig:
+    """`moe run` of a fine-tune delta experiment (moe/delta/study.py, issue 16). Unset `kind` =
+    not one. Both kinds start from a base trained `base_steps` on the mixed stream.
+    kind sizes: per domain x seed, a fine-tune of `steps`; its delta compressed by each of
+    `methods`, applied, and evaluated on every domain against its exact size in bytes.
+    kind fleet: each of `arms` (moe/delta/fleet.py: `R=4 H=8 S=0 c=SPEC outer=average|nesterov
+    fam=text[,dna] x=within|cross`, or `sync`) trains `steps` local steps per replica."""
+
+    kind: str | None = None  # sizes | fleet
+    base_steps: int = 1000  # the shared base model's training steps (mixed stream, train split)
+    steps: int = 300  # sizes: each fine-tune's steps; fleet: each replica's local steps
+    domains: list[str] = field(default_factory=list)  # sizes: fine-tuned domains; fleet: families
+    methods: list[str] = field(default_factory=list)  # sizes: compression specs (topk:0.1+int8)
+    arms: list[str] = field(default_factory=list)  # fleet: one arm per entry
+    replicas: int = 4  # fleet: default R of an arm
+    lr: float | None = None  # peak LR of fine-tunes / replicas (None: optim.lr)
+    warmup_steps: int = 20  # their warm-up
+    outer_lr: float = 0.7  # nesterov outer step (DiLoCo's values)
+    outer_momentum: float = 0.9
+    eval_every: int = 32  # fleet: held-out evaluation interval (local steps)
+    eval_batches: int = 8  # held-out batches per domain at each evaluation
+    checkpoint_every: int = 64  # fleet: local steps between saves of the whole fleet's state
+    seeds: int = 2  # data orders (and DARE masks) of the fine-tunes / fleets
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     stage: str = "dense"  # dense | branch | joint | router
@@ -351,6 +377,7 @@ class Recipe:
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     init_study: InitStudyConfig = field(default_factory=InitStudyConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 STAGES = ("dense", "branch", "joint", "router")

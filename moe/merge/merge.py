@@ -258,13 +258,16 @@ def merge(
     spec = registry.get(cfg.merge_method)
 
     base = open_source(cfg.base_model) if cfg.base_model is not None else None
-    models = [open_source(m.model) for m in cfg.models]
+    from moe.delta.merge_source import open_model  # a models: entry may be a delta file
+
+    models = [open_model(m.model, base) for m in cfg.models]
     inputs = ([base] if base is not None else []) + models
     for s in inputs:
         if s.path.resolve() == target.resolve():
             raise ConfigError(f"output {target} is also an input of the merge")
     # one tokenizer: inputs whose tokenizers differ cannot be merged, whatever their shapes
-    check_same_tokenizer([(s.path, int(s.config.get("vocab_size") or 0)) for s in inputs],
+    check_same_tokenizer([(getattr(s, "tokenizer_dir", s.path),
+                           int(s.config.get("vocab_size") or 0)) for s in inputs],
                          "merge")  # fmt: skip
     check_compatible(inputs)
     if not cfg.allow_cross_family:

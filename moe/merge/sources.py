@@ -159,6 +159,10 @@ def describe_problem(path: str | os.PathLike) -> str | None:
         return f"no such checkpoint or model directory: {p}"
     if is_checkpoint(p) or is_hf_dir(p):
         return None
+    from moe.delta.format import is_delta
+
+    if is_delta(p):
+        return None  # a fine-tune's delta file over base_model (moe/delta/merge_source.py)
     if p.is_dir() and (p / CONFIG).is_file() and any(p.glob("*.bin")):
         return f"{p}: only safetensors weights can be read (pickled .bin files are never loaded)"
     return (

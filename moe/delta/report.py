@@ -1,0 +1,290 @@
+"""Reports of the delta experiments: results.json, report.md and plots under the run directory.
+
+sizes: per domain and compression method, the delta's exact size in bytes against the applied
+model's held-out bpb on its own domain and on the others, as paired differences to the full
+(lossless) fine-tune over seeds; the smallest delta within 0.02 bpb of the full fine-tune.
+fleet: per arm, final held-out bpb against the bytes the replicas sent, paired to the
+synchronous baseline; the bytes-vs-bpb frontier; within- vs cross-family exchange.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from moe.config import Recipe
+from moe.eval.stats import mean_ci, paired_diff_ci
+from moe.io.checkpoint import write_json
+
+TOLERANCE = 0.02  # bpb: "within 0.02 bpb of the full fine-tune" (the issue's closing note)
+
+
+def _ci(xs: list[float]) -> dict:
+    m, h, n = mean_ci(xs)
+    return {"mean": m, "half": h, "n": n}
+
+
+def _pci(a: list[float], b: list[float]) -> dict:
+    m, h, n = paired_diff_ci(a, b)
+    return {"mean": m, "half": h, "n": n}
+
+
+def _fmt(d: dict | None, digits: int = 4) -> str:
+    if d is None:
+        return "—"
+    h = d.get("half")
+    return f"{d['mean']:.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
+
+
+def _sign(d: dict, digits: int = 4) -> str:
+    h = d.get("half")
+    return f"{d['mean']:+.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def summarise_sizes(runs: list[dict], domains: list[str], all_domains: list[str]) -> dict:
+    out: dict = {"domains": {}}
+    for d in domains:
+        rs = sorted([x for x in runs if x["domain"] == d], key=lambda x: x["seed"])
+        others = [o for o in all_domains if o != d]
+        full = {row["method"]: row for row in rs[0]["rows"]}["lossless"]
+        methods = [row["method"] for row in rs[0]["rows"]]
+        rows = []
+        for m in methods:
+            per = [{row["method"]: row for row in x["rows"]}[m] for x in rs]
+            fulls = [{row["method"]: row for row in x["rows"]}["lossless"] for x in rs]
+            own = [p["bpb"][d] for p in per]
+            oth = [sum(p["bpb"][o] for o in others) / len(others) for p in per] if others else []
+            oth_full = ([sum(p["bpb"][o] for o in others) / len(others) for p in fulls]
+                        if others else [])  # fmt: skip
+            rows.append({
+                "method": m, "bytes": _ci([p["bytes"] for p in per]),
+                "payload_bytes": _ci([p["payload_bytes"] for p in per]),
+                "density": _ci([p["density"] for p in per]),
+                "own_bpb": _ci(own), "own_vs_full": _pci(own, [p["bpb"][d] for p in fulls]),
+                "other_bpb": _ci(oth) if oth else None,
+                "other_vs_full": _pci(oth, oth_full) if oth else None,
+            })  # fmt: skip
+        base_own = rs[0]["base_bpb"][d]
+        ok = [row for row in rows if row["own_vs_full"]["mean"] <= TOLERANCE]
+        strict = [row for row in rows
+                  if row["own_vs_full"]["mean"] + (row["own_vs_full"]["half"] or 0) <= TOLERANCE]
+        out["domains"][d] = {
+            "rows": rows, "base_own_bpb": base_own, "full_bytes": full["bytes"],
+            "params": rs[0]["params"], "seeds": [x["seed"] for x in rs],
+            "smallest_within": min(ok, key=lambda r: r["bytes"]["mean"])["method"] if ok else None,
+            "smallest_within_ci": (min(strict, key=lambda r: r["bytes"]["mean"])["method"]
+                                   if strict else None),
+        }  # fmt: skip
+    return out
+
+
+def _family(method: str) -> str:
+    for key in ("lowrank", "topk", "dare"):
+        if method.startswith(key):
+            return key + ("+q" if "+" in method else "")
+    return "dense" if method != "bitdelta" else "bitdelta"
+
+
+def _plot_sizes(res: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doms = list(res["domains"])
+    fig, axes = plt.subplots(2, len(doms), figsize=(4.6 * len(doms), 7.5), squeeze=False)
+    markers = {"dense": "o", "bitdelta": "*", "topk": "v", "topk+q": "^", "dare": "s",
+               "dare+q": "D", "lowrank": "<", "lowrank+q": ">"}  # fmt: skip
+    for j, d in enumerate(doms):
+        s = res["domains"][d]
+        for row_i, key, lab in ((0, "own_bpb", f"{d} bpb (own domain)"),
+                                (1, "other_bpb", "other domains' mean bpb")):  # fmt: skip
+            ax = axes[row_i][j]
+            seen = set()
+            for r in s["rows"]:
+                if r[key] is None:
+                    continue
+                fam = _family(r["method"])
+                ax.scatter(r["bytes"]["mean"], r[key]["mean"], marker=markers[fam], s=30,
+                           label=fam if fam not in seen else None, alpha=0.8)  # fmt: skip
+                seen.add(fam)
+            full = next(r for r in s["rows"] if r["method"] == "lossless")
+            ax.axhline(full[key]["mean"], color="k", lw=0.8, ls="--", label="full fine-tune")
+            if row_i == 0:
+                ax.axhline(full[key]["mean"] + TOLERANCE, color="g", lw=0.8, ls=":",
+                           label=f"+{TOLERANCE} bpb")  # fmt: skip
+                ax.axhline(s["base_own_bpb"], color="r", lw=0.8, ls="-.", label="base")
+            ax.set_xscale("log")
+            ax.set_xlabel("delta file size (bytes)")
+            ax.set_ylabel(lab)
+            ax.set_title(f"fine-tune on {d}")
+            if j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    fig.savefig(out / "plots" / "bpb_vs_bytes.png", dpi=110)
+    plt.close(fig)
+    return ["plots/bpb_vs_bytes.png"]
+
+
+def _sizes_md(res: dict, r: Recipe) -> list[str]:
+    L = []
+    for d, s in res["domains"].items():
+        L += [f"## Fine-tune on {d}", "",
+              f"{s['params']} parameters; base {s['base_own_bpb']:.4f} bpb on {d}; seeds "
+              f"{s['seeds']}. Δ = the applied delta minus the full (lossless) fine-tune, paired "
+              "by seed (95% CI). Bytes: the delta file's exact size (payload: its tensors).", "",
+              "| method | bytes | payload bytes | density | own bpb | Δ own | other bpb "
+              "| Δ other |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in sorted(s["rows"], key=lambda x: -x["bytes"]["mean"]):
+            L.append(f"| {row['method']} | {row['bytes']['mean']:.0f} | "
+                     f"{row['payload_bytes']['mean']:.0f} | {row['density']['mean']:.3f} | "
+                     f"{_fmt(row['own_bpb'])} | {_sign(row['own_vs_full'])} | "
+                     f"{_fmt(row['other_bpb'])} | "
+                     f"{_sign(row['other_vs_full']) if row['other_vs_full'] else '—'} |")
+        L += ["", f"Smallest delta within {TOLERANCE} bpb of the full fine-tune on {d} (mean Δ): "
+              f"**{s['smallest_within'] or 'none'}**; with the whole 95% CI inside: "
+              f"**{s['smallest_within_ci'] or 'none'}**.", ""]  # fmt: skip
+    return L
+
+
+# ----------------------------------------------------------------------------- fleet
+
+
+def _own(rec_bpb: dict, families: list[str]) -> float:
+    """Mean over the arm's families of each family's model's bpb on its own domain."""
+    vals = []
+    for f in families:
+        g = f if f in rec_bpb else next(k for k in rec_bpb if f in k.split("+"))
+        vals.append(rec_bpb[g][f])
+    return sum(vals) / len(vals)
+
+
+def summarise_fleet(runs: list[dict], arms: list[str]) -> dict:
+    by_arm: dict[str, list[dict]] = {}
+    for x in runs:
+        by_arm.setdefault(x["arm"], []).append(x)
+    labels = list(dict.fromkeys(x["arm"] for x in runs))
+    sync = next((a for a in labels if by_arm[a][0]["sync"]), None)
+    rows = []
+    for a in labels:
+        rs = sorted(by_arm[a], key=lambda x: x["seed"])
+        fams = rs[0]["families"]
+        own = [_own(x["bpb"][-1], fams) for x in rs]
+        row = {"arm": a, "replicas": rs[0]["replicas"], "H": rs[0]["H"], "S": rs[0]["S"],
+               "compression": rs[0]["compression"], "outer": rs[0]["outer"],
+               "families": fams, "exchange": rs[0]["exchange"], "sync": rs[0]["sync"],
+               "bytes": _ci([x["bytes_total"] for x in rs]), "own_bpb": _ci(own),
+               "wall_s": sum(x["wall_s"] for x in rs), "seeds": [x["seed"] for x in rs],
+               "final_by_group": {g: {k: _ci([x["bpb"][-1][g][k] for x in rs])
+                                      for k in rs[0]["bpb"][-1][g]} for g in rs[0]["bpb"][-1]},
+               "train_flops": rs[0]["train_flops"]}  # fmt: skip
+        if sync is not None and a != sync:
+            srs = {x["seed"]: x for x in by_arm[sync]}
+            pairs = [(o, _own(srs[x["seed"]]["bpb"][-1], fams)) for o, x in zip(own, rs)
+                     if x["seed"] in srs and set(srs[x["seed"]]["families"]) >= set(fams)]
+            if pairs:
+                row["vs_sync"] = _pci([p[0] for p in pairs], [p[1] for p in pairs])
+        rows.append(row)
+    pts = sorted(rows, key=lambda r: (r["bytes"]["mean"], r["own_bpb"]["mean"]))
+    frontier, best = [], math.inf
+    for r in pts:
+        if r["own_bpb"]["mean"] < best:
+            frontier.append(r["arm"])
+            best = r["own_bpb"]["mean"]
+    return {"rows": rows, "sync": sync, "frontier": frontier,
+            "curves": {a: [{"step": s, "bytes": b, "bpb": v} for s, b, v in
+                           zip(by_arm[a][0]["eval_steps"], by_arm[a][0]["bytes_up"],
+                               by_arm[a][0]["bpb"])] for a in labels}}  # fmt: skip
+
+
+def _plot_fleet(res: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in res["rows"]:
+        a1.errorbar(r["bytes"]["mean"], r["own_bpb"]["mean"], yerr=r["own_bpb"]["half"] or 0,
+                    fmt="*" if r["sync"] else "o", ms=10 if r["sync"] else 5, capsize=2,
+                    label=r["arm"])  # fmt: skip
+    a1.set_xscale("log")
+    a1.set_xlabel("bytes sent by the replicas (uplink, total)")
+    a1.set_ylabel("final held-out bpb, own domain (95% CI)")
+    a1.legend(fontsize=6)
+    for a, pts in res["curves"].items():
+        fams = next(r["families"] for r in res["rows"] if r["arm"] == a)
+        a2.plot([p["step"] for p in pts], [_own(p["bpb"], fams) for p in pts], label=a, lw=1)
+    a2.set_xlabel("local steps per replica")
+    a2.set_ylabel("held-out bpb, own domain (first seed)")
+    fig.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    fig.savefig(out / "plots" / "fleet.png", dpi=110)
+    plt.close(fig)
+    return ["plots/fleet.png"]
+
+
+def _fleet_md(res: dict) -> list[str]:
+    L = ["## Arms", "",
+         "Final held-out bpb of the coordinator's model on its family's own domain (mean over "
+         "seeds, 95% CI); Δ vs sync = paired by seed against the synchronous baseline (same "
+         "training FLOPs, batch R × B). Bytes: everything the replicas sent (the compressed "
+         "deltas' exact serialized sizes; for sync, a float32 gradient per worker per step).", "",
+         "| arm | R | H | S | compression | outer | MB sent | own bpb | Δ vs sync | wall s |",
+         "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in res["rows"]:
+        L.append(f"| {r['arm']} | {r['replicas']} | {r['H']} | {r['S']} | {r['compression']} | "
+                 f"{r['outer']} | {r['bytes']['mean'] / 1e6:.3f} | {_fmt(r['own_bpb'])} | "
+                 f"{_sign(r['vs_sync']) if 'vs_sync' in r else '—'} | {r['wall_s']:.0f} |")
+    L += ["", "Bytes-vs-bpb frontier (no arm sends fewer bytes for a lower bpb): "
+          + " → ".join(f"`{a}`" for a in res["frontier"]), ""]
+    multi = [r for r in res["rows"] if len(r["families"]) > 1]
+    if multi:
+        L += ["## Within-family vs cross-family exchange", "",
+              "Each group's model on every domain (a cross-family group is one model).", "",
+              "| arm | model (group) | " + " | ".join(
+                  next(iter(multi[0]["final_by_group"].values()))) + " |",
+              "|---|---|" + "---|" * len(next(iter(multi[0]["final_by_group"].values())))]
+        for r in multi:
+            for g, vals in r["final_by_group"].items():
+                L.append(f"| {r['arm']} | {g} | " + " | ".join(_fmt(v) for v in vals.values())
+                         + " |")
+        L.append("")
+    return L
+
+
+# ----------------------------------------------------------------------------- both
+
+
+def write_report(r: Recipe, runs: list[dict], base_info: dict, out: Path, seeds: int,
+                 recipe_path: str | None, wall_s: float) -> Path:  # fmt: skip
+    f = r.fleet
+    if f.kind == "sizes":
+        res = summarise_sizes(runs, list(f.domains), list(r.data.domains))
+        plots = _plot_sizes(res, out)
+        body = _sizes_md(res, r)
+        title = f"Fine-tune delta sizes vs bpb: {r.name}"
+    else:
+        res = summarise_fleet(runs, list(f.arms))
+        plots = _plot_fleet(res, out)
+        body = _fleet_md(res)
+        title = f"Simulated fleet: {r.name}"
+    train_wall = base_info["wall_s"] + sum(x["wall_s"] for x in runs)
+    res.update(kind=f.kind, base=base_info, seeds=seeds, recipe=recipe_path, wall_s=wall_s,
+               train_wall_s=train_wall)  # fmt: skip
+    write_json(out / "results.json", res)
+    cmd = f"moe run {recipe_path}" if recipe_path else "moe run"
+    L = [f"# {title}", "",
+         f"`{cmd}` — base: {base_info['steps']} steps on the mixed stream (train loss "
+         f"{base_info['final_train_loss']:.3f}); {seeds} seed(s); this invocation "
+         f"{wall_s:.0f} s, all runs {train_wall:.0f} s (1 thread).", ""]  # fmt: skip
+    L += body
+    L += [f"![{p}]({p})" for p in plots] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(L) + "\n")
+    return path
