@@ -350,6 +350,37 @@ class FleetConfig:
 
 
 @dataclass
+class SurgeryStudyConfig:
+    """`moe run` of a grow/shrink/retokenize measurement (moe/surgery/surgery_study.py, issue 13).
+    Unset `kind` = not one. The recipe's model section is the large / trained model.
+    growth: a `small` model (the model section with these overrides) trains `small_steps`, is
+      grown by each of `methods` (WIDTH+DEPTH: zero|split + identity|stack) to the model section
+      and trained `steps`, against that model trained `steps` from scratch.
+    depth_probe: a model trains `steps`; bpb per domain without each layer, and with it doubled.
+    shrink: a model trains `steps`; bpb per domain with `fractions` of each of `axes` removed,
+      before and after `heal_steps` of training.
+    retokenize: a byte-level model trains `steps`; a BPE tokenizer of `vocab_size` is trained on
+      the train split; each of `arms` trains `retok_steps` with the new tokenizer."""
+
+    kind: str | None = None  # growth | depth_probe | shrink | retokenize
+    steps: int = 1000
+    seeds: int = 3
+    eval_every: int = 50
+    eval_batches: int = 4  # held-out batches per domain at each evaluation
+    small: dict[str, int] = field(default_factory=dict)  # growth: the small model's overrides
+    small_steps: int = 500  # growth
+    methods: list[str] = field(default_factory=list)  # growth: zero+identity, split+stack, ...
+    noise: float = 0.01  # growth: Net2Net share noise
+    warmup_steps: int = 20  # warm-up of every continued training (grown, healed, retokenized)
+    axes: list[str] = field(default_factory=list)  # shrink: layers | layers_bi | ffn | heads
+    fractions: list[float] = field(default_factory=list)  # shrink
+    heal_steps: int = 100  # shrink
+    vocab_size: int = 512  # retokenize: the new BPE vocabulary
+    arms: list[str] = field(default_factory=list)  # retokenize: mean_bytes, random, +frozen, scratch
+    retok_steps: int = 500  # retokenize
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     stage: str = "dense"  # dense | branch | joint | router
@@ -378,6 +409,7 @@ class Recipe:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     init_study: InitStudyConfig = field(default_factory=InitStudyConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    surgery: SurgeryStudyConfig = field(default_factory=SurgeryStudyConfig)
 
 
 STAGES = ("dense", "branch", "joint", "router")

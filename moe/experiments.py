@@ -38,6 +38,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     for e in (
         Experiment("init_study", lambda r: bool(r.init_study.arms), "moe.surgery.init_study",
                    "initialise from a trained model's weight distribution (issue 15)"),
+        Experiment("surgery", lambda r: r.surgery.kind is not None, "moe.surgery.surgery_study",
+                   "grow, depth probe, shrink, retokenize: measured (issue 13)"),
         Experiment("fleet", lambda r: r.fleet.kind is not None, "moe.delta.study",
                    "fine-tune deltas: size vs bpb per compression, a simulated fleet (issue 16)"),
     )
