@@ -381,6 +381,39 @@ class SurgeryStudyConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Pruning (moe/surgery/prune_study.py, issue 14): `kind` runs a measurement with `moe run`
+    (unset = not one); `trim_*` configure the study arm `trimmed`.
+    curves: a model (the model section) trains `train_steps`; per-domain importance on the train
+      split; bpb per domain with `fractions` of each of `units` removed by each of `methods`,
+      scored by every domain and by all; healed (`heal_steps`) at `heal_fractions`; the 3x3
+      matrix at `matrix_fraction` and the Jaccard overlap of the units each domain keeps.
+    compress: each of `sizes` (DIMxLAYERSxHEADSxFFN) trains the FLOPs the largest spends in
+      `budget_steps`; each is compressed at every one of `levels` (`+`-joined: headsF, ffnF,
+      layersN, unstructuredF, int8, int4; fp16 = none); bpb against weight bytes (Pareto)."""
+
+    kind: str | None = None  # curves | compress
+    seeds: int = 3
+    train_steps: int = 800  # curves: the pruned model's training steps (train split)
+    units: list[str] = field(default_factory=lambda: ["heads", "ffn", "layers"])
+    methods: list[str] = field(default_factory=lambda: ["taylor", "magnitude", "random"])
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    heal_steps: int = 0  # curves: healing steps at heal_fractions (0: none)
+    heal_fractions: list[float] = field(default_factory=list)
+    heal_lr: float = 1e-3
+    matrix_fraction: float = 0.5  # curves: the 3x3 matrix and Jaccard at this fraction
+    tolerance: float = 0.05  # bpb lost that counts as "removable"
+    calib_batches: int = 8  # importance: training batches per domain
+    eval_batches: int = 4  # held-out batches per domain
+    sizes: list[str] = field(default_factory=list)  # compress: DIMxLAYERSxHEADSxFFN
+    budget_steps: int = 200  # compress: the largest size's steps (sets the FLOPs budget)
+    levels: list[str] = field(default_factory=list)  # compress
+    # the study arm `trimmed`: each expert is the seed pruned by its domain's scores
+    trim_ffn: float = 0.5  # fraction of FFN neurons each specialist drops
+    trim_method: str = "taylor"  # taylor | magnitude | random
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     stage: str = "dense"  # dense | branch | joint | router
@@ -408,6 +441,7 @@ class Recipe:
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     init_study: InitStudyConfig = field(default_factory=InitStudyConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     surgery: SurgeryStudyConfig = field(default_factory=SurgeryStudyConfig)
 
