@@ -17,6 +17,9 @@ from moe.eval.stats import mean_ci, paired_diff_ci
 from moe.io.checkpoint import write_json
 
 TOLERANCE = 0.02  # bpb: "within 0.02 bpb of the full fine-tune" (the closing note)
+# share of the fine-tune's own-domain gain over the base a delta keeps: where the fine-tune
+# gains less than TOLERANCE (DNA here), "within 0.02 bpb" holds even for no delta at all
+KEEP = 0.9
 
 
 def _ci(xs: list[float]) -> dict:
@@ -59,8 +62,10 @@ def summarise_sizes(runs: list[dict], domains: list[str], all_domains: list[str]
             oth = [sum(p["bpb"][o] for o in others) / len(others) for p in per] if others else []
             oth_full = ([sum(p["bpb"][o] for o in others) / len(others) for p in fulls]
                         if others else [])  # fmt: skip
+            gain = [(x["base_bpb"][d] - o) / (x["base_bpb"][d] - f["bpb"][d])
+                    for x, o, f in zip(rs, own, fulls)]  # fmt: skip
             rows.append({
-                "method": m, "bytes": _ci([p["bytes"] for p in per]),
+                "method": m, "bytes": _ci([p["bytes"] for p in per]), "gain_kept": _ci(gain),
                 "payload_bytes": _ci([p["payload_bytes"] for p in per]),
                 "density": _ci([p["density"] for p in per]),
                 "own_bpb": _ci(own), "own_vs_full": _pci(own, [p["bpb"][d] for p in fulls]),
@@ -71,7 +76,13 @@ def summarise_sizes(runs: list[dict], domains: list[str], all_domains: list[str]
         ok = [row for row in rows if row["own_vs_full"]["mean"] <= TOLERANCE]
         strict = [row for row in rows
                   if row["own_vs_full"]["mean"] + (row["own_vs_full"]["half"] or 0) <= TOLERANCE]
+        kept = [row for row in rows if row["gain_kept"]["mean"] >= KEEP]
         out["domains"][d] = {
+            "smallest_keeping": (min(kept, key=lambda r: r["bytes"]["mean"])["method"]
+                                 if kept else None),
+            "full_gain": _ci([x["base_bpb"][d] - f["bpb"][d] for x, f in
+                              zip(rs, [{r_["method"]: r_ for r_ in x["rows"]}["lossless"]
+                                       for x in rs])]),
             "rows": rows, "base_own_bpb": base_own, "full_bytes": full["bytes"],
             "params": rs[0]["params"], "seeds": [x["seed"] for x in rs],
             "smallest_within": min(ok, key=lambda r: r["bytes"]["mean"])["method"] if ok else None,
@@ -137,18 +148,22 @@ def _sizes_md(res: dict, r: Recipe) -> list[str]:
               f"{s['params']} parameters; base {s['base_own_bpb']:.4f} bpb on {d}; seeds "
               f"{s['seeds']}. Δ = the applied delta minus the full (lossless) fine-tune, paired "
               "by seed (95% CI). Bytes: the delta file's exact size (payload: its tensors).", "",
-              "| method | bytes | payload bytes | density | own bpb | Δ own | other bpb "
-              "| Δ other |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| method | bytes | payload bytes | density | own bpb | Δ own | gain kept | "
+              "other bpb | Δ other |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in sorted(s["rows"], key=lambda x: -x["bytes"]["mean"]):
             L.append(f"| {row['method']} | {row['bytes']['mean']:.0f} | "
                      f"{row['payload_bytes']['mean']:.0f} | {row['density']['mean']:.3f} | "
                      f"{_fmt(row['own_bpb'])} | {_sign(row['own_vs_full'])} | "
+                     f"{_fmt(row['gain_kept'], 2)} | "
                      f"{_fmt(row['other_bpb'])} | "
                      f"{_sign(row['other_vs_full']) if row['other_vs_full'] else '—'} |")
         L += ["", f"Smallest delta within {TOLERANCE} bpb of the full fine-tune on {d} (mean Δ): "
               f"**{s['smallest_within'] or 'none'}**; with the whole 95% CI inside: "
-              f"**{s['smallest_within_ci'] or 'none'}**.", ""]  # fmt: skip
+              f"**{s['smallest_within_ci'] or 'none'}**. The full fine-tune gains "
+              f"{_fmt(s['full_gain'])} bpb over the base on {d}; the smallest delta keeping "
+              f"≥ {KEEP:.0%} of that gain (gain kept = (base − delta) / (base − full)): "
+              f"**{s['smallest_keeping'] or 'none'}**.", ""]  # fmt: skip
     return L
 
 
