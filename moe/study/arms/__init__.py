@@ -105,4 +105,5 @@ from moe.study.arms import (  # noqa: E402, F401
     monolith,
     random_split,
     seed,
+    trimmed,
 )
