@@ -52,6 +52,22 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    """One model's layers [a, b) in a mergekit `slices:` entry."""
+
+    model: str = MISSING
+    layer_range: list[int] = MISSING  # [first, end): end excluded, as in mergekit
+    parameters: ModelParameters = field(default_factory=ModelParameters)
+
+
+@dataclass
+class SliceEntry:
+    """Layers of the output: the method merges layer j of every source's range (mergekit)."""
+
+    sources: list[SliceSource] = field(default_factory=list)
+
+
+@dataclass
 class MergeParameters:
     """Global parameters. `lambda` in the YAML is stored as `scale` (a Python keyword)."""
 
@@ -67,6 +83,9 @@ class MergeParameters:
 class MergeConfig:
     merge_method: str = MISSING
     models: list[ModelEntry] = field(default_factory=list)
+    # mergekit layer stacking: the output's layers are the slices' layers in order (see
+    # moe/merge/slices.py); instead of `models:`
+    slices: list[SliceEntry] = field(default_factory=list)
     base_model: str | None = None
     parameters: MergeParameters = field(default_factory=MergeParameters)
     dtype: str | None = None  # float32 | bfloat16 | float16; None keeps each tensor's dtype
@@ -164,8 +183,15 @@ def validate(c: MergeConfig, where: str = "merge config") -> None:
         spec = registry.get(c.merge_method)
     except ConfigError as e:
         raise bad(str(e)) from None
+    if c.slices:
+        from moe.merge.slices import validate_slices
+
+        validate_slices(c, spec, bad)
+        return
     if not c.models:
-        raise bad("models: list at least one model to merge")
+        raise bad("models: list at least one model to merge (or slices:)")
+    if spec.exactly_one and len(c.models) != 1:
+        raise bad(f"models: {c.merge_method} takes exactly one model, got {len(c.models)}")
     if spec.exactly_two and len(c.models) != 2:
         raise bad(f"models: {c.merge_method} merges exactly two models, got {len(c.models)}")
     if spec.exactly_two:

@@ -256,6 +256,10 @@ def merge(
     if target.exists() and not overwrite:
         raise CheckpointError(f"output {target} already exists (pass --overwrite to replace it)")
     spec = registry.get(cfg.merge_method)
+    if cfg.slices:  # mergekit layer stacking / per-range merges
+        from moe.merge.slices import merge_slices
+
+        return merge_slices(cfg, target, overwrite, progress)
 
     base = open_source(cfg.base_model) if cfg.base_model is not None else None
     from moe.delta.merge_source import open_model  # a models: entry may be a delta file

@@ -45,6 +45,7 @@ class MethodSpec:
     normalize_default: bool  # what `normalize` means when the config leaves it unset
     uses_density: bool
     exactly_two: bool = False  # slerp
+    exactly_one: bool = False  # passthrough
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -57,12 +58,13 @@ def register(
     normalize_default: bool,
     uses_density: bool = False,
     exactly_two: bool = False,
+    exactly_one: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     def deco(fn: MergeFn) -> MergeFn:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         _METHODS[name] = MethodSpec(
-            name, fn, needs_base, normalize_default, uses_density, exactly_two
+            name, fn, needs_base, normalize_default, uses_density, exactly_two, exactly_one
         )
         return fn
 
@@ -71,7 +73,7 @@ def register(
 
 def _load_builtin() -> None:
     # importing the modules runs their @register decorators
-    from moe.merge import dare, linear, slerp, task_arithmetic, ties  # noqa: F401
+    from moe.merge import dare, linear, passthrough, slerp, task_arithmetic, ties  # noqa: F401
 
 
 def get(name: str) -> MethodSpec:

@@ -33,7 +33,7 @@ def T(*rows):
 
 def test_registry_names_and_unknown():
     assert registry.names() == [
-        "dare_linear", "dare_ties", "linear", "slerp", "task_arithmetic", "ties"
+        "dare_linear", "dare_ties", "linear", "passthrough", "slerp", "task_arithmetic", "ties"
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown method 'soup'"):
         registry.get("soup")

@@ -1,0 +1,194 @@
+"""mergekit's `slices:` syntax: layer stacking and per-range merges.
+
+    merge_method: passthrough          # SOLAR depth up-scaling of one model
+    slices:
+      - sources: [{model: runs/base/model, layer_range: [0, 6]}]
+      - sources: [{model: runs/base/model, layer_range: [2, 8]}]
+
+The output's layers are the slices' layers in order. Within a slice every source names a range
+of the same length, and output layer j of the slice is the method applied to layer a_k + j of
+each source k (passthrough: one source; slerp: two, `t` from 0 = the first to 1 = the second;
+methods with a base model: base_model must be one of the slice's sources, and is the base there,
+the others the models). Tensors outside the layers (embedding, final norm, head) are merged the
+same way across the first slice's sources (passthrough: the first source's). So a single slice
+covering every layer of the models of a `models:` config gives exactly that config's merge.
+
+Ranges may repeat or overlap across slices (that is what stacking is); a range must lie in its
+model ([a, b) with 0 <= a < b <= n_layers) and a slice's ranges must have one length. Inputs are
+moe-forge checkpoints (import Hugging Face models first) with the same per-layer architecture.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from moe.config import ConfigError
+from moe.merge.registry import MethodParams, MethodSpec
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def _weight(c, s) -> float:
+    return c.parameters.weight if s.parameters.weight is None else s.parameters.weight
+
+
+def _density(c, s) -> float:
+    return c.parameters.density if s.parameters.density is None else s.parameters.density
+
+
+def validate_slices(c, spec: MethodSpec, bad) -> None:
+    """Checks of a `slices:` config that need no model (MergeConfig.validate calls it)."""
+    from moe.merge.sources import describe_problem
+
+    if c.models:
+        raise bad("give models: or slices:, not both")
+    if c.expert is not None:
+        raise bad("expert: selects an MoE expert to merge; it does not combine with slices:")
+    for i, sl in enumerate(c.slices):
+        where = f"slices[{i}]"
+        if not sl.sources:
+            raise bad(f"{where}.sources: list at least one source")
+        n = len(sl.sources)
+        if spec.exactly_one and n != 1:
+            raise bad(f"{where}.sources: {c.merge_method} takes one source per slice, got {n}")
+        if spec.exactly_two and n != 2:
+            raise bad(f"{where}.sources: {c.merge_method} merges exactly two sources, got {n}")
+        lengths = set()
+        for k, s in enumerate(sl.sources):
+            r = list(s.layer_range)
+            if len(r) != 2 or not 0 <= r[0] < r[1]:
+                raise bad(f"{where}.sources[{k}].layer_range: {r} is not [first, end) with "
+                          "0 <= first < end")  # fmt: skip
+            lengths.add(r[1] - r[0])
+            d = _density(c, s)
+            if not 0.0 < d <= 1.0:
+                raise bad(f"{where}.sources[{k}].parameters.density must be in (0, 1], got {d}")
+            if d < 1.0 and not spec.uses_density:
+                raise bad(f"{where}.sources[{k}].parameters.density: {c.merge_method} does not "
+                          "use density")  # fmt: skip
+            problem = describe_problem(s.model)
+            if problem:
+                raise bad(f"{where}.sources[{k}].model: {problem}")
+        if len(lengths) > 1:
+            raise bad(f"{where}: the sources' layer ranges differ in length ({sorted(lengths)}); "
+                      "layer j of the slice merges layer first + j of every source")  # fmt: skip
+        if spec.needs_base:
+            if c.base_model is None:
+                raise bad(f"base_model: {c.merge_method} needs a base model")
+            if not any(_same(s.model, c.base_model) for s in sl.sources) or n < 2:
+                raise bad(f"{where}: {c.merge_method} needs base_model among the slice's sources "
+                          "and at least one other model")  # fmt: skip
+    if spec.exactly_two and c.parameters.t is None:
+        raise bad(f"parameters.t: {c.merge_method} needs t (0 = first source, 1 = second)")
+    if c.base_model is not None:
+        problem = describe_problem(c.base_model)
+        if problem:
+            raise bad(f"base_model: {problem}")
+
+
+def _same(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _plan(c, sources: dict) -> list[tuple[int, list[tuple[str, int]]]]:
+    """[(slice index, [(model, layer), ...])] per output layer, ranges checked against models."""
+    out = []
+    for i, sl in enumerate(c.slices):
+        for k, s in enumerate(sl.sources):
+            n = int(sources[s.model].config["n_layers"])
+            if s.layer_range[1] > n:
+                r = list(s.layer_range)
+                raise ConfigError(f"merge config: slices[{i}].sources[{k}].layer_range {r} "
+                                  f"exceeds {s.model}'s {n} layers")  # fmt: skip
+        a0, b0 = sl.sources[0].layer_range
+        for j in range(b0 - a0):
+            out.append((i, [(s.model, s.layer_range[0] + j) for s in sl.sources]))
+    return out
+
+
+def _roles(c, spec: MethodSpec, sl) -> tuple[int | None, list[int], list[float], list[float]]:
+    """(index of the base among the slice's sources or None, the models' indices, weights,
+    densities)."""
+    idx = list(range(len(sl.sources)))
+    b = None
+    if spec.needs_base:
+        b = next(k for k in idx if _same(sl.sources[k].model, c.base_model))
+        idx = [k for k in idx if k != b]
+    return (b, idx, [_weight(c, sl.sources[k]) for k in idx],
+            [_density(c, sl.sources[k]) for k in idx])  # fmt: skip
+
+
+def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
+    """Run a `slices:` merge (after `moe.merge.merge` checked the output path)."""
+    from moe.config import model_config_from_dict
+    from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
+    from moe.io.checkpoint import save_checkpoint
+    from moe.merge import registry
+    from moe.merge.merge import _ARCH_FIELDS, _lineage_meta, check_lineage
+    from moe.merge.sources import open_source
+
+    spec = registry.get(c.merge_method)
+    names = list(dict.fromkeys(s.model for sl in c.slices for s in sl.sources))
+    sources = {m: open_source(m) for m in names}
+    for m, src in sources.items():
+        if src.kind == "hf":
+            raise ConfigError(f"slices: {m} is a Hugging Face directory; import it first "
+                              "(moe import) so its layers have moe-forge names")  # fmt: skip
+        if _same(m, target):
+            raise ConfigError(f"output {target} is also an input of the merge")
+    srcs = list(sources.values())
+    check_same_tokenizer([(s.path, int(s.config.get("vocab_size") or 0)) for s in srcs], "merge")
+    cfg0 = model_config_from_dict(srcs[0].config).resolved()
+    for s in srcs[1:]:  # every per-layer field must agree; the depths may differ
+        cfg = model_config_from_dict(s.config).resolved()
+        for k in [f for f in _ARCH_FIELDS if f != "n_layers"] + ["moe", "head_dim", "qkv_bias"]:
+            v0, v = getattr(cfg0, k), getattr(cfg, k)
+            if v != v0:
+                raise ConfigError(f"architecture differs: config {k} is {v0!r} in "
+                                  f"{srcs[0].path} but {v!r} in {s.path}")  # fmt: skip
+    base_name = next((m for m in names if c.base_model and _same(m, c.base_model)), None)
+    base_src = sources[base_name] if base_name is not None else None
+    models = [s for m, s in sources.items() if s is not base_src]
+    if not c.allow_cross_family:
+        check_lineage(base_src, models or [base_src], None)
+    plan = _plan(c, sources)
+    p0 = dict(normalize=c.normalize(), scale=c.parameters.scale, seed=c.parameters.seed,
+              t=c.parameters.t if c.parameters.t is not None else 0.5)  # fmt: skip
+
+    def merged(sl, names_k: list[str]) -> torch.Tensor:
+        """The method over one tensor per source of slice `sl` (names_k[k] from source k)."""
+        b, idx, w, d = _roles(c, spec, sl)
+        raw = [sources[sl.sources[k].model].read(names_k[k]) for k in range(len(names_k))]
+        # computed in float32 (float64 inputs stay float64), as moe.merge.merge does
+        ts = [t.double() if t.dtype == torch.float64 else t.float() for t in raw]
+        base = ts[b] if b is not None else None
+        res = spec.fn(base, [ts[k] for k in idx], MethodParams(
+            weights=w, densities=d, name=names_k[idx[0]], **p0))  # fmt: skip
+        return res.to(raw[0].dtype)
+
+    first = c.slices[0]
+    template = sources[first.sources[0].model]
+    layer_suffixes = sorted({m.group(2) for n in template.names if (m := _LAYER.match(n))})
+    out: dict[str, torch.Tensor] = {}
+    todo = [n for n in template.names if not _LAYER.match(n)]
+    total = len(todo) + len(plan) * len(layer_suffixes)
+    with tqdm(total=total, desc="merge slices", unit="tensor", disable=not progress) as bar:
+        for n in todo:
+            out[n] = merged(first, [n] * len(first.sources))
+            bar.update()
+        for j, (i, src_layers) in enumerate(plan):
+            for suf in layer_suffixes:
+                out[f"layers.{j}.{suf}"] = merged(
+                    c.slices[i], [f"layers.{layer}.{suf}" for _, layer in src_layers]
+                )
+                bar.update()
+    config = dict(template.config)
+    config["n_layers"] = len(plan)
+    meta = _lineage_meta(c, base_src, models or [base_src])  # its recipe: this config
+    return save_checkpoint(target, out, config, meta, overwrite=overwrite,
+                           tokenizer=carried_tokenizer(template.path, int(
+                               template.config.get("vocab_size") or 0)))  # fmt: skip
