@@ -8,7 +8,8 @@ kind: curves (recipes/prune/curves.yaml)
     is pruned (moe/surgery/prune.py) and its held-out bits per byte measured on every domain:
     the curves (each domain pruned by its own scores), the 3x3 matrix "pruned with domain A's
     scores, evaluated on B" at every fraction, and, at `heal_fractions`, the same after
-    `heal_steps` of healing on the scoring domain's stream (taylor only). The Jaccard overlap of
+    `heal_steps` of healing on the scoring domain's stream (taylor only), against the unpruned
+    model healed the same way (healing is training). The Jaccard overlap of
     the units each domain keeps at `matrix_fraction` (chance: keep/(2 - keep)).
 
 kind: compress (recipes/prune/compress.yaml), "Train Large, Then Compress" (Li et al. 2020)
@@ -192,6 +193,15 @@ def _curves_seed(r: Recipe, seed: int, dm: DomainDataModule, heldout: HeldOut, o
     scores = _scores(r, model, dm, seed)
     domains = list(r.data.domains)
     rows = []
+    # healing trains: its reference is the unpruned model healed the same way (same steps,
+    # stream and data order), so a healed point's loss is the pruning's cost after healing
+    base_healed = {}
+    if p.heal_steps and "taylor" in p.methods:
+        for by in ["all"] + domains:
+            ref = _build(cfg, model.state_dict())
+            heal(ref, r.data, seed + 77, p.heal_steps, p.heal_lr, None if by == "all" else by,
+                 dm.tokenizer, progress=False)  # fmt: skip
+            base_healed[by] = heldout.bpb(ref)
     for unit in p.units:
         pts = _curve_points(unit, list(p.fractions), cfg)
         # healing at the point nearest each heal fraction
@@ -219,7 +229,8 @@ def _curves_seed(r: Recipe, seed: int, dm: DomainDataModule, heldout: HeldOut, o
         jac[name] = {f"{a}|{b}": imp.jaccard(sets[a], sets[b])
                      for i, a in enumerate(domains) for b in domains[i + 1:]}  # fmt: skip
     infl = {d: scores[d]["layers.influence"].tolist() for d in domains + ["all"]}
-    return {"seed": seed, "base": base, "rows": rows, "jaccard": jac, "influence": infl,
+    return {"seed": seed, "base": base, "base_healed": base_healed, "rows": rows,
+            "jaccard": jac, "influence": infl,
             "train": info, "wall_s": time.time() - t0,
             "params": count_params(cfg).total}  # fmt: skip
 
