@@ -409,7 +409,31 @@ CASES: list[Case] = [
          lambda fx: ["eval", str(fx["dense"]), "--max-batches", "lots"], "--max-batches"),
     Case("cli-unknown-command", "unknown subcommand",
          lambda fx: ["frobnicate"], "frobnicate"),
+    Case("prune-fraction", "moe prune --heads 1.0 (fractions are in [0, 1))",
+         lambda fx: ["prune", str(fx["dense"]), "--heads", "1.0", "--out",
+                     str(fx["tmp"] / "pruned")], "a fraction in [0, 1) is needed"),
+    Case("prune-every-head", "moe prune removing every head of each layer, no --allow-empty",
+         lambda fx: ["prune", str(fx["dense"]), "--heads", "0.9", "--method", "random", "--out",
+                     str(fx["tmp"] / "pruned")], "--allow-empty"),
+    Case("prune-other-scores", "moe prune --scores computed for another checkpoint",
+         lambda fx: ["prune", str(fx["moe"]), "--ffn", "0.5", "--scores",
+                     str(_scores_fx(fx)), "--out", str(fx["tmp"] / "pruned")],
+         "computed for another checkpoint"),
+    Case("importance-unknown-domain", "moe importance --domains naming no domain",
+         lambda fx: ["importance", str(fx["dense"]), "--domains", "klingon", "--out",
+                     str(fx["tmp"] / "scores.safetensors")], "unknown domain 'klingon'"),
 ]
+
+
+def _scores_fx(fx) -> Path:
+    """Importance scores of the dense fixture (moe importance, one batch per domain)."""
+    from moe.cli import main
+
+    out = fx["tmp"] / "scores-fx" / "dense.safetensors"
+    if not out.is_file():
+        assert main(["importance", str(fx["dense"]), "--domains", "text", "--batches", "1",
+                     "--out", str(out)]) == 0
+    return out
 
 
 # ---------------------------------------------------------------------------- fixtures
