@@ -217,6 +217,17 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_retokenize(args) -> int:
+    from moe.surgery.retokenize import retokenize_checkpoint
+
+    print(retokenize_checkpoint(
+        args.checkpoint, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        init=args.init, steps=args.steps, freeze_body=args.freeze_body,
+        overrides=list(args.overrides), seed=args.seed, overwrite=args.overwrite,
+    ))  # fmt: skip
+    return 0
+
+
 def cmd_assemble(args) -> int:
     from moe.experts import assemble_checkpoints
 
@@ -472,6 +483,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow removing every head (or neuron) of a layer")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_prune)
+
+    sp = sub.add_parser("retokenize", help="move a checkpoint to a new tokenizer, keeping "
+                        "every middle layer (BPE trained on its corpora, or given)")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("overrides", nargs="*", help="key=value for the training stage (--steps)")
+    sp.add_argument("--out", required=True,
+                    help="output checkpoint (a run directory with --steps)")
+    sp.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size")
+    sp.add_argument("--tokenizer", help="or use this tokenizer (directory or tokenizer.json)")
+    sp.add_argument("--init", default="mean", help="new embeddings: mean (of the old rows "
+                    "of the bytes each token spells) | random")
+    sp.add_argument("--steps", type=int, default=0, help="then train N steps (resumable stage)")
+    sp.add_argument("--freeze-body", action="store_true",
+                    help="train only the embeddings and the head")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_retokenize)
 
     sp = sub.add_parser("assemble", help="assemble dense branches into one MoE (Branch-Train-Mix)")
     sp.add_argument("branches", nargs="+", help="branch checkpoints or run directories")

@@ -207,9 +207,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     # which parameters are trained: all | ffn (FFNs and experts, no routers) | experts (MoE
-    # experts only) | router (routers only); None = the stage's own choice (all; ffn with
-    # branch.freeze_shared; router with router.freeze_experts). Frozen ones stay in AdamW's
-    # groups without gradients, so a run may fork from one that trained another set.
+    # experts only) | router (routers only) | embeddings (token embedding and head, e.g. after
+    # moe retokenize); None = the stage's own choice (all; ffn with branch.freeze_shared; router
+    # with router.freeze_experts). Frozen ones stay in AdamW's groups without gradients, so a
+    # run may fork from one that trained another set.
     trainable: str | None = None
 
 
@@ -376,7 +377,7 @@ class SurgeryStudyConfig:
     fractions: list[float] = field(default_factory=list)  # shrink
     heal_steps: int = 100  # shrink
     vocab_size: int = 512  # retokenize: the new BPE vocabulary
-    arms: list[str] = field(default_factory=list)  # retokenize: mean_bytes, random, +frozen, scratch
+    arms: list[str] = field(default_factory=list)  # retokenize: mean_bytes[+frozen], ...
     retok_steps: int = 500  # retokenize
 
 
@@ -447,7 +448,7 @@ class Recipe:
 
 
 STAGES = ("dense", "branch", "joint", "router")
-TRAINABLE = ("all", "ffn", "experts", "router")
+TRAINABLE = ("all", "ffn", "experts", "router", "embeddings")
 STREAMS = ("mixed", "separate", "per_domain")
 
 

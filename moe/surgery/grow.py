@@ -139,9 +139,10 @@ def duplicate_range(n_layers: int, a: int, b: int) -> list[int]:
 
 def write_surgery_checkpoint(src_dir: Path, ck, cfg: ModelConfig, sd: dict[str, torch.Tensor],
                              out: str | Path, kind: str, record: dict, overwrite: bool,
-                             trained: dict | None = None) -> Path:  # fmt: skip
+                             trained: dict | None = None, tokenizer=None) -> Path:  # fmt: skip
     """The edited model as a checkpoint: the source's tokenizer, its data recipe (so `moe eval`
-    evaluates on the same held-out data), lineage, and what was done (`record`)."""
+    evaluates on the same held-out data), lineage, and what was done (`record`). `tokenizer`:
+    another one than the source's (moe retokenize)."""
     from moe.data.tokenizer import carried_tokenizer
     from moe.io.checkpoint import make_meta, save_checkpoint
 
@@ -159,7 +160,7 @@ def write_surgery_checkpoint(src_dir: Path, ck, cfg: ModelConfig, sd: dict[str, 
         recipe=recipe,
         **({"surgery": trained} if trained else {}),
     )
-    tok = carried_tokenizer(src_dir, ck.config.vocab_size)
+    tok = tokenizer if tokenizer is not None else carried_tokenizer(src_dir, ck.config.vocab_size)
     return save_checkpoint(out, sd, cfg, meta, overwrite=overwrite, tokenizer=tok)
 
 

@@ -272,19 +272,28 @@ def shrink_checkpoint(source: str | Path, out: str | Path, spec: ShrinkSpec,
                                  dict(record, removed=removed), overwrite)  # fmt: skip
     if heal is None:
         return cut
-    if is_checkpoint(out / "model") and (out / "heal.json").is_file():
-        return out / "model"  # already healed
+    return run_stage(out, heal)
+
+
+def run_stage(out: Path, stage) -> Path:
+    """Train the recipe `stage` into the run directory `out` (final model out/model): resumed
+    from out's own Lightning checkpoint when a previous run stopped, skipped when it finished."""
+    from moe.io.checkpoint import is_checkpoint
     from moe.train.stages import train
 
+    if is_checkpoint(out / "model") and (out / "stage.json").is_file():
+        return out / "model"  # finished before
     resume = (out / "resume" / "last.ckpt").is_file()
-    heal = dataclasses.replace(heal, resume=str(out) if resume else None, overwrite=not resume)
-    final = train(heal)
-    (out / "heal.json").write_text(json.dumps({"steps": heal_steps, "model": str(final)}) + "\n")
+    stage = dataclasses.replace(stage, resume=str(out) if resume else None, overwrite=not resume)
+    final = train(stage)
+    steps = stage.trainer.max_steps
+    (out / "stage.json").write_text(json.dumps({"steps": steps, "model": str(final)}) + "\n")
     return final
 
 
-def _heal_recipe(ck, cut: Path, out: Path, data, seed: int, steps: int, overrides):
-    """The healing stage as a recipe: the source's data, this cut as init, `steps` steps."""
+def _heal_recipe(ck, cut: Path, out: Path, data, seed: int, steps: int, overrides,
+                 what: str = "shrink healing"):  # fmt: skip
+    """A training stage as a recipe: the source's data, `cut` as init, `steps` steps."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -300,7 +309,7 @@ def _heal_recipe(ck, cut: Path, out: Path, data, seed: int, steps: int, override
         merged = OmegaConf.merge(base, d, OmegaConf.from_dotlist(list(overrides or [])))
         r: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
-        raise ConfigError(f"shrink healing override: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{what} override: {str(e).splitlines()[0]}") from None
     r.model = ck.config
-    validate(r, "shrink healing")
+    validate(r, what)
     return r

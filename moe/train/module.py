@@ -74,7 +74,8 @@ class LitLM(pl.LightningModule):
 
     def set_trainable(self, which: str) -> None:
         """all | router (only routers) | ffn (FFN and expert weights, shared expert included,
-        no router) | experts (only the routed experts of MoE layers)."""
+        no router) | experts (only the routed experts of MoE layers) | embeddings (the token
+        embedding and the output head)."""
         for name, p in self.model.named_parameters():
             if which == "all":
                 p.requires_grad_(True)
@@ -85,6 +86,8 @@ class LitLM(pl.LightningModule):
             elif which == "experts":
                 # MoEFFN keeps its experts as (E, ...) tensors named ffn.w1/w3/w2 (no .weight)
                 p.requires_grad_(name.endswith((".ffn.w1", ".ffn.w3", ".ffn.w2")))
+            elif which == "embeddings":  # a retokenized model's new embeddings, body frozen
+                p.requires_grad_(name in ("tok_emb.weight", "lm_head.weight"))
             else:
                 raise ValueError(f"unknown trainable set {which!r}")
         if not any(p.requires_grad for p in self.model.parameters()):
