@@ -12,9 +12,12 @@ combines the decoded deltas Δ̂_r of its replicas:
                Douillard et al. 2023, arXiv:2311.08105; lr 0.7, μ 0.9 there)
 
 and the new θ_g reaches the group's replicas S rounds later (staleness): until it arrives each
-replica keeps training its own model; on arrival it replaces its model by that θ_g (keeping its
-optimizer state). Its progress in the rounds in between was sent in those rounds, so it still
-reaches θ_g, S rounds late. The fleet's model is each group's θ_g, evaluated at round ends.
+replica keeps training its own model. On arrival (`arrive=replace`, the default) it replaces its
+model by that θ_g, keeping its optimizer state: its progress in the rounds in between was sent
+in those rounds, so it reaches θ_g S rounds late (a parameter server's stale pull). With
+`arrive=rebase` it keeps that in-flight progress: θ_r ← θ_g + (θ_r − θ_r at the send θ_g
+answers). With S = 0 both are the same. The fleet's model is each group's θ_g, evaluated at
+round ends.
 
 A group is a family ("within": text replicas merge with text replicas only) or the whole fleet
 ("cross": text and DNA replicas average their deltas into one model).
@@ -50,6 +53,7 @@ from moe.train.module import LitLM
 
 OUTERS = ("average", "nesterov")
 EXCHANGES = ("within", "cross")
+ARRIVALS = ("replace", "rebase")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Arm:
     outer: str = "average"
     families: tuple[str, ...] = ("text",)
     exchange: str = "within"
+    arrive: str = "replace"  # what a replica does with a model that arrives (see module doc)
     sync: bool = False
 
 
@@ -81,7 +86,7 @@ def parse_arm(text: str, replicas: int, families: list[str]) -> Arm:
         k, eq, v = w.partition("=")
         if not eq:
             raise ConfigError(f"fleet.arms: {text!r}: {w!r} is not KEY=VALUE (keys R, H, S, c, "
-                              "outer, fam, x) or 'sync'")
+                              "outer, fam, x, arrive) or 'sync'")
         if k in ("R", "H", "S"):
             try:
                 kw[{"R": "replicas", "H": "H", "S": "S"}[k]] = int(v)
@@ -98,9 +103,11 @@ def parse_arm(text: str, replicas: int, families: list[str]) -> Arm:
             kw["families"] = tuple(v.split(","))
         elif k == "x":
             kw["exchange"] = v
+        elif k == "arrive":
+            kw["arrive"] = v
         else:
             raise ConfigError(f"fleet.arms: {text!r}: unknown key {k!r} (R, H, S, c, outer, "
-                              "fam, x)")
+                              "fam, x, arrive)")
     arm = Arm(label=" ".join(words), **kw)
     if arm.replicas < 1:
         raise ConfigError(f"fleet.arms: {text!r}: R (replicas) must be >= 1, got {arm.replicas}")
@@ -111,6 +118,8 @@ def parse_arm(text: str, replicas: int, families: list[str]) -> Arm:
         raise ConfigError(f"fleet.arms: {text!r}: S (staleness in rounds) must be >= 0")
     if arm.outer not in OUTERS:
         raise ConfigError(f"fleet.arms: {text!r}: outer must be one of {', '.join(OUTERS)}")
+    if arm.arrive not in ARRIVALS:
+        raise ConfigError(f"fleet.arms: {text!r}: arrive must be one of {', '.join(ARRIVALS)}")
     if arm.exchange not in EXCHANGES:
         raise ConfigError(f"fleet.arms: {text!r}: x must be one of {', '.join(EXCHANGES)}")
     if arm.replicas % len(arm.families):
@@ -215,7 +224,8 @@ class Group:
     members: list[int]
     theta: dict[str, torch.Tensor]
     momentum: dict[str, torch.Tensor] | None = None
-    pending: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)
+    # in flight: (arrival round, θ_g, each member's model right after its send)
+    pending: list[tuple[int, dict, list[dict]]] = field(default_factory=list)
 
     def update(self, deltas: list[dict[str, torch.Tensor]], arm: Arm, lr: float, mu: float
                ) -> None:  # fmt: skip
@@ -289,7 +299,8 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
             m.ref = s["ref"]
         for g, s in zip(groups, st["groups"]):
             g.theta, g.momentum = s["theta"], s["momentum"]
-            g.pending = [(int(a), t) for a, t in zip(s["arrive"], s["pending"])]
+            g.pending = [(int(a), t, sn) for a, t, sn in zip(s["arrive"], s["pending"],
+                                                             s["snapshots"])]
         rec, bytes_up, rnd = st["rec"], int(st["bytes_up"]), int(st["round"])
     t0 = time.time() - rec["wall_s"]
     H = 1 if arm.sync else arm.H
@@ -314,7 +325,7 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
             bytes_up += R * 4 * n_params
         else:
             for g in groups:
-                deltas = []
+                deltas, snaps = [], []
                 for i in g.members:
                     m = members[i]
                     now = _state(m.model)
@@ -323,15 +334,23 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
                     deltas.append(dec)
                     bytes_up += nb
                     m.ref = now
+                    snaps.append(now if arm.arrive == "rebase" else {})
                 g.update(deltas, arm, spec.outer_lr, spec.outer_momentum)
-                g.pending.append((rnd + arm.S, dict(g.theta)))
+                g.pending.append((rnd + arm.S, dict(g.theta), snaps))
                 arrived = [p for p in g.pending if p[0] <= rnd]
                 g.pending = [p for p in g.pending if p[0] > rnd]
                 if arrived:
-                    newest = arrived[-1][1]
-                    for i in g.members:
-                        members[i].model.load_state_dict(newest)
-                        members[i].ref = {n: t.clone() for n, t in newest.items()}
+                    _, newest, sent = arrived[-1]
+                    for j, i in enumerate(g.members):
+                        m = members[i]
+                        if arm.arrive == "rebase":  # θ_g + own progress since that send
+                            now = _state(m.model)
+                            new = {n: (t.double() + now[n].double() - sent[j][n].double())
+                                   .to(t.dtype) for n, t in newest.items()}  # fmt: skip
+                        else:
+                            new = newest
+                        m.model.load_state_dict(new)
+                        m.ref = {n: t.clone() for n, t in new.items()}
         rnd += 1
         _observe(rec, rnd * H, groups, evaluate, bytes_up, spec.eval_every,
                  force=rnd == rounds)  # fmt: skip
@@ -364,7 +383,8 @@ def _save_state(path, members: list[Member], groups: list[Group], rec: dict, byt
         "members": [{"model": _state(m.model), "opt": m.opt.state_dict(),
                      "sched": m.sched.state_dict(), "ref": m.ref} for m in members],
         "groups": [{"theta": g.theta, "momentum": g.momentum,
-                    "arrive": [a for a, _ in g.pending], "pending": [t for _, t in g.pending]}
+                    "arrive": [p[0] for p in g.pending], "pending": [p[1] for p in g.pending],
+                    "snapshots": [p[2] for p in g.pending]}
                    for g in groups],
         "rec": rec, "bytes_up": bytes_up, "round": rnd,
     }  # fmt: skip

@@ -48,7 +48,10 @@ def _plain(dm, steps):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("arm", ["R=1 H=1 S=0 c=lossless outer=average", "sync R=1"])
+@pytest.mark.parametrize("arm", ["R=1 H=1 S=0 c=lossless outer=average", "sync R=1",
+                                 # one replica that keeps its in-flight progress never jumps
+                                 "R=1 H=1 S=2 c=lossless arrive=rebase",
+                                 "R=1 H=2 S=1 c=lossless arrive=rebase"])
 def test_one_replica_every_step_is_plain_training(dm, arm):
     rec = run_fleet(parse_arm(arm, 1, ["text"]), _spec(10), dm, None)
     want = _plain(dm, 10)
@@ -57,9 +60,11 @@ def test_one_replica_every_step_is_plain_training(dm, arm):
         assert torch.equal(got[k], v), k  # bit for bit
 
 
-def test_compressed_fleet_differs_from_plain(dm):
-    """The exactness above is not vacuous: a lossy exchange changes the result."""
-    rec = run_fleet(parse_arm("R=1 H=1 c=topk:0.5", 1, ["text"]), _spec(6), dm, None)
+@pytest.mark.parametrize("arm", ["R=1 H=1 c=topk:0.5", "R=1 H=1 S=1 c=lossless"])
+def test_lossy_or_stale_fleet_differs_from_plain(dm, arm):
+    """The exactness above is not vacuous: a lossy exchange changes the result, and so does a
+    stale model that replaces the replica's own (arrive=replace drops its in-flight steps)."""
+    rec = run_fleet(parse_arm(arm, 1, ["text"]), _spec(6), dm, None)
     want = _plain(dm, 6)
     assert any(not torch.equal(rec["final"]["text"][k], v) for k, v in want.items())
 
@@ -80,6 +85,7 @@ def _evaluate(theta):
 
 
 @pytest.mark.parametrize("arm", ["R=2 H=2 S=1 c=dare:0.5+int8 outer=nesterov",
+                                 "R=2 H=1 S=2 c=int8 arrive=rebase",
                                  "R=2 H=1 c=topk:0.3 fam=text,dna x=cross"])
 def test_resumed_fleet_equals_uninterrupted(dm, tmp_path, arm):
     a = parse_arm(arm, 2, ["text"])
@@ -108,7 +114,8 @@ def test_resumed_fleet_equals_uninterrupted(dm, tmp_path, arm):
     ("R=0 H=1", "R \\(replicas\\) must be >= 1"), ("R=2 H=0", "H \\(local steps per round\\)"),
     ("R=2 S=-1", "S \\(staleness"), ("R=2 c=topk:0", "density must be in"),
     ("R=2 outer=adam", "outer must be one of"), ("R=3 fam=text,dna", "do not split evenly"),
-    ("R=2 H=x", "must be a whole number"), ("R=2 Q=1", "unknown key"), ("R2", "KEY=VALUE"),
+    ("R=2 H=x", "must be a whole number"), ("R=2 arrive=merge", "arrive must be one of"),
+    ("R=2 Q=1", "unknown key"), ("R2", "KEY=VALUE"),
 ])  # fmt: skip
 def test_bad_arms(text, msg):
     with pytest.raises(ConfigError, match=msg):
