@@ -234,20 +234,37 @@ def _plot_fleet(res: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    vals = [r["own_bpb"]["mean"] for r in res["rows"]]
+    ref = next((r["own_bpb"]["mean"] for r in res["rows"] if r["sync"]), min(vals))
+    lo, top = min(vals) - 0.01, ref + 0.15  # diverging arms sit on the top edge as x
+    n_off = 0
     for r in res["rows"]:
-        a1.errorbar(r["bytes"]["mean"], r["own_bpb"]["mean"], yerr=r["own_bpb"]["half"] or 0,
-                    fmt="*" if r["sync"] else "o", ms=10 if r["sync"] else 5, capsize=2,
-                    label=r["arm"])  # fmt: skip
+        y, off = r["own_bpb"]["mean"], r["own_bpb"]["mean"] > top
+        n_off += off
+        x = r["bytes"]["mean"]
+        if off:
+            a1.scatter(x, top, marker="x", s=50, color="tab:red")
+        else:
+            a1.errorbar(x, y, yerr=r["own_bpb"]["half"] or 0, fmt="*" if r["sync"] else "o",
+                        ms=11 if r["sync"] else 5, capsize=2,
+                        color="k" if r["sync"] else "tab:blue")  # fmt: skip
+        a1.annotate(r["arm"] + (f" ({y:.2f})" if off else ""), (x, min(y, top)), fontsize=6,
+                    xytext=(4, 3 - 9 * (n_off - 1) if off else 3),
+                    textcoords="offset points")  # fmt: skip
+    a1.set_ylim(lo, top + 0.01)
     a1.set_xscale("log")
     a1.set_xlabel("bytes sent by the replicas (uplink, total)")
-    a1.set_ylabel("final held-out bpb, own domain (95% CI)")
-    a1.legend(fontsize=6)
+    a1.set_ylabel("final held-out bpb, own domain (95% CI over seeds)")
+    a1.set_title("final bpb vs bytes (x: off the scale; ★ sync)")
     for a, pts in res["curves"].items():
         fams = next(r["families"] for r in res["rows"] if r["arm"] == a)
-        a2.plot([p["step"] for p in pts], [_own(p["bpb"], fams) for p in pts], label=a, lw=1)
+        a2.plot([p["step"] for p in pts], [_own(p["bpb"], fams) for p in pts], label=a, lw=1,
+                color="k" if a == res["sync"] else None)  # fmt: skip
+    a2.set_ylim(lo, top + 0.15)
     a2.set_xlabel("local steps per replica")
     a2.set_ylabel("held-out bpb, own domain (first seed)")
+    a2.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     (out / "plots").mkdir(exist_ok=True)
     fig.savefig(out / "plots" / "fleet.png", dpi=110)
