@@ -193,7 +193,11 @@ def run_growth(ctx: Ctx, seeds: list[int]) -> dict:
                 return ctx.train(model, s.steps, seed, s.eval_every, warmup=s.warmup_steps)
 
             runs[m][str(seed)] = ctx.cached(f"{m}-seed{seed}", go)
+    o = ctx.r.optim
+    # where the WSD cool-down begins (the loss drops there whatever came before)
+    decay_start = s.steps * (1 - o.decay_fraction) if o.schedule == "wsd" else None
     return {"small_config": dataclasses.asdict(small), "big_config": dataclasses.asdict(big),
+            "decay_start": decay_start,
             "flops_step_small": ctx.flops_per_step(small), "flops_step_big":
             ctx.flops_per_step(big), "methods": methods, "runs": runs}  # fmt: skip
 
