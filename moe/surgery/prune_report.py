@@ -98,7 +98,9 @@ def summarise_curves(runs: list[dict], r: Recipe) -> dict:
                  key=lambda f: abs(f - p.matrix_fraction), default=None)  # fmt: skip
         if fr is None:
             continue
-        for method in [m for m in p.methods if m != "random"]:
+        # layers rank by Block Influence under both taylor and magnitude: one matrix
+        methods = [m for m in p.methods if m != "random"][:1 if unit == "layers" else None]
+        for method in methods:
             mat = {}
             for a in domains + ["all"]:
                 k = f"{unit}|{method}|{a}|{fr:.4f}|0"
@@ -359,8 +361,10 @@ def write_report(res: dict, out: Path) -> Path:
         title = "# Train large, then compress: bpb against weight bytes at equal training FLOPs"
         _compress_plot(res, out)
         body = _compress_report(res)
-    head = [title, "", f"Recipe: `{res.get('recipe')}`; wall time {res['total_wall_s'] / 60:.1f} "
-            "min of training and measurement (1 thread). Intervals: 95% t over seeds.", ""]
+    trains = res["train"].values() if isinstance(res["train"], dict) else res["train"]
+    head = [title, "", f"Recipe: `{res.get('recipe')}`. Training wall time "
+            f"{sum(t['wall_s'] for t in trains) / 60:.1f} min in all (1 thread; the measured total "
+            "is in the recipe's header). Intervals: 95% t over seeds.", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(head + body) + "\n")
     return path
