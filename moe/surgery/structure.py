@@ -128,18 +128,18 @@ def _shares(src: list[int], noise: float, gen: torch.Generator) -> torch.Tensor:
 def _take(t: torch.Tensor, axis: int, src: list[int], fill: str, std: float,
           gen: torch.Generator, block: int = 1) -> torch.Tensor:  # fmt: skip
     """Gather blocks of `block` rows along `axis` by src (NEW -> zeros or N(0, std²))."""
-    shape = list(t.shape)
-    shape[axis] = len(src) * block
-    out = torch.empty(shape, dtype=t.dtype)
-    for j, i in enumerate(src):
-        dst = out.narrow(axis, j * block, block)
-        if i == NEW:
-            if fill == "zero":
-                dst.zero_()
-            else:
-                dst.copy_(torch.randn(dst.shape, generator=gen) * std)
+    src_t = torch.tensor(src, dtype=torch.long)  # (n,)
+    idx = (src_t.clamp(min=0)[:, None] * block + torch.arange(block)).reshape(-1)  # (n*block,)
+    out = t.index_select(axis, idx)
+    new = (src_t == NEW).repeat_interleave(block).nonzero().squeeze(1)  # rows to fill
+    if new.numel():
+        shape = list(out.shape)
+        shape[axis] = new.numel()
+        if fill == "zero":
+            vals = torch.zeros(shape, dtype=out.dtype)
         else:
-            dst.copy_(t.narrow(axis, i * block, block))
+            vals = (torch.randn(shape, generator=gen) * std).to(out.dtype)
+        out.index_copy_(axis, new, vals)
     return out
 
 
