@@ -179,7 +179,20 @@ def summarise_probe(res: dict) -> dict:
     out["lowest_bi"] = {
         d: min(range(res["n_layers"]), key=lambda i: out["layers"][i]["bi"][d]["mean"])
         for d in res["domains"]}  # fmt: skip
+    out["bi_rank_corr"] = {
+        d: spearman([row["bi"][d]["mean"] for row in out["layers"]],
+                    [row["delete"][d]["mean"] for row in out["layers"]])
+        for d in res["domains"]}  # fmt: skip
     return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected among float means)."""
+    ra = {i: r for r, i in enumerate(sorted(range(len(a)), key=lambda i: a[i]))}
+    rb = {i: r for r, i in enumerate(sorted(range(len(b)), key=lambda i: b[i]))}
+    n = len(a)
+    d2 = sum((ra[i] - rb[i]) ** 2 for i in range(n))
+    return 1 - 6 * d2 / (n * (n * n - 1)) if n > 1 else float("nan")
 
 
 def probe_section(res: dict, out: Path) -> list[str]:
@@ -209,6 +222,13 @@ def probe_section(res: dict, out: Path) -> list[str]:
                  f"{fmt(sm['layers'][i]['delete'][d])})"
                  + (f"; lowest Block Influence: layer {sm['lowest_bi'][d]}" if d in
                     sm["lowest_bi"] else "") + ".")  # fmt: skip
+    L += [
+        "",
+        "Does Block Influence predict what deleting a layer costs? Spearman rank "
+        "correlation between a layer's mean BI and its mean deletion Δ bpb: "
+        + ", ".join(f"{d} {sm['bi_rank_corr'][d]:.2f}" for d in res["domains"])
+        + ".",
+    ]
     helps = [(row["layer"], d) for row in sm["layers"] for d in doms
              if row["duplicate"][d]["verdict"] == "beats"]  # fmt: skip
     L += ["", "Duplicating a single layer lowers bpb (interval below 0) for: "
