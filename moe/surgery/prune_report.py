@@ -309,9 +309,12 @@ def _compress_plot(res: dict, out: Path) -> list[str]:
     ax.plot([v["bytes"] for v in fr], [v["bpb"]["mean"] for v in fr], "k-", lw=0.8,
             label="Pareto frontier")  # fmt: skip
     ax.set_xscale("log")
+    # the interesting band: a few seeds' t intervals and broken compressions would flatten it
+    lo = min(v["bpb"]["mean"] for v in res["table"].values())
+    ax.set_ylim(lo - 0.1, lo + 1.0)
     ax.set_xlabel("weight bytes (fp16 = 2 per parameter; int8/int4 with fp16 group scales)")
     ax.set_ylabel("held-out bpb (mean of domains)")
-    ax.set_title("equal training FLOPs; ★ = uncompressed")
+    ax.set_title("equal training FLOPs; ★ uncompressed; bars: 95% t over seeds (clipped)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
