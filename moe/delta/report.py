@@ -284,6 +284,11 @@ def _fleet_md(res: dict) -> list[str]:
         L.append(f"| {r['arm']} | {r['replicas']} | {r['H']} | {r['S']} | {r['compression']} | "
                  f"{r['outer']} | {r['bytes']['mean'] / 1e6:.3f} | {_fmt(r['own_bpb'])} | "
                  f"{_sign(r['vs_sync']) if 'vs_sync' in r else '—'} | {r['wall_s']:.0f} |")
+    first = next(iter(res["curves"].values()))[0]["bpb"]
+    L += ["", "The base model (step 0): " + ", ".join(
+        f"{d} {v:.4f}" for d, v in next(iter(first.values())).items() if d != "mean")
+        + " bpb. A single replica (`R=1`) exchanges with no one: its bytes are only its own "
+        "deltas' sizes."]
     L += ["", "Bytes-vs-bpb frontier (no arm sends fewer bytes for a lower bpb): "
           + " → ".join(f"`{a}`" for a in res["frontier"]), ""]
     multi = [r for r in res["rows"] if len(r["families"]) > 1]
