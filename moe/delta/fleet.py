@@ -36,12 +36,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moe.config import ConfigError, OptimConfig
 from moe.data.datamodule import DomainDataModule
@@ -310,6 +312,8 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
         for m in members:
             m.ref = _state(m.model)
         _observe(rec, 0, groups, evaluate, bytes_up, spec.eval_every, force=True)
+    bar = tqdm(total=rounds, initial=rnd, desc=f"fleet {arm.label}", unit="round", leave=False,
+               file=sys.stderr, disable=not sys.stderr.isatty())
     while rnd < rounds:
         losses = []
         for m in members:
@@ -352,6 +356,7 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
                         m.model.load_state_dict(new)
                         m.ref = {n: t.clone() for n, t in new.items()}
         rnd += 1
+        bar.update()
         _observe(rec, rnd * H, groups, evaluate, bytes_up, spec.eval_every,
                  force=rnd == rounds)  # fmt: skip
         if state_path is not None and (rnd * H - last_ckpt >= spec.checkpoint_every
@@ -359,6 +364,7 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
             rec["wall_s"] = time.time() - t0
             _save_state(state_path, members, groups, rec, bytes_up, rnd)
             last_ckpt = rnd * H
+    bar.close()
     rec["rounds"] = rounds
     rec["bytes_total"] = bytes_up
     rec["params"] = n_params

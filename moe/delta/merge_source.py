@@ -45,7 +45,10 @@ def open_model(path: str | os.PathLike, base: Source | None) -> Source:
     if not is_delta(path):
         return open_source(path)
     d = read_delta(path)
-    if base is None or base.meta is None:
+    if base is not None and base.meta is None:
+        raise ConfigError(f"models: {path} is a delta, whose base is a moe-forge checkpoint; "
+                          f"base_model {base.path} is a Hugging Face directory")
+    if base is None:
         raise ConfigError(f"models: {path} is a delta; set base_model: to its base checkpoint "
                           f"({d.meta['base'].get('path')}, id {d.meta['base'].get('id')!r})")
     want = d.meta["base"]["sha256"]

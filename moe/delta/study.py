@@ -27,10 +27,12 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moe.config import ConfigError, Recipe
 from moe.data.datamodule import DomainDataModule
@@ -168,7 +170,8 @@ def run_sizes(r: Recipe, seeds: int, out: Path, dm: DomainDataModule, heldout: H
             lossless = ddir / "lossless.delta.safetensors"
             info = ops.extract(base_path, ft_path, lossless, overwrite=True)
             rows = [_row("lossless", info, base, read_delta(lossless), heldout)]
-            for m in r.fleet.methods:
+            for m in tqdm(r.fleet.methods, desc=f"deltas {d} seed {seed}", unit="method",
+                          leave=False, file=sys.stderr, disable=not sys.stderr.isatty()):
                 dst = ddir / f"{slug(m)}.delta.safetensors"
                 info = ops.compress(lossless, m, dst, seed=seed, overwrite=True)
                 rows.append(_row(m, info, base, read_delta(dst), heldout))

@@ -128,3 +128,16 @@ def test_cli_info_json(family, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["bytes"] == (tmp / "c.delta.safetensors").stat().st_size
     assert info["lowrank_ranks"] == [2] and info["method"] == "lowrank:2+int8"
+
+
+def test_truncated_delta_is_a_one_line_error(family):
+    base, ft, _, _, tmp = family
+    d = tmp / "d.delta.safetensors"
+    ops.extract(base, ft, d)
+    data = d.read_bytes()
+    (tmp / "cut.delta.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ConfigError, match="corrupted delta file"):
+        ops.info(tmp / "cut.delta.safetensors")
+    with pytest.raises(ConfigError, match="corrupted delta file"):
+        ops.apply_delta(base, tmp / "cut.delta.safetensors", tmp / "out")
+    assert not (tmp / "out").exists()
