@@ -48,9 +48,19 @@ class PrunePlan:
     ffn: list[list[list[int]]] | None  # per kept layer, per expert (1 for dense): neurons kept
     zero_ffn: bool = False  # every neuron went (--allow-empty): the one kept writes zeros
 
+    def digest(self) -> str:
+        """sha256 of the kept units: two prunes of one checkpoint hold the same units at the
+        same positions (and so may be merged) only when their digests agree."""
+        import hashlib
+        import json
+
+        blob = json.dumps([self.layers, self.kv, self.ffn, self.zero_ffn])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def describe(self, cfg: ModelConfig) -> dict:
         c = cfg.resolved()
         return {
+            "units_sha256": self.digest(),
             "layers_kept": list(self.layers),
             "layers_removed": [i for i in range(c.n_layers) if i not in self.layers],
             "kv_heads": [len(k) for k in self.kv][0] if self.kv else c.n_kv_heads,

@@ -134,6 +134,9 @@ def test_pruned_checkpoint_loads_trains_merges_exports(debug_dense, tmp_path):
     assert meta["base_id"] == src.meta["base_id"]
     assert meta["tokens_seen"] > src.meta["tokens_seen"]  # the healing tokens count
     assert meta["prune"]["heal"]["steps"] == 3
+    # both prunes used one plan: the same units, so merging them is meaningful
+    digest = meta["prune"]["plan"]["units_sha256"]
+    assert digest == load_checkpoint(outs[1]).meta["prune"]["plan"]["units_sha256"]
     # merge: two healed prunes of one plan average like any two checkpoints of one family
     merged = merge(merge_config_from_dict({"merge_method": "linear", "models": [
         {"model": str(o)} for o in outs]}), tmp_path / "merged", progress=False)
