@@ -376,6 +376,7 @@ class SurgeryStudyConfig:
     axes: list[str] = field(default_factory=list)  # shrink: layers | layers_bi | ffn | heads
     fractions: list[float] = field(default_factory=list)  # shrink
     heal_steps: int = 100  # shrink
+    heal_lr: float | None = None  # shrink: peak LR of healing and its control (None: optim.lr)
     vocab_size: int = 512  # retokenize: the new BPE vocabulary
     arms: list[str] = field(default_factory=list)  # retokenize: mean_bytes[+frozen], ...
     retok_steps: int = 500  # retokenize

@@ -58,7 +58,7 @@ def run_shrink(ctx, seeds: list[int]) -> dict:
         sd = model.state_dict()
 
         def healed(m, seed=seed) -> dict:
-            ctx.train(m, s.heal_steps, seed + 7919, None, warmup=s.warmup_steps)
+            ctx.train(m, s.heal_steps, seed + 7919, None, warmup=s.warmup_steps, lr=s.heal_lr)
             return ctx.heldout.bpb(m)
 
         rec = {"base": ctx.cached(f"base-seed{seed}", lambda m=model: {"bpb": ctx.heldout.bpb(m)}),
@@ -82,6 +82,7 @@ def run_shrink(ctx, seeds: list[int]) -> dict:
                 rec["cuts"][f"{axis}:{frac}"] = ctx.cached(f"{axis}-{frac}-seed{seed}", cut)
         runs[str(seed)] = rec
     return {"n_layers": cfg.n_layers, "params": total, "axes": list(s.axes),
+            "heal_lr": s.heal_lr if s.heal_lr is not None else ctx.r.optim.lr,
             "fractions": list(s.fractions), "heal_steps": s.heal_steps, "runs": runs}  # fmt: skip
 
 
@@ -115,7 +116,8 @@ def shrink_section(res: dict, out) -> list[str]:
           + ", ".join(f"{m} {fmt(base[m])}" for m in doms) + f". The control (uncut, "
           f"{res['heal_steps']} more steps): " + ", ".join(f"{m} {fmt(ctrl[m])}" for m in doms)
           + ". *cut*: Δ bpb of the cut model against the uncut one; *healed*: Δ bpb after "
-          f"{res['heal_steps']} steps of training against the control (equal extra training), "
+          f"{res['heal_steps']} steps of training at peak LR {res.get('heal_lr', '-')} against "
+          "the control (equal extra training), "
           "paired by seed. `layers` removes the lowest-Block-Influence layers; `ffn`, `heads`, "
           "`channels` the smallest-magnitude units.", ""]  # fmt: skip
     L += ["| axis | fraction | params kept | " + " | ".join(f"cut: {m}" for m in doms) + " | "

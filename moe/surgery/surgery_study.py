@@ -78,9 +78,11 @@ class Ctx:
         return rec
 
     def train(self, model: Transformer, steps: int, seed: int, eval_every: int | None,
-              warmup: int | None = None) -> dict:  # fmt: skip
+              warmup: int | None = None, lr: float | None = None) -> dict:  # fmt: skip
         optim = self.r.optim if warmup is None else dataclasses.replace(
             self.r.optim, warmup_steps=warmup, total_steps=None)  # fmt: skip
+        if lr is not None:
+            optim = dataclasses.replace(optim, lr=lr)
         torch.manual_seed(seed)
         held = self.heldout if eval_every else None
         rec = train_loop(model, self.r, optim, steps, self.data(seed), held, eval_every or 1, [],
