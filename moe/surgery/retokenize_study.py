@@ -142,6 +142,7 @@ def _bytes_per_token(dm, domains) -> dict:
 
 
 def retokenize_section(res: dict, out) -> list[str]:
+    from moe.surgery.init_report import steps_to
     from moe.surgery.surgery_report import _plt, ci, fmt, pci
 
     seeds = [str(x) for x in res["seeds"]]
@@ -159,8 +160,8 @@ def retokenize_section(res: dict, out) -> list[str]:
     picks = sorted({0, steps[min(len(steps) - 1, max(1, len(steps) // 10))],
                     steps[len(steps) // 2], steps[-1]})  # fmt: skip
     idx = [steps.index(p) for p in picks]
-    L += ["| arm | " + " | ".join(f"step {p}" for p in picks) + " | final vs scratch |",
-          "|---" * (2 + len(picks)) + "|"]  # fmt: skip
+    L += ["| arm | " + " | ".join(f"step {p}" for p in picks) + " | final vs scratch | steps "
+          "to the source's bpb |", "|---" * (3 + len(picks)) + "|"]  # fmt: skip
     summary = {}
     for arm in res["arms"]:
         rr = res["runs"][arm]
@@ -171,9 +172,16 @@ def retokenize_section(res: dict, out) -> list[str]:
                 [rr[x]["bpb"][-1]["mean"] for x in seeds],
                 [res["runs"]["scratch"][x]["bpb"][-1]["mean"] for x in seeds],
             )
-        summary[arm] = {"at": dict(zip(map(str, picks), cells)), "final_vs_scratch": vs}
+        # recovery: the first step at which the arm is as good as its own seed's source
+        reach = [steps_to(rr[x]["eval_steps"], [b["mean"] for b in rr[x]["bpb"]],
+                          res["sources"][x]["bpb"]["mean"]) for x in seeds]  # fmt: skip
+        rec = ci(reach)
+        got = sum(v is not None for v in reach)
+        summary[arm] = {"at": dict(zip(map(str, picks), cells)), "final_vs_scratch": vs,
+                        "steps_to_source": rec, "seeds_reaching_source": got}  # fmt: skip
         L.append(f"| {arm} | " + " | ".join(fmt(c) for c in cells) + " | "
-                 + (f"{fmt(vs)} ({vs['verdict']})" if vs else "—") + " |")  # fmt: skip
+                 + (f"{fmt(vs)} ({vs['verdict']})" if vs else "—")
+                 + f" | {fmt(rec, 0)} ({got}/{len(seeds)} seeds) |")  # fmt: skip
     res["summary"] = {"source": src, "arms": summary}
     L += ["", "![bpb against steps](plots/retokenize.png)", ""]
     plt = _plt()
