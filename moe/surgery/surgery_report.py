@@ -108,11 +108,13 @@ def growth_section(res: dict, out: Path) -> list[str]:
           f"{fmt(sm['scratch_final'])}. Each grown model trains {n_steps} steps (same schedule, "
           f"a fresh optimiser). *Saving* = 1 − (small model's FLOPs + the grown model's FLOPs "
           "until its held-out bpb first reaches the same seed's from-scratch final bpb) / the "
-          "from-scratch FLOPs; n/a where a seed never reaches it. With a WSD schedule every run "
-          "drops most in its final cool-down, so the from-scratch final bpb is only reached "
-          "there: *saving before the cool-down* compares the grown model's bpb at its last "
-          "evaluation before the cool-down with the FLOPs the from-scratch run needed to reach "
-          "that bpb (n/a: it never did).", ""]  # fmt: skip
+          "from-scratch FLOPs; n/a where a seed never reaches it."
+          + (" With a WSD schedule every run drops most in its final cool-down, so the "
+             "from-scratch final bpb is only reached there: *saving before the cool-down* "
+             "compares the grown model's bpb at its last evaluation before the cool-down with "
+             "the FLOPs the from-scratch run needed to reach that bpb (n/a: it never did)."
+             if res.get("decay_start") else " Schedule without a cool-down (constant LR after "
+             "warm-up)."), ""]  # fmt: skip
     L += ["| method | bpb right after growth | minus the small model's | final bpb | final − "
           "from scratch (paired) | seeds reaching scratch's final | FLOP saving | saving before "
           "the cool-down |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
