@@ -164,6 +164,32 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_importance(args) -> int:
+    from moe.surgery.importance import importance_checkpoint
+
+    out = importance_checkpoint(
+        args.checkpoint, _names(args.domains), args.out, batches=args.batches,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from moe.surgery.prune import prune_checkpoint
+
+    out = prune_checkpoint(
+        args.checkpoint, args.out, heads=args.heads, ffn=args.ffn, layers=args.layers,
+        by=args.by, method=args.method, scores_path=args.scores,
+        domains=_names(args.domains) if args.domains else None, calib_batches=args.batches,
+        heal_steps=args.heal_steps, heal_lr=args.heal_lr, unstructured=args.unstructured,
+        bits=args.bits, group=args.group, seed=args.seed, allow_empty=args.allow_empty,
+        overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
 def cmd_grow(args) -> int:
     from moe.surgery.grow import GrowSpec, grow_checkpoint, parse_ints, parse_range
 
@@ -188,32 +214,6 @@ def cmd_shrink(args) -> int:
     )
     print(shrink_checkpoint(args.checkpoint, args.out, spec, heal_steps=args.heal_steps,
                             overrides=list(args.overrides), overwrite=args.overwrite))
-    return 0
-
-
-def cmd_importance(args) -> int:
-    from moe.surgery.importance import importance_checkpoint
-
-    out = importance_checkpoint(
-        args.checkpoint, _names(args.domains), args.out, batches=args.batches,
-        batch_size=args.batch_size, overwrite=args.overwrite,
-    )
-    print(out)
-    return 0
-
-
-def cmd_prune(args) -> int:
-    from moe.surgery.prune import prune_checkpoint
-
-    out = prune_checkpoint(
-        args.checkpoint, args.out, heads=args.heads, ffn=args.ffn, layers=args.layers,
-        by=args.by, method=args.method, scores_path=args.scores,
-        domains=_names(args.domains) if args.domains else None, calib_batches=args.batches,
-        heal_steps=args.heal_steps, heal_lr=args.heal_lr, unstructured=args.unstructured,
-        bits=args.bits, group=args.group, seed=args.seed, allow_empty=args.allow_empty,
-        overwrite=args.overwrite,
-    )
-    print(out)
     return 0
 
 
@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = recipe_cmd("train", "run one training stage from a recipe", cmd_train)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
 
-    sp = recipe_cmd("run", "run the whole specialization study of a recipe", cmd_run,
+    sp = recipe_cmd("run", "run a recipe's experiment: the specialization study, or the init, "
+                    "surgery, prune or fleet experiment its section switches on", cmd_run,
                     optional=True)
     sp.add_argument("--overwrite", action="store_true", help="start the study again from scratch")
     sp.add_argument("--stage", help="re-run or resume this one stage (e.g. branch-code, eval)")
@@ -405,45 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_init)
 
-    sp = sub.add_parser("grow", help="a larger model computing the same function: more FFN "
-                        "neurons, heads, model dim or layers")
-    sp.add_argument("checkpoint", help="checkpoint or run directory")
-    sp.add_argument("--out", required=True, help="output checkpoint directory")
-    sp.add_argument("--ffn-dim", type=int, help="FFN hidden size (each expert's for an MoE)")
-    sp.add_argument("--dim", type=int, help="model dim (zero channels; norm gains rescaled)")
-    sp.add_argument("--kv-heads", type=int, help="key/value head groups (query heads follow)")
-    sp.add_argument("--method", default="zero", help="new units: zero (zero output weights) | "
-                    "split (Net2Net copies)")
-    sp.add_argument("--noise", type=float, default=0.0,
-                    help="split: perturb the copies' output shares (still exact)")
-    sp.add_argument("--identity-after", help="LLaMA-Pro: identity copies after these layers")
-    sp.add_argument("--duplicate", help="SOLAR: repeat layers A..B-1 (A:B)")
-    sp.add_argument("--layers", help="new layer i = old layer L[i], e.g. 0,1,1,2")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--overwrite", action="store_true")
-    sp.set_defaults(func=cmd_grow)
-
-    sp = sub.add_parser("shrink", help="a smaller model: delete layers (by index or Block "
-                        "Influence), FFN neurons, heads, channels; optionally heal")
-    sp.add_argument("checkpoint", help="checkpoint or run directory")
-    sp.add_argument("overrides", nargs="*", help="key=value for the healing stage (optim.lr=...)")
-    sp.add_argument("--out", required=True,
-                    help="output checkpoint (a run directory with --heal-steps)")
-    sp.add_argument("--drop-layers", help="delete these layers, e.g. 3,5")
-    sp.add_argument("--bi-layers", type=int, default=0,
-                    help="delete the N layers of lowest Block Influence (ShortGPT)")
-    sp.add_argument("--by", default="all", help="Block Influence calibration domain, or all")
-    sp.add_argument("--calib-batches", type=int, default=8, help="per domain (train split)")
-    sp.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed")
-    sp.add_argument("--heads", type=float, default=0.0, help="fraction of kv head groups removed")
-    sp.add_argument("--channels", type=float, default=0.0, help="fraction of model dim removed")
-    sp.add_argument("--select", default="magnitude", help="random | magnitude")
-    sp.add_argument("--heal-steps", type=int, default=0,
-                    help="train the cut model N steps (resumable training stage)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--overwrite", action="store_true")
-    sp.set_defaults(func=cmd_shrink)
-
     sp = sub.add_parser("importance", help="per-domain importance of every head, FFN neuron "
                         "and layer (safetensors + JSON summary)")
     sp.add_argument("checkpoint", help="checkpoint or run directory")
@@ -483,6 +445,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow removing every head (or neuron) of a layer")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_prune)
+
+    sp = sub.add_parser("grow", help="a larger model computing the same function: more FFN "
+                        "neurons, heads, model dim or layers")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    sp.add_argument("--ffn-dim", type=int, help="FFN hidden size (each expert's for an MoE)")
+    sp.add_argument("--dim", type=int, help="model dim (zero channels; norm gains rescaled)")
+    sp.add_argument("--kv-heads", type=int, help="key/value head groups (query heads follow)")
+    sp.add_argument("--method", default="zero", help="new units: zero (zero output weights) | "
+                    "split (Net2Net copies)")
+    sp.add_argument("--noise", type=float, default=0.0,
+                    help="split: perturb the copies' output shares (still exact)")
+    sp.add_argument("--identity-after", help="LLaMA-Pro: identity copies after these layers")
+    sp.add_argument("--duplicate", help="SOLAR: repeat layers A..B-1 (A:B)")
+    sp.add_argument("--layers", help="new layer i = old layer L[i], e.g. 0,1,1,2")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_grow)
+
+    sp = sub.add_parser("shrink", help="a smaller model: delete layers (by index or Block "
+                        "Influence), FFN neurons, heads, channels; optionally heal")
+    sp.add_argument("checkpoint", help="checkpoint or run directory")
+    sp.add_argument("overrides", nargs="*", help="key=value for the healing stage (optim.lr=...)")
+    sp.add_argument("--out", required=True,
+                    help="output checkpoint (a run directory with --heal-steps)")
+    sp.add_argument("--drop-layers", help="delete these layers, e.g. 3,5")
+    sp.add_argument("--bi-layers", type=int, default=0,
+                    help="delete the N layers of lowest Block Influence (ShortGPT)")
+    sp.add_argument("--by", default="all", help="Block Influence calibration domain, or all")
+    sp.add_argument("--calib-batches", type=int, default=8, help="per domain (train split)")
+    sp.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed")
+    sp.add_argument("--heads", type=float, default=0.0, help="fraction of kv head groups removed")
+    sp.add_argument("--channels", type=float, default=0.0, help="fraction of model dim removed")
+    sp.add_argument("--select", default="magnitude", help="random | magnitude")
+    sp.add_argument("--heal-steps", type=int, default=0,
+                    help="train the cut model N steps (resumable training stage)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_shrink)
 
     sp = sub.add_parser("retokenize", help="move a checkpoint to a new tokenizer, keeping "
                         "every middle layer (BPE trained on its corpora, or given)")

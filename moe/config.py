@@ -443,9 +443,9 @@ class Recipe:
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     init_study: InitStudyConfig = field(default_factory=InitStudyConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     surgery: SurgeryStudyConfig = field(default_factory=SurgeryStudyConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 STAGES = ("dense", "branch", "joint", "router")

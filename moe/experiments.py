@@ -38,13 +38,13 @@ EXPERIMENTS: dict[str, Experiment] = {
     for e in (
         Experiment("init_study", lambda r: bool(r.init_study.arms), "moe.surgery.init_study",
                    "initialise from a trained model's weight distribution (issue 15)"),
-        Experiment("prune", lambda r: r.prune.kind is not None, "moe.surgery.prune_study",
-                   "pruning per domain (curves, 3x3 matrix, overlap); train large then compress "
-                   "(issue 14)"),
         Experiment("surgery", lambda r: r.surgery.kind is not None, "moe.surgery.surgery_study",
                    "grow, depth probe, shrink, retokenize: measured (issue 13)"),
         Experiment("fleet", lambda r: r.fleet.kind is not None, "moe.delta.study",
                    "fine-tune deltas: size vs bpb per compression, a simulated fleet (issue 16)"),
+        Experiment("prune", lambda r: r.prune.kind is not None, "moe.surgery.prune_study",
+                   "pruning per domain (curves, 3x3 matrix, overlap); train large then compress "
+                   "(issue 14)"),
     )
 }
 
