@@ -9,7 +9,9 @@ purpose (bytes-level text, IUPAC DNA letters): they must succeed.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -422,7 +424,41 @@ CASES: list[Case] = [
     Case("importance-unknown-domain", "moe importance --domains naming no domain",
          lambda fx: ["importance", str(fx["dense"]), "--domains", "klingon", "--out",
                      str(fx["tmp"] / "scores.safetensors")], "unknown domain 'klingon'"),
+    Case("grow-smaller", "moe grow to a smaller FFN",
+         lambda fx: ["grow", str(fx["dense"]), "--ffn-dim", "8", "--out", str(fx["tmp"] / "g")],
+         "use moe shrink to make a model smaller"),
+    Case("shrink-layer-range", "moe shrink --drop-layers naming a layer the model lacks",
+         lambda fx: ["shrink", str(fx["dense"]), "--drop-layers", "7", "--out",
+                     str(fx["tmp"] / "s")], "layer 7 out of range"),
+    Case("shrink-every-layer", "moe shrink removing every layer",
+         lambda fx: ["shrink", str(fx["dense"]), "--drop-layers", "0,1", "--out",
+                     str(fx["tmp"] / "s")], "leaves no layer"),
+    Case("delta-other-base", "moe delta apply onto a checkpoint other than the delta's base",
+         lambda fx: ["delta", "apply", str(fx["moe"]), str(_delta_fx(fx)), "-o",
+                     str(fx["tmp"] / "applied")], "apply a delta to its own base"),
+    Case("delta-density", "moe delta compress topk:1.5 (densities are in (0, 1])",
+         lambda fx: ["delta", "compress", str(_delta_fx(fx)), "topk:1.5", "-o",
+                     str(fx["tmp"] / "c.delta.safetensors")], "must be in (0, 1]"),
+    Case("delta-rank", "moe delta compress lowrank:R with R larger than a tensor allows",
+         lambda fx: ["delta", "compress", str(_delta_fx(fx)), "lowrank:999", "-o",
+                     str(fx["tmp"] / "c.delta.safetensors")], "rank 999 is larger"),
+    Case("fleet-no-replicas", "a fleet of R = 0 replicas",
+         lambda fx: ["run", str(REPO / "recipes" / "fleet" / "fleet.yaml"),
+                     f"out_dir={fx['tmp'] / 'fleet'}", "fleet.replicas=0"],
+         "fleet.replicas must be >= 1"),
 ]
+
+
+def _delta_fx(fx) -> Path:
+    """The delta of the text branch fixture over the dense fixture (moe delta extract)."""
+    from moe.cli import main
+
+    out = fx["tmp"] / "delta-fx" / "text.delta.safetensors"
+    if not out.is_file():
+        with contextlib.redirect_stdout(io.StringIO()):  # the catalogue prints to stdout
+            assert main(["delta", "extract", str(fx["dense"]), str(fx["branch_text"]), "-o",
+                         str(out)]) == 0
+    return out
 
 
 def _scores_fx(fx) -> Path:
@@ -431,8 +467,9 @@ def _scores_fx(fx) -> Path:
 
     out = fx["tmp"] / "scores-fx" / "dense.safetensors"
     if not out.is_file():
-        assert main(["importance", str(fx["dense"]), "--domains", "text", "--batches", "1",
-                     "--out", str(out)]) == 0
+        with contextlib.redirect_stdout(io.StringIO()):  # the catalogue prints to stdout
+            assert main(["importance", str(fx["dense"]), "--domains", "text", "--batches", "1",
+                         "--out", str(out)]) == 0
     return out
 
 
