@@ -8,12 +8,15 @@ one. A new experiment adds one entry here and its section in moe/config.py.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe.config import ConfigError, Recipe
+from moe.config import ConfigError, Recipe, to_dict, to_yaml
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,15 @@ class Experiment:
         return self._fn("plan")(recipe, seeds)
 
     def run(self, recipe: Recipe, seeds: int | None, recipe_path: str | None) -> Path:
-        return self._fn("run")(recipe, seeds, recipe_path)
+        """Run (or resume) it in its locked run directory (see `experiment_dir`)."""
+        from moe.io.rundir import RunLock
+
+        out = Path(recipe.out_dir)
+        with RunLock(out):
+            experiment_dir(recipe, self.section)
+            # the directory is ready: the experiment itself never empties it
+            return self._fn("run")(dataclasses.replace(recipe, overwrite=False), seeds,
+                                   recipe_path)
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -56,3 +67,59 @@ def experiment_of(recipe: Recipe) -> Experiment | None:
         raise ConfigError(f"recipe {recipe.name}: sections {', '.join(e.section for e in on)} "
                           "each switch on an experiment; a recipe runs one")
     return on[0] if on else None
+
+
+def experiment_dir(recipe: Recipe, section: str) -> Path:
+    """Prepare an experiment's run directory (the caller holds its lock): `overwrite` empties it;
+    a directory whose recorded recipe differs in anything but the section's `seeds` is refused,
+    since its finished runs (cached per run, reused on resume) would be mixed with new ones;
+    the resolved recipe is saved as `recipe.yaml`."""
+    from moe.io.checkpoint import atomic_write_text
+
+    out = Path(recipe.out_dir)
+    saved = out / "recipe.yaml"
+    if recipe.overwrite:
+        for p in out.iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif saved.is_file() and recipe_changed(saved, recipe, ignore=(f"{section}.seeds",)):
+        raise ConfigError(f"{out} holds a run ({section}) of a different recipe; pass "
+                          "--overwrite to replace it or choose another out_dir")
+    atomic_write_text(saved, to_yaml(recipe))
+    return out
+
+
+def recipe_changed(saved: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a run directory's recorded recipe differs from `recipe` in anything that changes
+    results: where it runs, its name, progress bars and the dotted keys in `ignore` do not."""
+    from omegaconf import OmegaConf
+
+    old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    new = _flat(to_dict(recipe))
+    for d in (old, new):
+        for key in [*d]:
+            if key.split(".")[0] in ("overwrite", "resume", "out_dir", "name", "sweep") or key in (
+                "trainer.enable_progress_bar", *ignore
+            ) or any(key.startswith(f"{i}.") for i in ignore):
+                d.pop(key)
+    # a field added to the schema since the run was recorded, at its default, changes nothing
+    default = _flat(to_dict(Recipe()))
+    for k in set(new) - set(old):
+        if k in default and _same(new[k], default[k]):
+            new.pop(k)
+    return not _same(old, new)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -242,9 +241,7 @@ def run_delta_study(r: Recipe, seeds: int | None = None, recipe_path: str | None
     f = r.fleet
     seeds = f.seeds if seeds is None else seeds
     check(r, seeds)
-    out = Path(r.out_dir)
-    if r.overwrite and out.exists():
-        shutil.rmtree(out)
+    out = Path(r.out_dir)  # emptied by --overwrite in moe.experiments.experiment_dir
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     dm = DomainDataModule(r.data, seed=r.seed)

@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
-from moe.config import ConfigError, Recipe, to_dict, to_yaml
+from moe.config import ConfigError, Recipe, to_yaml
+from moe.experiments import recipe_changed
 from moe.io.checkpoint import atomic_write_text, write_json
 from moe.io.rundir import RunLock
 from moe.study.context import log
@@ -85,37 +85,6 @@ def run_study(
 
 
 def _study_changed(saved: Path, recipe: Recipe) -> bool:
-    """Whether a run directory's recorded recipe differs in anything that changes results."""
-    from omegaconf import OmegaConf
-
-    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
-    new = to_dict(recipe)
-    for d in (old, new):
-        for key in ("overwrite", "resume", "out_dir", "name", "sweep"):
-            d.pop(key, None)
-        d.get("trainer", {}).pop("enable_progress_bar", None)
-        d.get("study", {}).pop("seeds", None)  # more seeds extend a study; finished ones stay
-        d.get("study", {}).pop("eval_data", None)  # more held-out sets re-evaluate, not retrain
-    # a field added to the schema since the run was recorded, at its default, changes nothing
-    default = _flat(to_dict(Recipe()))
-    old_f, new_f = _flat(old), _flat(new)
-    for k in set(new_f) - set(old_f):
-        if k in default and _same(new_f[k], default[k]):
-            new_f.pop(k)
-    return json.dumps(old_f, sort_keys=True, default=str) != json.dumps(
-        new_f, sort_keys=True, default=str
-    )
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _same(a, b) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    """Whether a run directory's recorded recipe differs in anything that changes results: more
+    seeds extend a study (finished ones stay), more held-out sets re-evaluate, not retrain."""
+    return recipe_changed(saved, recipe, ignore=("study.seeds", "study.eval_data"))

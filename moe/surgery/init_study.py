@@ -186,11 +186,7 @@ def run_init_study(r: Recipe, seeds: int | None = None, recipe_path: str | None 
     if seeds < 1 or s.steps < 1 or s.source_steps < 1 or not s.warmup or s.eval_every < 1:
         raise ConfigError("init_study: seeds, steps, source_steps and eval_every must be >= 1 "
                           "and warmup must list at least one setting")  # fmt: skip
-    out = Path(r.out_dir)
-    if r.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    out = Path(r.out_dir)  # emptied by --overwrite in moe.experiments.experiment_dir
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     dm = DomainDataModule(r.data, seed=r.seed)

@@ -304,11 +304,7 @@ def run(r: Recipe, seeds: int | None = None, recipe_path: str | None = None) -> 
     n = p.seeds if seeds is None else seeds
     if n < 1:
         raise ConfigError("--seeds must be at least 1")
-    out = Path(r.out_dir)
-    if r.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    out = Path(r.out_dir)  # emptied by --overwrite in moe.experiments.experiment_dir
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     dm = DomainDataModule(r.data, seed=r.seed)

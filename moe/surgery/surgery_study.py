@@ -48,11 +48,7 @@ class Ctx:
 
     def __init__(self, r: Recipe):
         self.r, self.s = r, r.surgery
-        self.out = Path(r.out_dir)
-        if r.overwrite and self.out.exists():
-            import shutil
-
-            shutil.rmtree(self.out)
+        self.out = Path(r.out_dir)  # emptied by --overwrite in moe.experiments.experiment_dir
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         self.dm = DomainDataModule(r.data, seed=r.seed)
         self.dm.setup()

@@ -1,0 +1,47 @@
+"""`moe run` of an experiment (moe/experiments.py): its run directory is locked, refuses the runs
+of another recipe, keeps them when only the seeds change, and --overwrite empties it."""
+
+import pytest
+from helpers import REPO
+
+from moe.cli import main
+from moe.config import ConfigError, load_recipe
+from moe.experiments import experiment_dir, recipe_changed
+
+INIT_DEBUG = REPO / "recipes" / "init" / "debug.yaml"
+
+
+def test_a_changed_recipe_is_refused_and_more_seeds_are_not(tmp_path):
+    r = load_recipe(INIT_DEBUG, [f"out_dir={tmp_path}"])
+    experiment_dir(r, "init_study")
+    saved = tmp_path / "recipe.yaml"
+    assert not recipe_changed(saved, r)
+    more_seeds = load_recipe(INIT_DEBUG, [f"out_dir={tmp_path}", "init_study.seeds=5"])
+    assert recipe_changed(saved, more_seeds)
+    assert not recipe_changed(saved, more_seeds, ignore=("init_study.seeds",))
+    experiment_dir(more_seeds, "init_study")  # extends the experiment
+    other = load_recipe(INIT_DEBUG, [f"out_dir={tmp_path}", "init_study.steps=7"])
+    with pytest.raises(ConfigError, match="of a different recipe"):
+        experiment_dir(other, "init_study")
+    # where it runs, its name and progress bars change no result
+    moved = load_recipe(INIT_DEBUG, [f"out_dir={tmp_path}/x", "name=renamed",
+                                     "trainer.enable_progress_bar=false", "init_study.seeds=5"])
+    assert not recipe_changed(saved, moved)
+
+
+def test_overwrite_empties_the_directory_but_keeps_the_lock(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "old.json").write_text("{}")
+    (tmp_path / ".lock").write_text("")
+    r = load_recipe(INIT_DEBUG, [f"out_dir={tmp_path}", "overwrite=true"])
+    experiment_dir(r, "init_study")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "recipe.yaml"]
+
+
+def test_moe_run_refuses_another_recipes_directory_and_writes_nothing(tmp_path):
+    out = tmp_path / "init"
+    assert main(["run", str(INIT_DEBUG), f"out_dir={out}", "init_study.seeds=1"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["run", str(INIT_DEBUG), f"out_dir={out}", "init_study.seeds=1",
+                 "init_study.steps=7"]) == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
