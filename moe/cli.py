@@ -635,6 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`moe ... | head`): stop quietly, as Unix tools do; point stdout
+        # at devnull so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         from moe.train.module import NonFiniteLossError
 

@@ -214,3 +214,16 @@ def test_checkpoint_with_another_vocabulary_is_refused_for_eval_and_training(tmp
     assert rc == 2 and "no tokenizer" in err and "--tokenizer PATH" in err
     rc, _, err = run_cli("train", DEBUG / "dense.yaml", f"init={ck}", f"out_dir={tmp_path / 'r'}")
     assert rc == 2 and "no tokenizer" in err and "data.tokenizer=PATH" in err
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`moe ... | head`: the reader leaves before the output is written; no traceback."""
+    from helpers import REPO
+
+    p = subprocess.Popen([sys.executable, "-m", "moe.cli", "sweep",
+                          str(REPO / "recipes" / "sweep.yaml"), "--dry-run"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the command has imported anything, let alone printed
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err
