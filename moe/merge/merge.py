@@ -79,6 +79,15 @@ def check_compatible(sources: list[Source]) -> None:
                     f"architecture differs: config {k} is {v!r} in {first.path} but {a[k]!r} "
                     f"in {s.path}"
                 )
+    units0 = _pruned_units(first)
+    for s in sources[1:]:
+        if _pruned_units(s) != units0:
+            # same shapes, but the tensors' rows are different neurons/heads of the original
+            raise ConfigError(
+                f"{first.path} and {s.path} keep different units of their model (meta.json "
+                f"prune.plan.units_sha256 {_short(units0)} vs {_short(_pruned_units(s))}): "
+                "their tensors' rows are different heads and neurons, so they cannot be merged"
+            )
     names0 = set(first.names)
     for s in sources[1:]:
         names = set(s.names)
@@ -95,6 +104,15 @@ def check_compatible(sources: list[Source]) -> None:
                     f"tensor {n} has shape {tuple(first.shape(n))} in {first.path} but "
                     f"{tuple(s.shape(n))} in {s.path}"
                 )
+
+
+def _pruned_units(src: Source) -> str | None:
+    """The digest of the units a `moe prune` kept (None: not a prune)."""
+    return (((src.meta or {}).get("prune") or {}).get("plan") or {}).get("units_sha256")
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "none (not pruned)"
 
 
 def check_lineage(base: Source | None, models: list[Source], expert: str | None) -> None:

@@ -200,3 +200,24 @@ def test_prune_records_compression(debug_dense, tmp_path):
     assert c["bits"] == 8 and c["unstructured"] == 0.5
     assert c["bytes"] < 0.5 * c["bytes_fp16"]
     json.dumps(c)
+
+
+def test_prunes_of_different_units_are_not_merged(debug_dense, tmp_path, capsys):
+    """Pruned by different domains' scores, two checkpoints have the same shapes but different
+    neurons in the same rows: moe merge refuses them in one line, and writes nothing."""
+    from moe.cli import main
+
+    outs = []
+    for dom in ("text", "dna"):
+        out = tmp_path / f"p-{dom}"
+        assert main(["prune", str(debug_dense), "--out", str(out), "--ffn", "0.5", "--by", dom,
+                     "--domains", "text,dna", "--batches", "1"]) == 0
+        outs.append(out)
+    units = [load_checkpoint(o).meta["prune"]["plan"]["units_sha256"] for o in outs]
+    assert units[0] != units[1]
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("merge_method: linear\nmodels:\n" + "".join(f"  - model: {o}\n" for o in outs))
+    capsys.readouterr()
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "merged")]) == 2
+    assert "keep different units" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
