@@ -367,10 +367,20 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
     bar.close()
     rec["rounds"] = rounds
     rec["bytes_total"] = bytes_up
+    rec["bytes_down"] = downlink_bytes(arm.sync, R, arm.S, rounds, n_params)
     rec["params"] = n_params
     rec["wall_s"] = time.time() - t0
     rec["final"] = {g.family: {k: v.clone() for k, v in g.theta.items()} for g in groups}
     return rec
+
+
+def downlink_bytes(sync: bool, replicas: int, S: int, rounds: int, params: int) -> int:
+    """What the replicas receive, as this simulation sends it: a dense float32 tensor set per
+    replica per delivery. Sync: the all-reduced gradient every step. A fleet: the coordinator's
+    model at every round an update arrives; with staleness S the last S rounds' updates never
+    arrive (the run ends first)."""
+    deliveries = rounds if sync else max(rounds - S, 0)
+    return deliveries * replicas * 4 * params
 
 
 def _observe(rec: dict, step: int, groups: list[Group], evaluate: Callable | None,

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from moe.config import Recipe
+from moe.delta.fleet import downlink_bytes
 from moe.eval.stats import mean_ci, paired_diff_ci
 from moe.io.checkpoint import write_json
 
@@ -205,6 +206,10 @@ def summarise_fleet(runs: list[dict], arms: list[str]) -> dict:
                "compression": rs[0]["compression"], "outer": rs[0]["outer"],
                "families": fams, "exchange": rs[0]["exchange"], "sync": rs[0]["sync"],
                "bytes": _ci([x["bytes_total"] for x in rs]), "own_bpb": _ci(own),
+               "bytes_down": _ci([downlink_bytes(x["sync"], x["replicas"], x["S"], x["rounds"],
+                                                 x["params"]) for x in rs]),
+               "bytes_both": _ci([x["bytes_total"] + downlink_bytes(
+                   x["sync"], x["replicas"], x["S"], x["rounds"], x["params"]) for x in rs]),
                "wall_s": sum(x["wall_s"] for x in rs), "seeds": [x["seed"] for x in rs],
                "final_by_group": {g: {k: _ci([x["bpb"][-1][g][k] for x in rs])
                                       for k in rs[0]["bpb"][-1][g]} for g in rs[0]["bpb"][-1]},
@@ -216,16 +221,21 @@ def summarise_fleet(runs: list[dict], arms: list[str]) -> dict:
             if pairs:
                 row["vs_sync"] = _pci([p[0] for p in pairs], [p[1] for p in pairs])
         rows.append(row)
-    pts = sorted(rows, key=lambda r: (r["bytes"]["mean"], r["own_bpb"]["mean"]))
-    frontier, best = [], math.inf
-    for r in pts:
-        if r["own_bpb"]["mean"] < best:
-            frontier.append(r["arm"])
-            best = r["own_bpb"]["mean"]
-    return {"rows": rows, "sync": sync, "frontier": frontier,
+    return {"rows": rows, "sync": sync, "frontier": _frontier(rows, "bytes"),
+            "frontier_both": _frontier(rows, "bytes_both"),
             "curves": {a: [{"step": s, "bytes": b, "bpb": v} for s, b, v in
                            zip(by_arm[a][0]["eval_steps"], by_arm[a][0]["bytes_up"],
                                by_arm[a][0]["bpb"])] for a in labels}}  # fmt: skip
+
+
+def _frontier(rows: list[dict], key: str) -> list[str]:
+    """The arms no other arm beats with fewer bytes (`key`) and a lower bpb, fewest bytes first."""
+    frontier, best = [], math.inf
+    for r in sorted(rows, key=lambda r: (r[key]["mean"], r["own_bpb"]["mean"])):
+        if r["own_bpb"]["mean"] < best:
+            frontier.append(r["arm"])
+            best = r["own_bpb"]["mean"]
+    return frontier
 
 
 def _plot_fleet(res: dict, out: Path) -> list[str]:
@@ -276,13 +286,18 @@ def _fleet_md(res: dict) -> list[str]:
     L = ["## Arms", "",
          "Final held-out bpb of the coordinator's model on its family's own domain (mean over "
          "seeds, 95% CI); Δ vs sync = paired by seed against the synchronous baseline (same "
-         "training FLOPs, batch R × B). Bytes: everything the replicas sent (the compressed "
-         "deltas' exact serialized sizes; for sync, a float32 gradient per worker per step).", "",
-         "| arm | R | H | S | compression | outer | MB sent | own bpb | Δ vs sync | wall s |",
-         "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+         "training FLOPs, batch R × B). MB sent: everything the replicas sent (the compressed "
+         "deltas' exact serialized sizes; for sync, a float32 gradient per worker per step). "
+         "MB received: what the replicas receive as this simulation sends it, uncompressed (the "
+         "coordinator's float32 model per replica per round an update arrives; for sync, the "
+         "all-reduced float32 gradient per worker per step).", "",
+         "| arm | R | H | S | compression | outer | MB sent | MB received | own bpb | Δ vs sync "
+         "| wall s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in res["rows"]:
         L.append(f"| {r['arm']} | {r['replicas']} | {r['H']} | {r['S']} | {r['compression']} | "
-                 f"{r['outer']} | {r['bytes']['mean'] / 1e6:.3f} | {_fmt(r['own_bpb'])} | "
+                 f"{r['outer']} | {r['bytes']['mean'] / 1e6:.3f} | "
+                 f"{r['bytes_down']['mean'] / 1e6:.3f} | {_fmt(r['own_bpb'])} | "
                  f"{_sign(r['vs_sync']) if 'vs_sync' in r else '—'} | {r['wall_s']:.0f} |")
     first = next(iter(res["curves"].values()))[0]["bpb"]
     L += ["", "The base model (step 0): " + ", ".join(
@@ -290,7 +305,9 @@ def _fleet_md(res: dict) -> list[str]:
         + " bpb. A single replica (`R=1`) exchanges with no one: its bytes are only its own "
         "deltas' sizes."]
     L += ["", "Bytes-vs-bpb frontier (no arm sends fewer bytes for a lower bpb): "
-          + " → ".join(f"`{a}`" for a in res["frontier"]), ""]
+          + " → ".join(f"`{a}`" for a in res["frontier"]), "",
+          "The same, counting the bytes received as well (sent + received): "
+          + " → ".join(f"`{a}`" for a in res["frontier_both"]), ""]
     multi = [r for r in res["rows"] if len(r["families"]) > 1]
     if multi:
         L += ["## Within-family vs cross-family exchange", "",

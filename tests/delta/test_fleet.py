@@ -125,3 +125,16 @@ def test_bad_arms(text, msg):
 def test_steps_must_be_a_multiple_of_h(dm):
     with pytest.raises(ConfigError, match="multiple of H"):
         run_fleet(parse_arm("R=1 H=4", 1, ["text"]), _spec(6), dm, None)
+
+
+@pytest.mark.parametrize("arm, want_deliveries", [
+    ("R=2 H=2 S=0", 3),  # 6 steps = 3 rounds, each delivered
+    ("R=2 H=2 S=1", 2),  # the last round's update would arrive after the run ends
+    ("R=2 H=2 S=4", 0),  # none arrives
+    ("sync R=2", 6),  # the all-reduced gradient, every step
+])
+def test_bytes_received_hand_computed(dm, arm, want_deliveries):
+    rec = run_fleet(parse_arm(arm, 2, ["text"]), _spec(6), dm, None)
+    params = sum(t.numel() for t in _init().values())
+    assert rec["params"] == params
+    assert rec["bytes_down"] == want_deliveries * 2 * 4 * params
