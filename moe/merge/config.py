@@ -22,6 +22,7 @@ Relative model paths are relative to the current directory, as for every other c
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moe.config import ConfigError, _explain, check_finite, check_layer, read_yaml_mapping
 from moe.merge import registry
+from moe.merge.gradients import check_form, coerce, is_scalar, value_at
 from moe.merge.sources import describe_problem
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,10 +41,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class ModelParameters:
-    """Per-model parameters; unset ones take the global default under `parameters:`."""
+    """Per-model parameters; unset ones take the global default under `parameters:`. Each may
+    be a number, a gradient over the layers or a list of {filter, value} entries
+    (moe/merge/gradients.py, mergekit's forms)."""
 
-    weight: float | None = None
-    density: float | None = None
+    weight: Any = None
+    density: Any = None
 
 
 @dataclass
@@ -71,11 +75,12 @@ class SliceEntry:
 class MergeParameters:
     """Global parameters. `lambda` in the YAML is stored as `scale` (a Python keyword)."""
 
-    weight: float = 1.0  # default per-model weight
-    density: float = 1.0  # default per-model density (ties, dare_*)
+    # weight, density and t: a number, a gradient or {filter, value} entries (gradients.py)
+    weight: Any = 1.0  # default per-model weight
+    density: Any = 1.0  # default per-model density (ties, dare_*)
     normalize: bool | None = None  # None: the method's default (see docs/merge.md)
     scale: float = field(default=1.0, metadata={"yaml": "lambda"})  # λ: scales the task vector
-    t: float | None = None  # slerp interpolation factor (0 = first model, 1 = second)
+    t: Any = None  # slerp interpolation factor (0 = first model, 1 = second)
     seed: int = 0  # DARE's random drop
 
 
@@ -93,17 +98,26 @@ class MergeConfig:
     allow_cross_family: bool = False  # skip the lineage (base/family) check, never the shape check
     out: str | None = None  # output directory (the `out` argument of merge() wins)
 
-    def weight(self, i: int) -> float:
-        w = self.models[i].parameters.weight
-        return self.parameters.weight if w is None else w
+    def weight(self, i: int, name: str = "", p: float = 0.0) -> float:
+        """Model i's weight for tensor `name` at gradient position `p` (gradients.py)."""
+        return _resolve(self.models[i].parameters.weight, self.parameters.weight, name, p)
 
-    def density(self, i: int) -> float:
-        d = self.models[i].parameters.density
-        return self.parameters.density if d is None else d
+    def density(self, i: int, name: str = "", p: float = 0.0) -> float:
+        return _resolve(self.models[i].parameters.density, self.parameters.density, name, p)
+
+    def t(self, name: str = "", p: float = 0.0) -> float:
+        """slerp's t for tensor `name` (0.5 where no form gives one)."""
+        return value_at(self.parameters.t, name, p, 0.5)
 
     def normalize(self) -> bool:
         n = self.parameters.normalize
         return registry.get(self.merge_method).normalize_default if n is None else n
+
+
+def _resolve(own: Any, default: Any, name: str, p: float) -> float:
+    """A model's own form of a parameter, else the global one (per tensor, as mergekit)."""
+    got = value_at(own, name, p)
+    return value_at(default, name, p, 1.0) if got is None else got
 
 
 def _rename_lambda(raw: Any, where: str) -> None:
@@ -147,6 +161,11 @@ def merge_config_from_dict(
         obj: MergeConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _explain(e, where, MergeConfig) from None
+    for p in [obj.parameters] + [m.parameters for m in obj.models] + [
+            s.parameters for sl in obj.slices for s in sl.sources]:  # fmt: skip
+        for k in ("weight", "density", "t"):
+            if hasattr(p, k):
+                setattr(p, k, coerce(getattr(p, k)))
     check_finite(obj, where)  # values that came through interpolation
     validate(obj, where)
     return obj
@@ -167,6 +186,12 @@ def load_merge_config(
         try:
             layer = OmegaConf.from_dotlist([ov])
             check_layer(layer, MergeConfig, f"override {ov!r}", raw)
+            # the fields that take any form (t, weight, density) are not typed: NaN/inf here
+            key, _, value = ov.partition("=")
+            num = coerce(value)
+            if (key.rsplit(".", 1)[-1] in ("t", "weight", "density") and isinstance(num, float)
+                    and not math.isfinite(num)):  # fmt: skip
+                raise ConfigError(f"override {ov!r}: {key} must be a finite number, got {num}")
             raw = OmegaConf.merge(raw, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {ov!r}: {str(e).splitlines()[0]}") from None
@@ -183,6 +208,7 @@ def validate(c: MergeConfig, where: str = "merge config") -> None:
         spec = registry.get(c.merge_method)
     except ConfigError as e:
         raise bad(str(e)) from None
+    _check_forms(c, spec, bad)
     if c.slices:
         from moe.merge.slices import validate_slices
 
@@ -194,26 +220,13 @@ def validate(c: MergeConfig, where: str = "merge config") -> None:
         raise bad(f"models: {c.merge_method} takes exactly one model, got {len(c.models)}")
     if spec.exactly_two and len(c.models) != 2:
         raise bad(f"models: {c.merge_method} merges exactly two models, got {len(c.models)}")
-    if spec.exactly_two:
-        if c.parameters.t is None:
-            raise bad(f"parameters.t: {c.merge_method} needs t (0 = first model, 1 = second)")
-        if not 0.0 <= c.parameters.t <= 1.0:
-            raise bad(f"parameters.t must be in [0, 1], got {c.parameters.t}")
+    if spec.exactly_two and c.parameters.t is None:
+        raise bad(f"parameters.t: {c.merge_method} needs t (0 = first model, 1 = second)")
     if spec.needs_base and c.base_model is None:
         raise bad(f"base_model: {c.merge_method} needs a base model (task vectors are θ - base)")
-    for i in range(len(c.models)):
-        d = c.density(i)
-        if not 0.0 < d <= 1.0:
-            raise bad(f"models[{i}].parameters.density must be in (0, 1], got {d}")
-        if d < 1.0 and not spec.uses_density:
-            raise bad(
-                f"models[{i}].parameters.density: {c.merge_method} does not use density "
-                "(ties, dare_linear and dare_ties do)"
-            )
-    if not 0.0 < c.parameters.density <= 1.0:
-        raise bad(f"parameters.density must be in (0, 1], got {c.parameters.density}")
-    weights = [c.weight(i) for i in range(len(c.models))]
-    if c.normalize() and abs(sum(weights)) < 1e-12:
+    scalar = is_scalar(c.parameters.weight) and all(
+        is_scalar(m.parameters.weight) for m in c.models)  # fmt: skip
+    if scalar and c.normalize() and abs(sum(c.weight(i) for i in range(len(c.models)))) < 1e-12:
         raise bad("models[*].parameters.weight: weights sum to 0, cannot normalize")
     if c.dtype is not None and c.dtype not in DTYPES:
         raise bad(f"dtype: {c.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -224,3 +237,37 @@ def validate(c: MergeConfig, where: str = "merge config") -> None:
         problem = describe_problem(p)
         if problem:
             raise bad(f"{key}: {problem}")
+
+
+def _check_forms(c: MergeConfig, spec, bad) -> None:
+    """Every t / weight / density form is well made and in range (gradients.py); a density
+    below 1 needs a method that uses it."""
+    def density_ok(d: float) -> bool:
+        return 0.0 < d <= 1.0
+
+    forms = [("parameters.t", c.parameters.t, lambda t: 0.0 <= t <= 1.0, "in [0, 1]"),
+             ("parameters.density", c.parameters.density, density_ok, "in (0, 1]"),
+             ("parameters.weight", c.parameters.weight, lambda w: True, "a number")]
+    entries = [(f"models[{i}]", m.parameters) for i, m in enumerate(c.models)] + [
+        (f"slices[{i}].sources[{k}]", s.parameters)
+        for i, sl in enumerate(c.slices) for k, s in enumerate(sl.sources)]
+    for where, p in entries:
+        forms += [(f"{where}.parameters.density", p.density, density_ok, "in (0, 1]"),
+                  (f"{where}.parameters.weight", p.weight, lambda w: True, "a number")]
+    for key, v, ok, rule in forms:
+        try:
+            check_form(v, key, ok, rule)
+        except ConfigError as e:
+            raise bad(str(e)) from None
+        if key.endswith("density") and not spec.uses_density and _below_one(v):
+            raise bad(f"{key}: {c.merge_method} does not use density (ties, dare_linear and "
+                      "dare_ties do)")
+
+
+def _below_one(v: Any) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, (int, float)):
+        return v < 1.0
+    return any(_below_one(e["value"] if isinstance(e, dict) else e) for e in v)
+

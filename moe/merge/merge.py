@@ -31,6 +31,7 @@ from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
 from moe.io.checkpoint import CheckpointError, make_meta, new_id, replace_dir, save_checkpoint
 from moe.merge import registry
 from moe.merge.config import MergeConfig, load_merge_config, validate
+from moe.merge.gradients import position
 from moe.merge.registry import MethodParams
 from moe.merge.sources import HF_INDEX, Source, open_source, page_tensor
 
@@ -59,6 +60,13 @@ def _arch(src: Source) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in _ARCH_FIELDS}
     out.update({f"moe.{k}": getattr(cfg.moe, k) for k in _MOE_ARCH_FIELDS})
     return out
+
+
+def n_layers_of(src: Source) -> int:
+    """The number of layers of a merge input (a config may leave it to its `size`)."""
+    if src.kind == "hf":
+        return int(src.config["num_hidden_layers"])
+    return model_config_from_dict(src.config).resolved().n_layers
 
 
 def check_compatible(sources: list[Source]) -> None:
@@ -298,14 +306,15 @@ def merge(
     e = _expert_index(template, cfg.expert)
 
     n = len(models)
-    params = dict(
-        weights=[cfg.weight(i) for i in range(n)],
-        densities=[cfg.density(i) for i in range(n)],
-        normalize=cfg.normalize(),
-        scale=cfg.parameters.scale,
-        t=cfg.parameters.t if cfg.parameters.t is not None else 0.5,
-        seed=cfg.parameters.seed,
-    )
+    n_layers = n_layers_of(template)
+
+    def params(name: str) -> dict:
+        """Per tensor: weight, density and t may be gradients or filtered (gradients.py)."""
+        p = position(name, 0, n_layers)
+        return dict(weights=[cfg.weight(i, name, p) for i in range(n)],
+                    densities=[cfg.density(i, name, p) for i in range(n)],
+                    normalize=cfg.normalize(), scale=cfg.parameters.scale, t=cfg.t(name, p),
+                    seed=cfg.parameters.seed)  # fmt: skip
     out_dtype = getattr(torch, cfg.dtype) if cfg.dtype is not None else None
     merged: dict[str, torch.Tensor] = {}
     release = _malloc_trim()
@@ -324,7 +333,7 @@ def merge(
         sl = e if expert_slice else None
         b = _operand(base, template, t0, name, sl, cdt) if base is not None else None
         ts = [_operand(m, template, t0, name, sl, cdt) for m in models]
-        res = spec.fn(b, ts, MethodParams(name=name, **params))
+        res = spec.fn(b, ts, MethodParams(name=name, **params(name)))
         # the kept output lives in its own mapping (see sources.page_tensor)
         out_t = page_tensor(t0.shape, dtype)
         if expert_slice:

@@ -27,17 +27,19 @@ import torch
 from tqdm import tqdm
 
 from moe.config import ConfigError
+from moe.merge.config import _resolve
+from moe.merge.gradients import position
 from moe.merge.registry import MethodParams, MethodSpec
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-def _weight(c, s) -> float:
-    return c.parameters.weight if s.parameters.weight is None else s.parameters.weight
+def _weight(c, s, name: str, p: float) -> float:
+    return _resolve(s.parameters.weight, c.parameters.weight, name, p)
 
 
-def _density(c, s) -> float:
-    return c.parameters.density if s.parameters.density is None else s.parameters.density
+def _density(c, s, name: str, p: float) -> float:
+    return _resolve(s.parameters.density, c.parameters.density, name, p)
 
 
 def validate_slices(c, spec: MethodSpec, bad) -> None:
@@ -63,13 +65,7 @@ def validate_slices(c, spec: MethodSpec, bad) -> None:
             if len(r) != 2 or not 0 <= r[0] < r[1]:
                 raise bad(f"{where}.sources[{k}].layer_range: {r} is not [first, end) with "
                           "0 <= first < end")  # fmt: skip
-            lengths.add(r[1] - r[0])
-            d = _density(c, s)
-            if not 0.0 < d <= 1.0:
-                raise bad(f"{where}.sources[{k}].parameters.density must be in (0, 1], got {d}")
-            if d < 1.0 and not spec.uses_density:
-                raise bad(f"{where}.sources[{k}].parameters.density: {c.merge_method} does not "
-                          "use density")  # fmt: skip
+            lengths.add(r[1] - r[0])  # densities, weights and t: MergeConfig's _check_forms
             problem = describe_problem(s.model)
             if problem:
                 raise bad(f"{where}.sources[{k}].model: {problem}")
@@ -96,10 +92,12 @@ def _same(a: str, b: str) -> bool:
 
 def _plan(c, sources: dict) -> list[tuple[int, list[tuple[str, int]]]]:
     """[(slice index, [(model, layer), ...])] per output layer, ranges checked against models."""
+    from moe.merge.merge import n_layers_of
+
     out = []
     for i, sl in enumerate(c.slices):
         for k, s in enumerate(sl.sources):
-            n = int(sources[s.model].config["n_layers"])
+            n = n_layers_of(sources[s.model])
             if s.layer_range[1] > n:
                 r = list(s.layer_range)
                 raise ConfigError(f"merge config: slices[{i}].sources[{k}].layer_range {r} "
@@ -110,16 +108,17 @@ def _plan(c, sources: dict) -> list[tuple[int, list[tuple[str, int]]]]:
     return out
 
 
-def _roles(c, spec: MethodSpec, sl) -> tuple[int | None, list[int], list[float], list[float]]:
+def _roles(c, spec: MethodSpec, sl, name: str, p: float
+           ) -> tuple[int | None, list[int], list[float], list[float]]:  # fmt: skip
     """(index of the base among the slice's sources or None, the models' indices, weights,
-    densities)."""
+    densities) for tensor `name` at gradient position `p`."""
     idx = list(range(len(sl.sources)))
     b = None
     if spec.needs_base:
         b = next(k for k in idx if _same(sl.sources[k].model, c.base_model))
         idx = [k for k in idx if k != b]
-    return (b, idx, [_weight(c, sl.sources[k]) for k in idx],
-            [_density(c, sl.sources[k]) for k in idx])  # fmt: skip
+    return (b, idx, [_weight(c, sl.sources[k], name, p) for k in idx],
+            [_density(c, sl.sources[k], name, p) for k in idx])  # fmt: skip
 
 
 def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
@@ -156,18 +155,18 @@ def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
     if not c.allow_cross_family:
         check_lineage(base_src, models or [base_src], None)
     plan = _plan(c, sources)
-    p0 = dict(normalize=c.normalize(), scale=c.parameters.scale, seed=c.parameters.seed,
-              t=c.parameters.t if c.parameters.t is not None else 0.5)  # fmt: skip
+    p0 = dict(normalize=c.normalize(), scale=c.parameters.scale, seed=c.parameters.seed)
 
-    def merged(sl, names_k: list[str]) -> torch.Tensor:
-        """The method over one tensor per source of slice `sl` (names_k[k] from source k)."""
-        b, idx, w, d = _roles(c, spec, sl)
+    def merged(sl, names_k: list[str], out_name: str, p: float) -> torch.Tensor:
+        """The method over one tensor per source of slice `sl` (names_k[k] from source k);
+        `out_name` at position `p` of the slice picks the parameters (gradients.py)."""
+        b, idx, w, d = _roles(c, spec, sl, out_name, p)
         raw = [sources[sl.sources[k].model].read(names_k[k]) for k in range(len(names_k))]
         # computed in float32 (float64 inputs stay float64), as moe.merge.merge does
         ts = [t.double() if t.dtype == torch.float64 else t.float() for t in raw]
         base = ts[b] if b is not None else None
         res = spec.fn(base, [ts[k] for k in idx], MethodParams(
-            weights=w, densities=d, name=names_k[idx[0]], **p0))  # fmt: skip
+            weights=w, densities=d, name=names_k[idx[0]], t=c.t(out_name, p), **p0))  # fmt: skip
         return res.to(raw[0].dtype)
 
     first = c.slices[0]
@@ -178,13 +177,16 @@ def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
     total = len(todo) + len(plan) * len(layer_suffixes)
     with tqdm(total=total, desc="merge slices", unit="tensor", disable=not progress) as bar:
         for n in todo:
-            out[n] = merged(first, [n] * len(first.sources))
+            out[n] = merged(first, [n] * len(first.sources), n, position(n, 0, len(plan)))
             bar.update()
         for j, (i, src_layers) in enumerate(plan):
+            # a gradient runs over the slice: j's place among the slice's output layers
+            j0 = next(k for k, (i2, _) in enumerate(plan) if i2 == i)
+            n_i = sum(1 for i2, _ in plan if i2 == i)
             for suf in layer_suffixes:
-                out[f"layers.{j}.{suf}"] = merged(
-                    c.slices[i], [f"layers.{layer}.{suf}" for _, layer in src_layers]
-                )
+                name = f"layers.{j}.{suf}"
+                src_names = [f"layers.{layer}.{suf}" for _, layer in src_layers]
+                out[name] = merged(c.slices[i], src_names, name, position(name, j0, n_i))
                 bar.update()
     config = dict(template.config)
     config["n_layers"] = len(plan)

@@ -195,7 +195,7 @@ def test_config_errors(dense_family, tmp_path):
         merge_config_from_dict({"merge_method": "linear", "modles": []})
     y = tmp_path / "bad.yaml"
     y.write_text("merge_method: linear\nmodels:\n  - model: x\n    parameters: {weight: heavy}\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: wrong type for 'models\[0\]"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: models\[0\]\.parameters\.weight: a number"):
         load_merge_config(y)
     with pytest.raises(ConfigError, match="merge config not found"):
         load_merge_config(tmp_path / "nope.yaml")

@@ -91,7 +91,7 @@ def _float_keys(cls, prefix=""):
         tp, name = hints[f.name], f.metadata.get("yaml", f.name)
         if is_dataclass(tp):
             yield from _float_keys(tp, f"{prefix}{name}.")
-        elif tp is float or tp == (float | None):
+        elif tp is float or tp == (float | None) or tp is typing.Any:  # Any: gradient forms
             yield f"{prefix}{name}"
 
 
