@@ -25,6 +25,10 @@ A group is a family ("within": text replicas merge with text replicas only) or t
 The synchronous baseline trains one model on the concatenated batches of all R shards (batch
 R × B) for the same number of steps: the same training FLOPs, data-parallel SGD.
 
+Error feedback (`ef=1`, Seide et al. 2014; Karimireddy et al. 2019): a replica adds what its
+previous messages' compression dropped to its next delta before compressing it, and keeps what
+this one drops, so every update is eventually sent (Σ sent + residual = Σ raw deltas).
+
 All state (models, optimizer and schedule states, round references, coordinator models,
 momentum, in-flight updates, counters) is saved every `checkpoint_every` local steps at a round
 end, so a killed run resumes to the same result as an uninterrupted one. Exactness: with R = 1,
@@ -72,6 +76,7 @@ class Arm:
     families: tuple[str, ...] = ("text",)
     exchange: str = "within"
     arrive: str = "replace"  # what a replica does with a model that arrives (see module doc)
+    ef: bool = False  # error feedback: what compression dropped joins the next delta
     sync: bool = False
 
 
@@ -88,7 +93,7 @@ def parse_arm(text: str, replicas: int, families: list[str]) -> Arm:
         k, eq, v = w.partition("=")
         if not eq:
             raise ConfigError(f"fleet.arms: {text!r}: {w!r} is not KEY=VALUE (keys R, H, S, c, "
-                              "outer, fam, x, arrive) or 'sync'")
+                              "outer, fam, x, arrive, ef) or 'sync'")
         if k in ("R", "H", "S"):
             try:
                 kw[{"R": "replicas", "H": "H", "S": "S"}[k]] = int(v)
@@ -107,9 +112,13 @@ def parse_arm(text: str, replicas: int, families: list[str]) -> Arm:
             kw["exchange"] = v
         elif k == "arrive":
             kw["arrive"] = v
+        elif k == "ef":
+            if v not in ("0", "1"):
+                raise ConfigError(f"fleet.arms: {text!r}: ef is 0 or 1, got {v!r}")
+            kw["ef"] = v == "1"
         else:
             raise ConfigError(f"fleet.arms: {text!r}: unknown key {k!r} (R, H, S, c, outer, "
-                              "fam, x, arrive)")
+                              "fam, x, arrive, ef)")
     arm = Arm(label=" ".join(words), **kw)
     if arm.replicas < 1:
         raise ConfigError(f"fleet.arms: {text!r}: R (replicas) must be >= 1, got {arm.replicas}")
@@ -166,6 +175,18 @@ class Member:
     family: str
     shards: list[Shard]
     ref: dict[str, torch.Tensor] = field(default_factory=dict)  # θ at the round's start
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # error feedback (float64)
+
+    def send(self, delta: dict[str, torch.Tensor], compression: str, seed: int, ef: bool
+             ) -> tuple[dict[str, torch.Tensor], int]:  # fmt: skip
+        """Encode this round's delta (float64); with error feedback, what earlier messages
+        dropped is added first and what this one drops is kept for the next."""
+        if ef and self.residual:
+            delta = {n: t + self.residual[n] for n, t in delta.items()}
+        dec, nbytes = encode_delta(delta, compression, seed)
+        if ef:
+            self.residual = {n: delta[n] - dec[n] for n in delta}
+        return dec, nbytes
 
     def step(self, i: int, B: int, grad_clip: float) -> float:
         batch = self.shards[0].batch(i, B) if len(self.shards) == 1 else _concat(
@@ -299,6 +320,7 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
             m.opt.load_state_dict(s["opt"])
             m.sched.load_state_dict(s["sched"])
             m.ref = s["ref"]
+            m.residual = s.get("residual", {})
         for g, s in zip(groups, st["groups"]):
             g.theta, g.momentum = s["theta"], s["momentum"]
             g.pending = [(int(a), t, sn) for a, t, sn in zip(s["arrive"], s["pending"],
@@ -334,7 +356,7 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
                     m = members[i]
                     now = _state(m.model)
                     d = {n: now[n].double() - m.ref[n].double() for n in now}
-                    dec, nb = encode_delta(d, arm.compression, _seed(spec.seed, rnd, i))
+                    dec, nb = m.send(d, arm.compression, _seed(spec.seed, rnd, i), arm.ef)
                     deltas.append(dec)
                     bytes_up += nb
                     m.ref = now
@@ -397,7 +419,8 @@ def _save_state(path, members: list[Member], groups: list[Group], rec: dict, byt
                 rnd: int) -> None:  # fmt: skip
     st = {
         "members": [{"model": _state(m.model), "opt": m.opt.state_dict(),
-                     "sched": m.sched.state_dict(), "ref": m.ref} for m in members],
+                     "sched": m.sched.state_dict(), "ref": m.ref, "residual": m.residual}
+                    for m in members],
         "groups": [{"theta": g.theta, "momentum": g.momentum,
                     "arrive": [p[0] for p in g.pending], "pending": [p[1] for p in g.pending],
                     "snapshots": [p[2] for p in g.pending]}

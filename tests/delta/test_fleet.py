@@ -51,7 +51,8 @@ def _plain(dm, steps):
 @pytest.mark.parametrize("arm", ["R=1 H=1 S=0 c=lossless outer=average", "sync R=1",
                                  # one replica that keeps its in-flight progress never jumps
                                  "R=1 H=1 S=2 c=lossless arrive=rebase",
-                                 "R=1 H=2 S=1 c=lossless arrive=rebase"])
+                                 "R=1 H=2 S=1 c=lossless arrive=rebase",
+                                 "R=1 H=1 c=lossless ef=1"])  # a lossless message drops nothing
 def test_one_replica_every_step_is_plain_training(dm, arm):
     rec = run_fleet(parse_arm(arm, 1, ["text"]), _spec(10), dm, None)
     want = _plain(dm, 10)
@@ -60,7 +61,8 @@ def test_one_replica_every_step_is_plain_training(dm, arm):
         assert torch.equal(got[k], v), k  # bit for bit
 
 
-@pytest.mark.parametrize("arm", ["R=1 H=1 c=topk:0.5", "R=1 H=1 S=1 c=lossless"])
+@pytest.mark.parametrize("arm", ["R=1 H=1 c=topk:0.5", "R=1 H=1 S=1 c=lossless",
+                                 "R=1 H=1 c=topk:0.5 ef=1"])
 def test_lossy_or_stale_fleet_differs_from_plain(dm, arm):
     """The exactness above is not vacuous: a lossy exchange changes the result, and so does a
     stale model that replaces the replica's own (arrive=replace drops its in-flight steps)."""
@@ -86,7 +88,8 @@ def _evaluate(theta):
 
 @pytest.mark.parametrize("arm", ["R=2 H=2 S=1 c=dare:0.5+int8 outer=nesterov",
                                  "R=2 H=1 S=2 c=int8 arrive=rebase",
-                                 "R=2 H=1 c=topk:0.3 fam=text,dna x=cross"])
+                                 "R=2 H=1 c=topk:0.3 fam=text,dna x=cross",
+                                 "R=2 H=1 c=topk:0.3+int8 ef=1"])  # the residual is state
 def test_resumed_fleet_equals_uninterrupted(dm, tmp_path, arm):
     a = parse_arm(arm, 2, ["text"])
     whole = run_fleet(a, _spec(8, checkpoint_every=2), dm, _evaluate, tmp_path / "whole.pt")
@@ -115,7 +118,7 @@ def test_resumed_fleet_equals_uninterrupted(dm, tmp_path, arm):
     ("R=2 S=-1", "S \\(staleness"), ("R=2 c=topk:0", "density must be in"),
     ("R=2 outer=adam", "outer must be one of"), ("R=3 fam=text,dna", "do not split evenly"),
     ("R=2 H=x", "must be a whole number"), ("R=2 arrive=merge", "arrive must be one of"),
-    ("R=2 Q=1", "unknown key"), ("R2", "KEY=VALUE"),
+    ("R=2 Q=1", "unknown key"), ("R2", "KEY=VALUE"), ("R=2 ef=2", "ef is 0 or 1"),
 ])  # fmt: skip
 def test_bad_arms(text, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -138,3 +141,29 @@ def test_bytes_received_hand_computed(dm, arm, want_deliveries):
     params = sum(t.numel() for t in _init().values())
     assert rec["params"] == params
     assert rec["bytes_down"] == want_deliveries * 2 * 4 * params
+
+
+@pytest.mark.parametrize("compression", ["topk:0.2", "topk:0.1+int4", "bitdelta", "lowrank:2"])
+def test_error_feedback_sends_every_update_eventually(compression):
+    """Σ decoded messages + the residual = Σ raw deltas (telescoping), while without error
+    feedback the dropped part is lost."""
+    from moe.delta.fleet import Member
+
+    gen = torch.Generator().manual_seed(0)
+    raws = [{"w": torch.randn(8, 6, generator=gen, dtype=torch.float64),
+             "b": torch.randn(6, generator=gen, dtype=torch.float64)} for _ in range(5)]
+    fb = Member(None, None, None, None, "text", [])
+    plain = Member(None, None, None, None, "text", [])
+    sent = {n: torch.zeros_like(t) for n, t in raws[0].items()}
+    lost = {n: torch.zeros_like(t) for n, t in raws[0].items()}
+    for k, d in enumerate(raws):
+        dec, _ = fb.send(d, compression, seed=k, ef=True)
+        dec0, _ = plain.send(d, compression, seed=k, ef=False)
+        for n in d:
+            sent[n] += dec[n]
+            lost[n] += d[n] - dec0[n]
+    assert not plain.residual
+    for n in sent:
+        total = sum(d[n] for d in raws)
+        torch.testing.assert_close(sent[n] + fb.residual[n], total, rtol=0, atol=1e-12)
+    assert max(float(t.abs().max()) for t in lost.values()) > 1e-3  # compression drops some
