@@ -25,6 +25,9 @@ class Experiment:
     active: Callable[[Recipe], bool]  # is this recipe one of these experiments?
     module: str  # defines plan(recipe, seeds) and run(recipe, seeds, recipe_path)
     description: str
+    # recipe keys whose change only adds (or drops) runs, each cached by its own name: a
+    # finished directory is extended, not refused, when they change (`seeds` always is)
+    extends: tuple[str, ...] = ()
 
     def _fn(self, name: str) -> Callable:
         return getattr(importlib.import_module(self.module), name)
@@ -38,7 +41,7 @@ class Experiment:
 
         out = Path(recipe.out_dir)
         with RunLock(out):
-            experiment_dir(recipe, self.section)
+            experiment_dir(recipe, self.section, self.extends)
             # the directory is ready: the experiment itself never empties it
             return self._fn("run")(dataclasses.replace(recipe, overwrite=False), seeds,
                                    recipe_path)
@@ -48,11 +51,13 @@ EXPERIMENTS: dict[str, Experiment] = {
     e.section: e
     for e in (
         Experiment("init_study", lambda r: bool(r.init_study.arms), "moe.surgery.init_study",
-                   "initialise from a trained model's weight distribution (issue 15)"),
+                   "initialise from a trained model's weight distribution (issue 15)",
+                   extends=("init_study.arms",)),
         Experiment("surgery", lambda r: r.surgery.kind is not None, "moe.surgery.surgery_study",
                    "grow, depth probe, shrink, retokenize: measured (issue 13)"),
         Experiment("fleet", lambda r: r.fleet.kind is not None, "moe.delta.study",
-                   "fine-tune deltas: size vs bpb per compression, a simulated fleet (issue 16)"),
+                   "fine-tune deltas: size vs bpb per compression, a simulated fleet (issue 16)",
+                   extends=("fleet.arms",)),
         Experiment("prune", lambda r: r.prune.kind is not None, "moe.surgery.prune_study",
                    "pruning per domain (curves, 3x3 matrix, overlap); train large then compress "
                    "(issue 14)"),
@@ -69,11 +74,11 @@ def experiment_of(recipe: Recipe) -> Experiment | None:
     return on[0] if on else None
 
 
-def experiment_dir(recipe: Recipe, section: str) -> Path:
+def experiment_dir(recipe: Recipe, section: str, extends: tuple[str, ...] = ()) -> Path:
     """Prepare an experiment's run directory (the caller holds its lock): `overwrite` empties it;
-    a directory whose recorded recipe differs in anything but the section's `seeds` is refused,
-    since its finished runs (cached per run, reused on resume) would be mixed with new ones;
-    the resolved recipe is saved as `recipe.yaml`."""
+    a directory whose recorded recipe differs in anything but the section's `seeds` and the
+    `extends` keys is refused, since its finished runs (cached per run, reused on resume) would
+    be mixed with new ones; the resolved recipe is saved as `recipe.yaml`."""
     from moe.io.checkpoint import atomic_write_text
 
     out = Path(recipe.out_dir)
@@ -82,7 +87,7 @@ def experiment_dir(recipe: Recipe, section: str) -> Path:
         for p in out.iterdir():
             if p.name != ".lock":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    elif saved.is_file() and recipe_changed(saved, recipe, ignore=(f"{section}.seeds",)):
+    elif saved.is_file() and recipe_changed(saved, recipe, ignore=(f"{section}.seeds", *extends)):
         raise ConfigError(f"{out} holds a run ({section}) of a different recipe; pass "
                           "--overwrite to replace it or choose another out_dir")
     atomic_write_text(saved, to_yaml(recipe))

@@ -45,3 +45,17 @@ def test_moe_run_refuses_another_recipes_directory_and_writes_nothing(tmp_path):
     assert main(["run", str(INIT_DEBUG), f"out_dir={out}", "init_study.seeds=1",
                  "init_study.steps=7"]) == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_experiments_extendable_keys_add_runs(tmp_path):
+    """More arms of an init study add runs (each cached by name): the directory is extended."""
+    from moe.experiments import EXPERIMENTS
+
+    ext = EXPERIMENTS["init_study"].extends
+    r = load_recipe(INIT_DEBUG, [f"out_dir={tmp_path}"])
+    experiment_dir(r, "init_study", ext)
+    more = load_recipe(INIT_DEBUG, [f"out_dir={tmp_path}",
+                                    f"init_study.arms=[{','.join(r.init_study.arms)},gaussian]"])
+    experiment_dir(more, "init_study", ext)
+    with pytest.raises(ConfigError, match="of a different recipe"):
+        experiment_dir(r, "init_study")  # the arms differ again; without the extension: refused
