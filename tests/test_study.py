@@ -91,6 +91,9 @@ def test_rerun_keeps_finished_stages_and_stage_reruns_one(study):
     assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", *QUIET]) == 0
     again = {p.parent.name: read_meta(p)["id"] for p in (study / "stages").glob("*/model")}
     assert again == before
+    # a re-run that trains nothing still reports what the study cost: its stages' wall times
+    res = json.loads((study / "results.json").read_text())
+    assert res["wall_s"] >= sum(s["wall_s"] for s in res["stages"]) - 0.1 > 0
     assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={study}", "--stage", "branch-dna",
                  *QUIET]) == 0
     after = {p.parent.name: read_meta(p)["id"] for p in (study / "stages").glob("*/model")}
