@@ -50,6 +50,14 @@ class Sweep:
                  overwrite: bool = False):
         plain, spec = split_sweep_override(list(overrides))
         base = load_recipe(recipe_path, plain)
+        from moe.experiments import experiment_of
+
+        exp = experiment_of(base)
+        if exp is not None:  # its section would be ignored: each value would run a study
+            raise ConfigError(
+                f"moe sweep runs the specialization study; {recipe_path or 'this recipe'} is a "
+                f"{exp.section} experiment: run `moe run` once per value with its own out_dir"
+            )
         if spec is None:
             if base.sweep.key is None or not base.sweep.values:
                 raise ConfigError(
