@@ -15,7 +15,7 @@ from moe.io.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.reliability
 
-STEPS = 24
+STEPS = 96  # long enough that a kill lands mid-run on a fast idle machine too
 COMMON = [str(DEBUG / "dense.yaml"), f"trainer.max_steps={STEPS}", "trainer.val_check_interval=8",
           "trainer.checkpoint_every_n_steps=4", "trainer.enable_progress_bar=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
