@@ -9,14 +9,17 @@ makes of SmolLM2), and both MoEs add their router's load-balancing loss.
 
 A step is what training does per batch: the loss of every position (ours: the chunked
 cross-entropy of moe.model.loss, as training uses it; transformers: `labels=`, its own loss) and
-its backward, gradients freed afterwards. Each model runs in a fresh subprocess, so peak memory
-is its own: on CPU the rise of the resident set during the step (the kernel's peak, reset before
-each step through /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above what was
-allocated before the step. Reported: median step time, ratio transformers / ours (> 1: ours is
-faster), peak memory of each.
+its backward, gradients freed afterwards. Each model lives in its own subprocess, and the two
+are stepped in alternation (who goes first swaps every round), so a machine that slows down or
+speeds up affects both alike; the speed-up is the median of the per-round ratios, with their
+range. Peak memory is the most the step holds above what was held before it: torch's allocator
+on CUDA (max_memory_allocated), and on CPU every allocation and free the profiler records,
+replayed in order (the same quantity; the resident set would hide reuse of freed pages).
+`--profile` adds our share of step time in matrix products and the speed-up ceiling it implies:
+transformers' step time over the time of our matrix products alone.
 
-    python tools/bench_pretrained.py                      # batch 1, seq 256, 3 timed steps
-    python tools/bench_pretrained.py --batch 2 --steps 5 --json out.json
+    python tools/bench_pretrained.py                      # batch 1, seq 256, 5 rounds
+    python tools/bench_pretrained.py --batch 2 --steps 9 --profile --json out.json
     python tools/bench_pretrained.py --device cuda --dtype bf16
 """
 
@@ -30,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    p.add_argument(
+        "--steps", type=int, default=5, help="timed rounds (one step of each model per round)"
+    )
     p.add_argument("--layers", type=int, default=SHAPE["layers"])
     p.add_argument("--pairs", default="dense,moe", help="dense, moe or both")
     p.add_argument("--device", default="cpu")
@@ -55,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bf16: both under torch.autocast (weights fp32), as bf16-mixed trains",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step of each: our share of time in matrix products, and the "
+        "speed-up we would have if nothing else took time",
+    )
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "<pair>:<impl>", run in a subprocess
     return p.parse_args(argv)
@@ -142,136 +154,226 @@ def step_fn(model: torch.nn.Module, impl: str, ids: torch.Tensor):
     return step
 
 
-# ----------------------------------------------------------------------------- memory
+# ----------------------------------------------------------------------------- measures
+
+GEMM_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmm_",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_grouped_mm",
+}  # matrix products; their self time excludes what they call, so no op is counted twice
 
 
-def _proc_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+def cpu_peak_bytes(run) -> int:
+    """Peak of the bytes torch's CPU allocator holds during `run()`, above the level before it
+    (the CPU analogue of torch.cuda.max_memory_allocated): every allocation and free recorded
+    by the profiler, replayed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    )
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
 
 
-class PeakMemory:
-    """Peak bytes above the level before each step (CPU: resident set; CUDA: allocator)."""
+def gemm_share(run) -> float:
+    """Fraction of `run()`'s operator time spent in matrix products (profiled, so approximate)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.base = 0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    rows = prof.key_averages()
+    total = sum(r.self_cpu_time_total for r in rows)
+    gemm = sum(r.self_cpu_time_total for r in rows if r.key in GEMM_OPS)
+    return gemm / total if total else 0.0
 
-    def start(self) -> None:
-        if self.cuda:
+
+class Worker:
+    """One model in this process, stepped on command: the parent alternates two of these, so
+    both see the same machine at the same moments."""
+
+    def __init__(self, a: argparse.Namespace):
+        pair, self.impl = a.worker.split(":")
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        self.dev = torch.device(a.device)
+        self.bf16 = a.dtype == "bf16"
+        torch.manual_seed(0)
+        self.model = build(pair, self.impl, a.layers).to(self.dev).train()
+        ids = torch.randint(0, SHAPE["vocab"], (a.batch, a.seq), device=self.dev)
+        self.step_fn = step_fn(self.model, self.impl, ids)
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def run(self) -> None:
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.step_fn()
+        loss.backward()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        self.run()
+        dt = time.perf_counter() - t0
+        self.model.zero_grad(set_to_none=True)
+        return {"step_s": dt}
+
+    def memory(self) -> dict:
+        if self.dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+            base = torch.cuda.memory_allocated()
+            self.run()
+            peak = torch.cuda.max_memory_allocated() - base
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
-            self.base = _proc_kib("VmRSS") * 1024
+            peak = cpu_peak_bytes(self.run)
+        self.model.zero_grad(set_to_none=True)
+        return {"peak_bytes": peak}
 
-    def stop(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return _proc_kib("VmHWM") * 1024 - self.base
+    def profile(self) -> dict:
+        share = gemm_share(self.run)
+        self.model.zero_grad(set_to_none=True)
+        return {"gemm_share": share}
+
+    def serve(self) -> None:
+        print(json.dumps({"params": self.params}), flush=True)
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "quit":
+                return
+            print(json.dumps(getattr(self, cmd)()), flush=True)
 
 
-def worker(a: argparse.Namespace) -> dict:
-    pair, impl = a.worker.split(":")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    dev = torch.device(a.device)
-    torch.manual_seed(0)
-    model = build(pair, impl, a.layers).to(dev).train()
-    ids = torch.randint(0, SHAPE["vocab"], (a.batch, a.seq), device=dev)
-    step = step_fn(model, impl, ids)
-    mem = PeakMemory(dev)
-    times, peaks = [], []
-    for i in range(a.steps + 1):
-        mem.start()
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
-            loss = step()
-        loss.backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        peak = mem.stop()
-        model.zero_grad(set_to_none=True)
-        del loss
-        if i:  # the first step warms up allocators and kernels
-            times.append(dt)
-            peaks.append(peak)
-    n_params = sum(p.numel() for p in model.parameters())
-    return dict(
+class Remote:
+    """A worker subprocess, driven over its stdin/stdout."""
+
+    def __init__(self, a: argparse.Namespace, pair: str, impl: str, log: Path):
+        self.name = f"{pair}:{impl}"
+        self.log = log
+        cmd = [sys.executable, __file__, "--worker", self.name]
+        for flag in ("batch", "seq", "layers", "device", "dtype", "threads"):
+            cmd += [f"--{flag}", str(getattr(a, flag))]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            env=os.environ.copy(),
+        )
+        self.params = self._read()["params"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise SystemExit(f"{self.name} failed:\n{self.log.read_text()[-3000:]}")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def measure_pair(a: argparse.Namespace, pair: str, tmp: Path) -> dict:
+    """Alternate the two implementations step by step (the one going first swaps each round),
+    then measure each one's peak memory and, with --profile, its matrix-product share."""
+    remotes = {impl: Remote(a, pair, impl, tmp / f"{pair}-{impl}.log") for impl in IMPLS}
+    try:
+        for r in remotes.values():
+            r.ask("step")  # warm-up: allocators, kernels, caches
+        times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+        for i in range(a.steps):
+            for impl in IMPLS if i % 2 == 0 else IMPLS[::-1]:
+                times[impl].append(remotes[impl].ask("step")["step_s"])
+        res = {
+            impl: dict(
+                params=remotes[impl].params,
+                step_s=statistics.median(times[impl]),
+                times=times[impl],
+                peak_bytes=remotes[impl].ask("memory")["peak_bytes"],
+            )
+            for impl in IMPLS
+        }
+        if a.profile:
+            for impl in IMPLS:
+                res[impl]["gemm_share"] = remotes[impl].ask("profile")["gemm_share"]
+    finally:
+        for r in remotes.values():
+            r.close()
+    ratios = [h / o for h, o in zip(times["hf"], times["ours"])]  # per round, same moment
+    out = dict(
         pair=pair,
-        impl=impl,
-        params=n_params,
-        step_s=statistics.median(times),
-        times=times,
-        peak_bytes=max(peaks),
+        ours=res["ours"],
+        hf=res["hf"],
+        speedup=statistics.median(ratios),
+        speedup_range=[min(ratios), max(ratios)],
+        memory_ratio=res["ours"]["peak_bytes"] / max(res["hf"]["peak_bytes"], 1),
     )
-
-
-def run_worker(a: argparse.Namespace, pair: str, impl: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        f"{pair}:{impl}",
-        "--batch",
-        str(a.batch),
-        "--seq",
-        str(a.seq),
-        "--steps",
-        str(a.steps),
-        "--layers",
-        str(a.layers),
-        "--device",
-        a.device,
-        "--dtype",
-        a.dtype,
-        "--threads",
-        str(a.threads),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if p.returncode != 0:
-        raise SystemExit(f"{pair}:{impl} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    if a.profile:
+        # if everything but our matrix products took no time at all
+        gemm_s = res["ours"]["step_s"] * res["ours"]["gemm_share"]
+        out["ceiling"] = res["hf"]["step_s"] / gemm_s if gemm_s else float("inf")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a)))
+        Worker(a).serve()
         return 0
     pairs = [x for x in a.pairs.split(",") if x]
-    results = []
+    bad = [x for x in pairs if x not in ("dense", "moe")]
+    if bad:
+        raise SystemExit(f"--pairs: unknown pair {bad[0]!r} (choose from dense, moe)")
     print(
         f"SmolLM2-135M shape ({a.layers} layers), batch {a.batch} x seq {a.seq}, {a.dtype}, "
         f"{a.device}, torch threads {a.threads or torch.get_num_threads()}, "
-        f"median of {a.steps} steps",
+        f"{a.steps} alternating rounds after one warm-up step each",
         file=sys.stderr,
     )
-    for pair in pairs:
-        r = {impl: run_worker(a, pair, impl) for impl in IMPLS}
-        ratio = r["hf"]["step_s"] / r["ours"]["step_s"]
-        mem_ratio = r["ours"]["peak_bytes"] / max(r["hf"]["peak_bytes"], 1)
-        results.append(
-            dict(pair=pair, ours=r["ours"], hf=r["hf"], speedup=ratio, memory_ratio=mem_ratio)
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [measure_pair(a, pair, Path(tmp)) for pair in pairs]
     peer = {"dense": "LlamaForCausalLM", "moe": "MixtralForCausalLM"}
-    print(
-        "| pair | ours step (s) | transformers step (s) | speed-up | ours peak (MiB) "
+    head = (
+        "| pair | ours step (s) | transformers step (s) | speed-up (range) | ours peak (MiB) "
         "| transformers peak (MiB) | memory ours/theirs |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if a.profile:
+        head += " ours in matmul | speed-up ceiling |"
+        rule += "---:|---:|"
+    print(head)
+    print(rule)
     for x in results:
-        print(
+        lo, hi = x["speedup_range"]
+        row = (
             f"| {x['pair']} vs {peer[x['pair']]} | {x['ours']['step_s']:.3f} "
-            f"| {x['hf']['step_s']:.3f} | {x['speedup']:.2f}x "
+            f"| {x['hf']['step_s']:.3f} | {x['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) "
             f"| {x['ours']['peak_bytes'] / 2**20:.0f} | {x['hf']['peak_bytes'] / 2**20:.0f} "
             f"| {x['memory_ratio']:.2f} |"
         )
+        if a.profile:
+            row += f" {x['ours']['gemm_share']:.0%} | {x['ceiling']:.2f}x |"
+        print(row)
     if a.json:
         import transformers
 
