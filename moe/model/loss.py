@@ -17,6 +17,7 @@ import torch
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 1024  # positions per chunk: K x V fp32 logits (196 MiB at V=49152, K=1024)
+VOCAB_BLOCK = 8192  # rows of the head's gradient computed at once in a low dtype (bf16-mixed)
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -56,14 +57,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dlogits[torch.arange(len(tgt), device=tgt.device), safe] -= 1.0
                 dlogits.mul_(valid.unsqueeze(1))
                 d = dlogits.to(dtype)
+                if dtype != acc:
+                    del logits, dlogits  # (K, V) in acc: d holds what is left to use
                 if grad_h is not None:
                     grad_h[s : s + chunk] = (d @ w).to(grad_h.dtype)  # (K, C)
+                if s + chunk >= N and w is not w_VC:
+                    del w  # the last chunk is done with the cast copy: free it before grad_w
                 if want_w:
-                    gw = d.t() @ h  # (V, C)
-                    if grad_w is None:
-                        grad_w = gw if gw.dtype == acc else gw.to(acc)
+                    first = grad_w is None
+                    if dtype == acc:
+                        gw = d.t() @ h  # (V, C)
+                        grad_w = gw if first else grad_w.add_(gw)
                     else:
-                        grad_w.add_(gw)
+                        # a (V, C) product in the low dtype would sit beside the acc gradient:
+                        # write it a block of vocabulary rows at a time instead
+                        if first:
+                            grad_w = torch.empty(w_VC.shape, dtype=acc, device=w_VC.device)
+                        for v in range(0, w_VC.shape[0], VOCAB_BLOCK):
+                            gw = d[:, v : v + VOCAB_BLOCK].t() @ h  # (Vb, C)
+                            if first:
+                                grad_w[v : v + VOCAB_BLOCK] = gw
+                            else:
+                                grad_w[v : v + VOCAB_BLOCK] += gw
         if want_w and grad_w is None:  # no positions at all
             grad_w = torch.zeros(w_VC.shape, dtype=acc, device=w_VC.device)
         ctx.mark_non_differentiable(losses_N)

@@ -143,11 +143,17 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            if self.n_kv_heads != self.n_heads:
+            gqa = self.n_kv_heads != self.n_heads
+            if gqa and x.device.type != "cpu":
+                # CUDA: not every SDPA backend shares k/v heads itself (enable_gqa), and one
+                # that cannot falls back to the slow math kernel; copies keep flash eligible
                 rep = self.n_heads // self.n_kv_heads
                 k = k.repeat_interleave(rep, dim=1)  # (B, H, T, Dh)
                 v = v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+                gqa = False
+            # CPU: the flash kernel reads each k/v head for its query heads, saving the copies
+            # and their memory in the backward graph
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # decoding: SDPA shares each k/v head among its query heads itself (enable_gqa)
             # instead of copying the whole cache once per token as repeat_interleave would

@@ -56,3 +56,24 @@ def test_bf16_autocast_close_to_plain_and_no_grad_needs_no_backward():
     with torch.no_grad():
         total2, _ = linear_cross_entropy(h, w, t)
     assert not total2.requires_grad
+
+
+@pytest.mark.parametrize("block", [64, 8192])
+def test_bf16_head_gradient_by_vocabulary_blocks_matches_plain(monkeypatch, block):
+    """bf16-mixed writes the head's fp32 gradient a block of vocabulary rows at a time (so no
+    full bf16 copy sits beside it); blocks that split the vocabulary unevenly, over several
+    position chunks, give the gradient autocast's plain loss gives."""
+    import moe.model.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "VOCAB_BLOCK", block)
+    h, w, t = _case(torch.float32, V=300, shape=(2, 50))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float().view(-1, 300), t.view(-1),
+                              ignore_index=IGNORE_INDEX, reduction="sum")
+    gh_ref, gw_ref = torch.autograd.grad(ref, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = linear_cross_entropy(h, w, t, chunk=16)
+    gh, gw = torch.autograd.grad(total, (h, w))
+    assert gw.dtype == torch.float32
+    torch.testing.assert_close(gw, gw_ref, rtol=0, atol=2e-2 * gw_ref.abs().max().item())
+    torch.testing.assert_close(gh, gh_ref, rtol=0, atol=2e-2 * gh_ref.abs().max().item())
