@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,27 @@ def experiment_dir(recipe: Recipe, section: str, extends: tuple[str, ...] = ()) 
                           "--overwrite to replace it or choose another out_dir")
     atomic_write_text(saved, to_yaml(recipe))
     return out
+
+
+def cached_run(out: Path, name: str, fn: Callable[[], dict], label: str,
+               summary: Callable[[dict], str] | None = None) -> dict:  # fmt: skip
+    """One run of an experiment, cached as `out/runs/<name>.json`: read back if a previous
+    invocation finished it (this is how every experiment resumes), else `fn()` computes its
+    record, which gains `wall_s` (unless `fn` measured it) and is written atomically, so a killed
+    run leaves no record and is redone. Prints `label: name done (... s)` and `summary(rec)`."""
+    from moe.io.checkpoint import write_json
+
+    f = out / "runs" / f"{name}.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    f.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rec = fn()
+    rec.setdefault("wall_s", time.time() - t0)
+    write_json(f, rec)
+    extra = f": {summary(rec)}" if summary else ""
+    print(f"{label}: {name} done{extra} ({rec['wall_s']:.1f} s)", flush=True)
+    return rec
 
 
 def recipe_changed(saved: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> bool:

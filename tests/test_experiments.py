@@ -59,3 +59,27 @@ def test_an_experiments_extendable_keys_add_runs(tmp_path):
     experiment_dir(more, "init_study", ext)
     with pytest.raises(ConfigError, match="of a different recipe"):
         experiment_dir(r, "init_study")  # the arms differ again; without the extension: refused
+
+
+def test_cached_run_computes_once_and_a_failed_run_leaves_no_record(tmp_path, capsys):
+    from moe.experiments import cached_run
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"bpb": 1.5}
+
+    rec = cached_run(tmp_path, "a-seed0", fn, "demo", lambda r: f"bpb {r['bpb']}")
+    assert rec["bpb"] == 1.5 and rec["wall_s"] >= 0 and calls == [1]
+    assert "demo: a-seed0 done: bpb 1.5 (" in capsys.readouterr().out
+    assert cached_run(tmp_path, "a-seed0", fn, "demo") == rec and calls == [1]  # read back
+    # a record that measured its own wall time keeps it
+    assert cached_run(tmp_path, "b", lambda: {"wall_s": 7.0}, "demo")["wall_s"] == 7.0
+
+    def boom():
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cached_run(tmp_path, "c", boom, "demo")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a-seed0.json", "b.json"]

@@ -39,6 +39,7 @@ from moe.delta import ops
 from moe.delta.fleet import FleetSpec, parse_arm, run_fleet
 from moe.delta.format import read_delta
 from moe.delta.registry import parse_spec
+from moe.experiments import cached_run
 from moe.io.checkpoint import load_checkpoint, make_meta, save_checkpoint, write_json
 from moe.model.flops import train_flops_per_token
 from moe.model.transformer import Transformer
@@ -159,28 +160,25 @@ def run_sizes(r: Recipe, seeds: int, out: Path, dm: DomainDataModule, heldout: H
     for d in r.fleet.domains:
         for i in range(seeds):
             seed = r.seed + i
-            f = out / "runs" / f"sizes-{d}-seed{seed}.json"
-            if f.is_file():
-                runs.append(json.loads(f.read_text()))
-                continue
-            t0 = time.time()
-            ft_path = finetune(r, base, d, seed, dm, out / "finetunes" / f"{d}-seed{seed}")
-            ddir = out / "deltas" / f"{d}-seed{seed}"
-            lossless = ddir / "lossless.delta.safetensors"
-            info = ops.extract(base_path, ft_path, lossless, overwrite=True)
-            rows = [_row("lossless", info, base, read_delta(lossless), heldout)]
-            for m in tqdm(r.fleet.methods, desc=f"deltas {d} seed {seed}", unit="method",
-                          leave=False, file=sys.stderr, disable=not sys.stderr.isatty()):
-                dst = ddir / f"{slug(m)}.delta.safetensors"
-                info = ops.compress(lossless, m, dst, seed=seed, overwrite=True)
-                rows.append(_row(m, info, base, read_delta(dst), heldout))
-            rec = {"domain": d, "seed": seed, "base_bpb": base_bpb, "rows": rows,
-                   "params": info["parameters"], "wall_s": time.time() - t0}  # fmt: skip
-            write_json(f, rec)
-            runs.append(rec)
-            print(f"fleet sizes: {d} seed={seed}: fine-tune {rows[0]['bpb'][d]:.4f} bpb on {d} "
-                  f"(base {base_bpb[d]:.4f}); {len(rows)} deltas ({rec['wall_s']:.1f} s)",
-                  flush=True)  # fmt: skip
+
+            def one(d=d, seed=seed) -> dict:
+                ft_path = finetune(r, base, d, seed, dm, out / "finetunes" / f"{d}-seed{seed}")
+                ddir = out / "deltas" / f"{d}-seed{seed}"
+                lossless = ddir / "lossless.delta.safetensors"
+                info = ops.extract(base_path, ft_path, lossless, overwrite=True)
+                rows = [_row("lossless", info, base, read_delta(lossless), heldout)]
+                for m in tqdm(r.fleet.methods, desc=f"deltas {d} seed {seed}", unit="method",
+                              leave=False, file=sys.stderr, disable=not sys.stderr.isatty()):
+                    dst = ddir / f"{slug(m)}.delta.safetensors"
+                    info = ops.compress(lossless, m, dst, seed=seed, overwrite=True)
+                    rows.append(_row(m, info, base, read_delta(dst), heldout))
+                return {"domain": d, "seed": seed, "base_bpb": base_bpb, "rows": rows,
+                        "params": info["parameters"]}  # fmt: skip
+
+            runs.append(cached_run(
+                out, f"sizes-{d}-seed{seed}", one, "fleet sizes",
+                lambda rec, d=d: f"fine-tune {rec['rows'][0]['bpb'][d]:.4f} bpb on {d} "
+                f"(base {base_bpb[d]:.4f}); {len(rec['rows'])} deltas"))  # fmt: skip
     return runs
 
 
@@ -203,35 +201,37 @@ def run_fleets(r: Recipe, seeds: int, out: Path, dm: DomainDataModule, heldout: 
         for i in range(seeds):
             seed = r.seed + i
             name = f"fleet-{slug(arm.label)}-seed{seed}"
-            jf = out / "runs" / f"{name}.json"
-            if jf.is_file():
-                runs.append(json.loads(jf.read_text()))
-                continue
-            spec = FleetSpec(init=base.state_dict, config=base.config, optim=_optim(r),
-                             steps=f.steps, batch_size=r.data.batch_size, seed=seed,
-                             eval_every=f.eval_every, outer_lr=f.outer_lr,
-                             outer_momentum=f.outer_momentum,
-                             checkpoint_every=f.checkpoint_every)  # fmt: skip
-            state = out / "state" / f"{name}.pt"
-            rec = run_fleet(arm, spec, dm, lambda th: heldout.bpb(_model(th, base.config)),
-                            state_path=state)
-            rec.pop("final")
-            tokens = f.steps * arm.replicas * r.data.batch_size * r.data.seq_len
-            rec.update(seed=seed, replicas=arm.replicas, H=1 if arm.sync else arm.H, S=arm.S,
-                       compression="dense gradients" if arm.sync else arm.compression,
-                       outer=arm.outer, families=list(arm.families), exchange=arm.exchange,
-                       sync=arm.sync, tokens=tokens,
-                       train_flops=tokens * train_flops_per_token(base.config,
-                                                                  r.data.seq_len))  # fmt: skip
-            write_json(jf, rec)
-            state.unlink(missing_ok=True)
-            runs.append(rec)
-            fin = rec["bpb"][-1]
-            print(f"fleet: {arm.label} seed={seed}: final bpb "
-                  + ", ".join(f"{g}: {v[g.split('+')[0]]:.4f}" for g, v in fin.items())
-                  + f", {rec['bytes_total'] / 1e6:.2f} MB sent ({rec['wall_s']:.1f} s)",
-                  flush=True)  # fmt: skip
+
+            def one(arm=arm, seed=seed, name=name) -> dict:
+                spec = FleetSpec(init=base.state_dict, config=base.config, optim=_optim(r),
+                                 steps=f.steps, batch_size=r.data.batch_size, seed=seed,
+                                 eval_every=f.eval_every, outer_lr=f.outer_lr,
+                                 outer_momentum=f.outer_momentum,
+                                 checkpoint_every=f.checkpoint_every)  # fmt: skip
+                state = out / "state" / f"{name}.pt"
+                rec = run_fleet(arm, spec, dm, lambda th: heldout.bpb(_model(th, base.config)),
+                                state_path=state)  # fmt: skip
+                rec.pop("final")
+                tokens = f.steps * arm.replicas * r.data.batch_size * r.data.seq_len
+                rec.update(seed=seed, replicas=arm.replicas, H=1 if arm.sync else arm.H, S=arm.S,
+                           compression="dense gradients" if arm.sync else arm.compression,
+                           outer=arm.outer, families=list(arm.families), exchange=arm.exchange,
+                           sync=arm.sync, tokens=tokens,
+                           train_flops=tokens * train_flops_per_token(base.config,
+                                                                      r.data.seq_len))  # fmt: skip
+                # its record is written by cached_run before the resume state goes: a kill in
+                # between redoes nothing
+                return rec
+
+            runs.append(cached_run(out, name, one, "fleet", _fleet_summary))
+            (out / "state" / f"{name}.pt").unlink(missing_ok=True)
     return runs
+
+
+def _fleet_summary(rec: dict) -> str:
+    fin = rec["bpb"][-1]
+    return ("final bpb " + ", ".join(f"{g}: {v[g.split('+')[0]]:.4f}" for g, v in fin.items())
+            + f", {rec['bytes_total'] / 1e6:.2f} MB sent")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- `moe run` entry

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from moe.config import ConfigError, Recipe
 from moe.data.datamodule import DomainDataModule
+from moe.experiments import cached_run
 from moe.io.checkpoint import load_checkpoint, make_meta, save_checkpoint, write_json
 from moe.model.flops import train_flops_per_token
 from moe.model.transformer import IGNORE_INDEX, Transformer
@@ -201,26 +202,25 @@ def run_init_study(r: Recipe, seeds: int | None = None, recipe_path: str | None 
         for w in s.warmup:
             for i in range(seeds):
                 seed = r.seed + i
-                f = out / "runs" / f"{arm}-warmup{w}-seed{seed}.json"
-                if f.is_file():
-                    runs.append(json.loads(f.read_text()))
-                    continue
-                t0 = time.time()
-                init = init_state(src.state_dict, src.config, method, seed=seed,
-                                  keep_norms=keep_norms, keep_embeddings=keep_emb)  # fmt: skip
-                model = _load(init.state_dict, init.config)
-                optim = dataclasses.replace(r.optim, warmup_steps=w,
-                                            lr=s.target_lr or r.optim.lr)
-                tdm = DomainDataModule(r.data, seed=seed, tokenizer=dm.tokenizer)
-                tdm._tokens = dm._tokens  # same corpora; only the data order differs
-                rec = train_loop(model, r, optim, s.steps, tdm, heldout, s.eval_every,
-                                 list(s.diagnostics_at), src.state_dict)  # fmt: skip
-                rec.update(arm=arm, warmup=w, seed=seed, wall_s=time.time() - t0)
-                write_json(f, rec)
-                runs.append(rec)
-                print(f"init study: {arm} warmup={w} seed={seed}: final bpb "
-                      f"{rec['bpb'][-1]['mean'] if rec['bpb'] else float('nan'):.4f} "
-                      f"({rec['wall_s']:.1f} s)", flush=True)  # fmt: skip
+
+                def one(arm=arm, method=method, keep_norms=keep_norms, keep_emb=keep_emb,
+                        w=w, seed=seed) -> dict:  # fmt: skip
+                    init = init_state(src.state_dict, src.config, method, seed=seed,
+                                      keep_norms=keep_norms, keep_embeddings=keep_emb)  # fmt: skip
+                    model = _load(init.state_dict, init.config)
+                    optim = dataclasses.replace(r.optim, warmup_steps=w,
+                                                lr=s.target_lr or r.optim.lr)  # fmt: skip
+                    tdm = DomainDataModule(r.data, seed=seed, tokenizer=dm.tokenizer)
+                    tdm._tokens = dm._tokens  # same corpora; only the data order differs
+                    rec = train_loop(model, r, optim, s.steps, tdm, heldout, s.eval_every,
+                                     list(s.diagnostics_at), src.state_dict)  # fmt: skip
+                    rec.update(arm=arm, warmup=w, seed=seed)
+                    return rec
+
+                runs.append(cached_run(
+                    out, f"{arm}-warmup{w}-seed{seed}", one, "init study",
+                    lambda rec: "final bpb "
+                    f"{rec['bpb'][-1]['mean'] if rec['bpb'] else float('nan'):.4f}"))  # fmt: skip
     flops_step = (r.data.batch_size * r.data.seq_len
                   * train_flops_per_token(src.config, r.data.seq_len))  # fmt: skip
     from moe.surgery.init_report import summarise, write_report

@@ -28,7 +28,6 @@ interrupted run resumes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from moe.config import ConfigError, ModelConfig, Recipe
 from moe.data.datamodule import DomainDataModule
+from moe.experiments import cached_run
 from moe.io.checkpoint import make_meta, save_checkpoint, write_json
 from moe.model.flops import count_params, train_flops_per_token
 from moe.model.transformer import Transformer
@@ -316,25 +316,20 @@ def run(r: Recipe, seeds: int | None = None, recipe_path: str | None = None) -> 
     if p.kind == "curves":
         for i in range(n):
             seed = r.seed + i
-            f = out / "runs" / f"curves-seed{seed}.json"
-            if not f.is_file():
-                rec = _curves_seed(r, seed, dm, heldout, out)
-                write_json(f, rec)
-                print(f"prune curves: seed {seed} done ({rec['wall_s']:.0f} s)", flush=True)
-            runs.append(json.loads(f.read_text()))
+            runs.append(cached_run(out, f"curves-seed{seed}",
+                                   lambda seed=seed: _curves_seed(r, seed, dm, heldout, out),
+                                   "prune curves"))  # fmt: skip
         results = prune_report.summarise_curves(runs, r)
     else:
         b = budget(r)
         for i in range(n):
             seed = r.seed + i
             for size, cfg in size_configs(r):
-                f = out / "runs" / f"compress-{size}-seed{seed}.json"
-                if not f.is_file():
-                    rec = _compress_run(r, size, cfg, b["steps"][size], seed, dm, heldout, out)
-                    write_json(f, rec)
-                    print(f"prune compress: {size} seed {seed} done ({rec['wall_s']:.0f} s)",
-                          flush=True)  # fmt: skip
-                runs.append(json.loads(f.read_text()))
+                runs.append(cached_run(
+                    out, f"compress-{size}-seed{seed}",
+                    lambda size=size, cfg=cfg, seed=seed: _compress_run(
+                        r, size, cfg, b["steps"][size], seed, dm, heldout, out),
+                    "prune compress"))  # fmt: skip
         results = prune_report.summarise_compress(runs, r, b)
     results["wall_s"] = time.time() - t_start  # this invocation's (a resumed one: less)
     results["total_wall_s"] = sum(x["wall_s"] for x in runs)

@@ -29,7 +29,7 @@ import torch
 
 from moe.config import ConfigError, ModelConfig, Recipe
 from moe.data.datamodule import DomainDataModule
-from moe.io.checkpoint import write_json
+from moe.experiments import cached_run
 from moe.model.flops import train_flops_per_token
 from moe.model.transformer import Transformer
 from moe.surgery.init_study import HeldOut, train_loop
@@ -63,15 +63,7 @@ class Ctx:
 
     def cached(self, name: str, fn) -> dict:
         """A run's record: read back if it finished before, else computed and saved."""
-        f = self.out / "runs" / f"{name}.json"
-        if f.is_file():
-            return json.loads(f.read_text())
-        t0 = time.time()
-        rec = fn()
-        rec["wall_s"] = time.time() - t0
-        write_json(f, rec)
-        print(f"surgery {self.s.kind}: {name} done ({rec['wall_s']:.1f} s)", flush=True)
-        return rec
+        return cached_run(self.out, name, fn, f"surgery {self.s.kind}")
 
     def train(self, model: Transformer, steps: int, seed: int, eval_every: int | None,
               warmup: int | None = None, lr: float | None = None) -> dict:  # fmt: skip
