@@ -14,8 +14,8 @@
     out: runs/code-merged
 
 Loading goes through `OmegaConf.structured(MergeConfig)`: an unknown key, a value of the wrong
-type, a section of the wrong shape or a NaN/inf number (`moe.config.check_layer`, for every field)
-fails at load time with one line naming the key and the file; `validate` then checks what
+type, a section of the wrong shape or a NaN/inf number (`moe.config_check.check_layer`, for every
+field) fails at load time with one line naming the key and the file; `validate` then checks what
 spans fields (method exists, slerp has two models and `t`, densities in (0, 1], inputs exist).
 Relative model paths are relative to the current directory, as for every other command.
 """
@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.config import ConfigError, _explain, check_finite, check_layer, read_yaml_mapping
+from moe.config_check import ConfigError, check_finite, check_layer, explain, read_yaml_mapping
 from moe.merge import registry
 from moe.merge.gradients import check_form, coerce, is_scalar, value_at
 from moe.merge.sources import describe_problem
@@ -141,7 +141,7 @@ def _check_entries(raw: DictConfig, where: str) -> None:
             OmegaConf.merge(OmegaConf.structured(ModelEntry), m)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or ""
-            msg = str(_explain(e, where, ModelEntry))
+            msg = str(explain(e, where, ModelEntry))
             raise ConfigError(msg.replace(f"'{key}'", f"'models[{i}].{key}'", 1)) from None
 
 
@@ -160,7 +160,7 @@ def merge_config_from_dict(
         cfg = OmegaConf.merge(OmegaConf.structured(MergeConfig), raw)
         obj: MergeConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
-        raise _explain(e, where, MergeConfig) from None
+        raise explain(e, where, MergeConfig) from None
     for p in [obj.parameters] + [m.parameters for m in obj.models] + [
             s.parameters for sl in obj.slices for s in sl.sources]:  # fmt: skip
         for k in ("weight", "density", "t"):
