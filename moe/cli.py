@@ -290,7 +290,7 @@ def cmd_import(args) -> int:
 
 def cmd_export(args) -> int:
     from moe.eval.evaluate import resolve_checkpoint
-    from moe.io.hf import export_hf
+    from moe.io.hf_export import export_hf
 
     ckpt = resolve_checkpoint(args.checkpoint)
     print(export_hf(ckpt, args.out, overwrite=args.overwrite))

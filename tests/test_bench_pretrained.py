@@ -22,7 +22,7 @@ def _load():
 
 
 def _same_weights(bench, pair):
-    from moe.io.hf import hf_state_dict
+    from moe.io.hf_export import hf_state_dict
 
     torch.manual_seed(0)
     ours = bench.build(pair, "ours", 1).eval()

@@ -9,7 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from moe.config import ConfigError, ModelConfig, MoEConfig  # noqa: E402
 from moe.io.checkpoint import load_checkpoint, make_meta, read_meta, save_checkpoint  # noqa: E402
-from moe.io.hf import export_hf, import_hf  # noqa: E402
+from moe.io.hf import import_hf  # noqa: E402
+from moe.io.hf_export import export_hf  # noqa: E402
 from moe.model.transformer import Transformer  # noqa: E402
 
 ATOL = 1e-5

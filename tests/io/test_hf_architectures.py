@@ -22,7 +22,8 @@ from moe.config import (  # noqa: E402
     to_dict,
 )
 from moe.io.checkpoint import load_checkpoint, make_meta, read_meta, save_checkpoint  # noqa: E402
-from moe.io.hf import export_hf, import_hf  # noqa: E402
+from moe.io.hf import import_hf  # noqa: E402
+from moe.io.hf_export import export_hf  # noqa: E402
 from moe.model.transformer import Transformer  # noqa: E402
 
 ATOL = 1e-4

@@ -101,7 +101,7 @@ def test_allow_empty_heads_and_ffn_equal_masked_original(tmp_path):
         want = m(b["input_ids"]).logits
     torch.testing.assert_close(pruned(b["input_ids"]).logits, want, rtol=1e-5, atol=1e-5)
     from moe.io.checkpoint import make_meta, save_checkpoint
-    from moe.io.hf import export_hf
+    from moe.io.hf_export import export_hf
 
     save_checkpoint(tmp_path / "ck", sd2, c2, make_meta())
     with pytest.raises(ConfigError, match="no attention heads"):
@@ -111,7 +111,7 @@ def test_allow_empty_heads_and_ffn_equal_masked_original(tmp_path):
 def test_pruned_checkpoint_loads_trains_merges_exports(debug_dense, tmp_path):
     transformers = pytest.importorskip("transformers")
     from moe.cli import main
-    from moe.io.hf import export_hf
+    from moe.io.hf_export import export_hf
     from moe.merge import merge
     from moe.merge.config import merge_config_from_dict
 
