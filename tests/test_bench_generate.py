@@ -1,21 +1,16 @@
 """tools/bench_generate.py runs end to end (tiny sizes, no timing asserts) and both sides
 produce the same tokens."""
 
-import importlib.util
 import json
 
 import pytest
-from helpers import REPO
+from helpers import load_tool
 
 pytest.importorskip("transformers")
 
 
 def _load():
-    path = REPO / "tools" / "bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_generate")
 
 
 def test_bench_generate_runs_and_tokens_match(tmp_path, capsys):

@@ -1,24 +1,18 @@
 """tools/bench_pretrained.py: both sides of each pair compute the same function, its memory and
 matmul measures measure what they say, and it runs end to end (tiny depth, no timing asserts)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_tool
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    path = ROOT / "tools" / "bench_pretrained.py"
-    spec = importlib.util.spec_from_file_location("bench_pretrained", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_pretrained")
 
 
 def _same_weights(bench, pair):

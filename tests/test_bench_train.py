@@ -1,17 +1,12 @@
 """tools/bench_train.py runs end to end at debug size (no timing asserts)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_tool
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_train")
 
 
 def test_bench_train_debug(tmp_path, capsys):
