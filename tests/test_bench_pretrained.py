@@ -106,3 +106,5 @@ def test_unknown_pair_is_refused_in_one_line():
     bench = _load()
     with pytest.raises(SystemExit, match="unknown pair 'sparse'"):
         bench.main(["--pairs", "sparse"])
+    with pytest.raises(SystemExit, match="use it with --device cpu"):
+        bench.main(["--device", "cuda", "--profile"])
