@@ -298,7 +298,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from moe.generation import generate_command
+    from moe.generate_command import generate_command
 
     generate_command(
         args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,

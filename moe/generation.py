@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import codecs
 import math
-import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -473,138 +471,6 @@ def _decode(model, ids, max_new, eos, sampler, dom, use_cache):
             weights=torch.stack([torch.cat([w for _, w in r]) for r in rec]).float().cpu(),
         )
     return new, stop, routing
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def load_tokenizer(ckpt_dir: Path, vocab_size: int, override: str | None = None) -> Any:
-    """The checkpoint's own tokenizer (`moe.data.tokenizer.checkpoint_tokenizer`: the one it
-    carries, else the byte tokenizer for the byte vocabulary); `override` only for a checkpoint
-    imported without one. Refused, in one line, when there is none."""
-    from moe.data.tokenizer import checkpoint_tokenizer
-
-    return checkpoint_tokenizer(ckpt_dir, vocab_size, override, flag="--tokenizer PATH")
-
-
-def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None
-) -> tuple[torch.nn.Module, Any, Path]:
-    """(model in eval mode on `device`, its tokenizer, the checkpoint directory). tokenizer: a
-    tokenizer directory or file for a checkpoint imported without its own."""
-    from moe.eval.evaluate import resolve_checkpoint
-    from moe.io.checkpoint import load_checkpoint
-    from moe.model.transformer import Transformer
-
-    ckpt_dir = resolve_checkpoint(path)
-    ck = load_checkpoint(ckpt_dir)
-    tok = load_tokenizer(ckpt_dir, ck.config.vocab_size, tokenizer)
-    model = Transformer(ck.config)
-    model.load_state_dict(ck.state_dict)
-    return model.to(device).eval(), tok, ckpt_dir
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def _check_out_file(path: str | None, flag: str) -> None:
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{flag} {p} is a directory; give a file name")
-    if not p.parent.is_dir():
-        raise ConfigError(f"{flag} {p}: directory {p.parent} does not exist")
-
-
-def generate_command(
-    checkpoint: str,
-    prompt: str | None = None,
-    prompt_file: str | None = None,
-    max_new_tokens: int = 64,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    domain: str | None = None,
-    show_routing: bool = False,
-    layer: int | None = None,
-    html: str | None = None,
-    json_path: str | None = None,
-    color: str = "auto",
-    device: str = "auto",
-    tokenizer: str | None = None,
-    out: Callable[[str], None] = print,
-    err: Callable[[str], None] | None = None,
-) -> Generation:
-    """`moe generate`: everything checked before any output is written; then the text (or the
-    routing view) through `out`, notes through `err`, and the --html / --json files."""
-    import sys
-
-    from moe import routing_view
-    from moe.io.checkpoint import atomic_write_text, write_json
-
-    if err is None:
-
-        def err(s: str) -> None:
-            print(s, file=sys.stderr)
-
-    if prompt is not None and prompt_file is not None:
-        raise ConfigError("give the prompt as --prompt or --prompt-file, not both")
-    check_options(max_new_tokens, temperature, top_k, top_p)
-    _check_out_file(html, "--html")
-    _check_out_file(json_path, "--json")
-    if color not in ("auto", "always", "never"):
-        raise ConfigError(f"--color must be auto, always or never, got {color!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available")
-    if prompt_file is not None:
-        try:
-            text: str | bytes = Path(prompt_file).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"--prompt-file {prompt_file} not found") from None
-        except (IsADirectoryError, PermissionError) as e:
-            raise ConfigError(f"--prompt-file {prompt_file}: {e.strerror}") from None
-    else:
-        # command-line text as the bytes that were typed (os.fsencode undoes the surrogate
-        # escapes Python uses for argv bytes that are not UTF-8)
-        text = os.fsencode(prompt) if prompt is not None else b""
-
-    model, tok, ckpt_dir = load_model(checkpoint, device, tokenizer)
-    m = model.config.moe
-    if domain is not None and domain not in m.experts:
-        what = f"experts: {', '.join(m.experts)}" if m.experts else "it is a dense model"
-        raise ConfigError(f"--domain {domain!r} is not an expert of {ckpt_dir} ({what})")
-    if (show_routing or html or layer is not None) and not m.experts:
-        flag = "--show-routing" if show_routing else "--html" if html else "--layer"
-        raise ConfigError(f"{flag}: {ckpt_dir} is a dense model, it has no routing to show")
-    if layer is not None and not 0 <= layer < model.config.n_layers:
-        raise ConfigError(f"--layer {layer}: the model has layers 0..{model.config.n_layers - 1}")
-    if domain is not None and m.router != "domain":
-        err(f"note: --domain has no effect: the router of {ckpt_dir} is learned, it picks experts")
-    g = generate(
-        model, tok, text, max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, seed=seed, domain=domain,
-    )  # fmt: skip
-    if show_routing:
-        use_color = color == "always" or (
-            color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        )
-        out(routing_view.render_terminal(g, layer=layer, color=use_color, source=str(ckpt_dir)))
-    else:
-        out(g.prompt + g.text)
-    if g.seed is not None:
-        err(f"seed {g.seed} (pass --seed {g.seed} to repeat)")
-    err(g.note())
-    if html:
-        atomic_write_text(html, routing_view.render_html(g, source=str(ckpt_dir), layer=layer))
-        err(f"wrote {html}")
-    if json_path:
-        write_json(json_path, {"checkpoint": str(ckpt_dir), **g.to_dict()})
-        err(f"wrote {json_path}")
-    return g
 
 
 # ----------------------------------------------------------------------------- report section
