@@ -113,9 +113,11 @@ class HeldOut:
 
 def train_loop(model: Transformer, r: Recipe, optim, steps: int, dm: DomainDataModule,
                heldout: HeldOut | None, eval_every: int, diag_at: list[int],
-               ref: dict[str, torch.Tensor] | None) -> dict:  # fmt: skip
-    """Train `model` for `steps` steps; the curve of held-out bpb, train losses, diagnostics."""
-    lit = LitLM(model, optim, dm.domain_names, max_steps=steps, seq_len=r.data.seq_len)
+               ref: dict[str, torch.Tensor] | None, trainable: str = "all") -> dict:  # fmt: skip
+    """Train `model` for `steps` steps; the curve of held-out bpb, train losses, diagnostics.
+    trainable: which parameters train (model.trainable's choices)."""
+    lit = LitLM(model, optim, dm.domain_names, max_steps=steps, seq_len=r.data.seq_len,
+                trainable=trainable)  # fmt: skip
     conf = lit.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     batches = dm.train_batches(0)

@@ -50,35 +50,11 @@ def plan(r: Recipe, n: int) -> str:
 def train_arm(model, r: Recipe, steps: int, warmup: int, dm, heldout, eval_every: int,
               trainable: str) -> dict:  # fmt: skip
     """moe.surgery.init_study.train_loop with a trainable set (embeddings only when frozen)."""
-    from moe.train.module import LitLM
+    from moe.surgery.init_study import train_loop
 
     optim = dataclasses.replace(r.optim, warmup_steps=warmup, total_steps=None)
-    lit = LitLM(model, optim, dm.domain_names, max_steps=steps, seq_len=r.data.seq_len,
-                trainable=trainable)  # fmt: skip
-    conf = lit.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    batches = dm.train_batches(0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    rec: dict = {"eval_steps": [], "bpb": [], "diverged_at": None}
-    model.train()
-    for step in range(steps + 1):
-        if step % eval_every == 0 or step == steps:
-            rec["eval_steps"].append(step)
-            rec["bpb"].append(heldout.bpb(model))
-        if step == steps:
-            break
-        loss_sum, _, mask, _ = lit(batches.batch(step))
-        loss = loss_sum / mask.sum().clamp(min=1)
-        if not torch.isfinite(loss):
-            rec["diverged_at"] = step
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-        opt.step()
-        sched.step()
-    return rec
+    return train_loop(model, r, optim, steps, dm, heldout, eval_every, [], None,
+                      trainable=trainable)  # fmt: skip
 
 
 def run_retokenize(ctx, seeds: list[int]) -> dict:
