@@ -18,3 +18,32 @@ def test_every_package_folder_is_listed_in_pyproject():
             on_disk.add(".".join((name, *rel.parts)))
     assert on_disk - listed == set(), f"package folders not in pyproject.toml: {on_disk - listed}"
     assert listed - on_disk == set(), f"listed but not on disk: {listed - on_disk}"
+
+
+def test_nothing_named_kernels_is_importable_from_the_repository_root():
+    """`kernels` is a Hugging Face package that transformers imports: a `kernels/__init__.py`
+    (or `kernels.py`) at the root would shadow it for any `python` started there."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    assert not (REPO / "kernels.py").exists()
+    assert (REPO / "kernels" / "moe_kernels" / "__init__.py").is_file()
+
+
+def test_transformers_llama_imports_from_the_repository_root():
+    """The README's test command runs from the root: transformers' Llama must import there, and
+    `kernels`, where installed, must be Hugging Face's, not a folder of this repository."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    code = (
+        "import importlib.util, pathlib, sys\n"
+        "import transformers.models.llama.modeling_llama\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "root = pathlib.Path.cwd().resolve()\n"
+        "if spec is not None and spec.origin is not None:\n"
+        "    assert root not in pathlib.Path(spec.origin).resolve().parents, spec.origin\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"

@@ -22,11 +22,9 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
         --target /tmp/site "$WHEELS"/*.whl || { echo "installing $WHEELS/ failed"; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# moe and moe_kernels (the folder kernels/) importable without a build: no index is reachable
-mkdir -p /tmp/moe-src
-ln -sfn "$PWD/moe" /tmp/moe-src/moe
-ln -sfn "$PWD/kernels" /tmp/moe-src/moe_kernels
-export PYTHONPATH=/tmp/moe-src${PYTHONPATH:+:$PYTHONPATH}
+# moe (the repository root) and moe_kernels (kernels/moe_kernels) importable without a build:
+# no index is reachable
+export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import moe.config, moe_kernels" || {
     echo "moe does not import: run tools/gpu_wheels.sh here and carry .whl"; exit 1; }
 if [ -z "${MOE_GPU_SESSION_ANYWHERE:-}" ]; then  # set by its test, to run it without a GPU

@@ -1,6 +1,7 @@
 """moe_kernels: routing, grouped GEMM and the MoE SwiGLU layer, in Triton and torch.
 
-Installed from the top-level folder kernels/ under the import name `moe_kernels`. Importing
+Lives in kernels/moe_kernels/ (nothing importable named `kernels` sits at the repository root:
+that name belongs to a Hugging Face package transformers imports). Importing
 it never requires triton; the 'triton' backend raises a clear error where it cannot run.
 """
 
