@@ -283,7 +283,11 @@ class Sampler:
     def __call__(self, logits_V: torch.Tensor) -> torch.Tensor:
         if self.greedy:
             return logits_V.argmax()
-        logits = logits_V.float() / self.temperature
+        logits = logits_V.double()
+        # shifted so the largest is 0: a tiny temperature then sends the others to -inf (greedy
+        # in the limit) instead of overflowing the largest to inf and the softmax to NaN; in
+        # float64, where a temperature as small as 1e-320 is not rounded to 0
+        logits = (logits - logits.max()) / self.temperature
         if self.top_k is not None and self.top_k < logits.numel():
             kth = torch.topk(logits, self.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

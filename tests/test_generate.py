@@ -380,3 +380,19 @@ def test_samples_markdown():
     assert md.count("```") % 2 == 0
     # deterministic: greedy
     assert samples_markdown(entries, prompts, max_new_tokens=10) == md
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
+    """logits / 1e-320 overflows to inf and the softmax to NaN unless shifted by the maximum."""
+    import torch
+
+    from moe.generation import Sampler
+
+    logits = torch.tensor([0.5, 3.0, -2.0, 2.999])
+    g = torch.Generator().manual_seed(0)
+    for t in (1e-320, 1e-30, 1e-6):
+        assert int(Sampler(False, t, generator=g)(logits)) == 1
+    # shifting leaves ordinary temperatures' distribution unchanged
+    draws = torch.stack([Sampler(False, 2.0, generator=g)(logits) for _ in range(2000)])
+    freq = torch.bincount(draws, minlength=4).float() / 2000
+    assert torch.allclose(freq, (logits / 2.0).softmax(-1), atol=0.04)
