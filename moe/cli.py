@@ -1,7 +1,10 @@
 """The `moe` command: maps each subcommand to a plain library function. No logic of its own.
 
 A user mistake (ConfigError and its subclasses) prints one line `moe: error: ...` and exits 2,
-with no traceback. Set MOE_DEBUG=1 to see tracebacks.
+with no traceback. Set MOE_DEBUG=1 to see tracebacks. SIGTERM and SIGINT print one line
+`moe: interrupted by SIGTERM ...` and exit 143 (SIGINT: 130); training stops at the end of the
+step in progress, writes its resume file there, and the line says how to resume
+(moe/train/signals.py).
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ def cmd_run(args) -> int:
         else:
             print(experiment.run(recipe, args.seeds, args.recipe))
         return 0
-    if args.dry_run:
-        print(dry_run(recipe))
+    if args.dry_run:  # the run's own checks, then its plan
+        print(dry_run(recipe, only=args.stage, seeds=args.seeds))
         return 0
     report = run_study(recipe, only=args.stage, seeds=args.seeds, recipe_path=args.recipe)
     print(report)
@@ -70,8 +73,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from moe.eval.evaluate import evaluate_checkpoint, format_table
+    from moe.eval.evaluate import evaluate_checkpoint, format_table, resolve_checkpoint
     from moe.io.checkpoint import write_json
+    from moe.io.output import claim
 
     doms = args.domains.split(",") if args.domains else None
     if args.json and Path(args.json).is_dir():
@@ -84,27 +88,32 @@ def cmd_eval(args) -> int:
     max_batches = args.max_batches
     if max_batches is None:  # an explicit evaluation set is evaluated whole
         max_batches = 0 if data is not None else 16
-    reports = []
+    # results on other data never replace the checkpoint's own eval.json
+    name = "eval-data.json" if data is not None else "eval.json"
     for path in args.checkpoints:
-        rep = evaluate_checkpoint(
-            path,
-            doms,
-            max_batches=max_batches,
-            batch_size=args.batch_size,
-            progress=sys.stderr.isatty(),
-            data=data,
-            tokenizer=args.tokenizer,
-        )
-        reports.append(rep)
-    print(format_table(reports))
-    if args.json:
-        write_json(args.json, reports if len(reports) > 1 else reports[0])
-    else:
-        for path, rep in zip(args.checkpoints, reports):
-            # results on other data never replace the checkpoint's own eval.json
-            target = Path(path) / ("eval-data.json" if data is not None else "eval.json")
-            write_json(target, rep)
-            print(f"wrote {target}", file=sys.stderr)
+        resolve_checkpoint(path)  # a missing checkpoint is named before anything else
+    targets = [args.json] if args.json else [Path(p) / name for p in args.checkpoints]
+    inputs = [*args.checkpoints, args.tokenizer, *(data.input_paths() if data else [])]
+    with claim(targets, inputs):  # before evaluating: a refused output costs no work
+        reports = []
+        for path in args.checkpoints:
+            rep = evaluate_checkpoint(
+                path,
+                doms,
+                max_batches=max_batches,
+                batch_size=args.batch_size,
+                progress=sys.stderr.isatty(),
+                data=data,
+                tokenizer=args.tokenizer,
+            )
+            reports.append(rep)
+        print(format_table(reports))
+        if args.json:
+            write_json(args.json, reports if len(reports) > 1 else reports[0])
+        else:
+            for target, rep in zip(targets, reports):
+                write_json(target, rep)
+                print(f"wrote {target}", file=sys.stderr)
     return 0
 
 
@@ -310,6 +319,51 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def finite_float(text: str) -> float:
+    """The type of every float option: a number, never NaN or infinity (argparse's `float`
+    takes "nan" and "inf", which no option means)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi]. Python's `int` takes any size, and a count of
+    2^63 or a seed of 10^30 would otherwise fail deep inside torch or numpy, or run for hours."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    parse.kind = int  # what the option fuzzer (tests/test_fuzz.py) feeds it
+    return parse
+
+
+FLOAT = finite_float
+INT32_MAX = 2**31 - 1
+COUNT0 = int_in(0, INT32_MAX)  # counts that may be 0 (steps, layers removed, ...)
+COUNT1 = int_in(1, INT32_MAX)  # sizes and counts of at least one
+SEED = int_in(0, 2**32 - 1)  # what numpy, torch and Python's random all accept
+
+
+def _one_line(msg: str, limit: int = 1000) -> str:
+    """An error message as one line of at most `limit` characters: a message quoting user input
+    (a key, a value, a file's text) never floods the terminal."""
+    msg = " ".join(line.strip() for line in msg.splitlines() if line.strip())
+    return msg if len(msg) <= limit else f"{msg[:limit]}... ({len(msg) - limit} more characters)"
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument mistakes print one line `moe: error: ...` and exit 2, like every other mistake."""
 
@@ -340,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                     optional=True)
     sp.add_argument("--overwrite", action="store_true", help="start the study again from scratch")
     sp.add_argument("--stage", help="re-run or resume this one stage (e.g. branch-code, eval)")
-    sp.add_argument("--seeds", type=int, default=None,
+    sp.add_argument("--seeds", type=COUNT1, default=None,
                     help="repeat with N seeds (default: study.seeds); mean ± 95%% CI")
     sp.add_argument("--dry-run", action="store_true", help="print the stage plan and budget only")
     sp.add_argument("--list-arms", action="store_true", help="list the study arms and exit")
@@ -349,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                     cmd_sweep)
     sp.add_argument("--overwrite", action="store_true",
                     help="replace a different sweep's directory")
-    sp.add_argument("--seeds", type=int, default=None,
+    sp.add_argument("--seeds", type=COUNT1, default=None,
                     help="seeds per value (default: study.seeds)")
     sp.add_argument("--dry-run", action="store_true", help="print every value's stage plan only")
 
@@ -361,9 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate on this data instead of the checkpoint's recipe: a recipe file "
                     "(its held-out split), DOMAIN=PATH_OR_GLOB or DOMAIN=hf:NAME[:SPLIT] (every "
                     "document held out); repeatable")
-    sp.add_argument("--max-batches", type=int, default=None,
+    sp.add_argument("--max-batches", type=COUNT0, default=None,
                     help="held-out batches per domain (default 16; with --data 0 = all)")
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--batch-size", type=COUNT1, default=8)
     sp.add_argument("--tokenizer", metavar="PATH",
                     help="tokenizer for a checkpoint imported without one (directory or "
                     "tokenizer.json); a checkpoint's own tokenizer is always used")
@@ -380,15 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--router", default="learned", choices=["learned", "domain"])
     sp.add_argument(
-        "--top-k", type=int, default=None,
+        "--top-k", type=COUNT1, default=None,
         help="experts per token, learned router (default: 2, or 1 with one expert)",
     )
     sp.add_argument(
-        "--shared-dim", type=int, default=0,
+        "--shared-dim", type=COUNT0, default=0,
         help="activation split: neurons every domain needs form a shared expert of this size",
     )
-    sp.add_argument("--calib-batches", type=int, default=8, help="activation split: batches/domain")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--calib-batches", type=COUNT1, default=8,
+                    help="activation split: batches/domain")
+    sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--out", required=True, help="output checkpoint directory")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_split)
@@ -399,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", required=True, help="standard | gaussian | histogram | shuffle | "
                     "spectrum | select | trained (see moe/surgery/init_dist.py)")
     sp.add_argument("--out", required=True, help="output checkpoint directory")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--keep-norms", action="store_true", help="copy the trained norm gains")
     sp.add_argument("--keep-embeddings", action="store_true",
                     help="copy the trained token embedding and output head")
@@ -411,9 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint", help="checkpoint or run directory")
     sp.add_argument("--domains", required=True, help="comma-separated domains to score")
     sp.add_argument("--out", required=True, help="scores file (.safetensors; .json beside it)")
-    sp.add_argument("--batches", type=int, default=8, help="calibration batches per domain "
+    sp.add_argument("--batches", type=COUNT1, default=8, help="calibration batches per domain "
                     "(training split)")
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--batch-size", type=COUNT1, default=8)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_importance)
 
@@ -421,26 +476,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "optionally sparsify and quantize")
     sp.add_argument("checkpoint", help="checkpoint or run directory")
     sp.add_argument("--out", required=True, help="output checkpoint directory")
-    sp.add_argument("--heads", type=float, default=0.0,
+    sp.add_argument("--heads", type=FLOAT, default=0.0,
                     help="fraction of key/value head groups removed per layer, in [0, 1)")
-    sp.add_argument("--ffn", type=float, default=0.0,
+    sp.add_argument("--ffn", type=FLOAT, default=0.0,
                     help="fraction of FFN neurons removed per layer (per expert), in [0, 1)")
-    sp.add_argument("--layers", type=int, default=0, help="number of whole layers removed")
+    sp.add_argument("--layers", type=COUNT0, default=0, help="number of whole layers removed")
     sp.add_argument("--by", default="all", help="DOMAIN whose scores decide, or all (default)")
     sp.add_argument("--method", default="taylor", help="taylor | magnitude | random")
     sp.add_argument("--scores", help="scores from moe importance (default: computed now)")
     sp.add_argument("--domains", help="domains to score when --scores is not given "
                     "(default: --by, or the checkpoint's domains for all)")
-    sp.add_argument("--batches", type=int, default=8, help="calibration batches per domain")
-    sp.add_argument("--heal-steps", type=int, default=0,
+    sp.add_argument("--batches", type=COUNT1, default=8, help="calibration batches per domain")
+    sp.add_argument("--heal-steps", type=COUNT0, default=0,
                     help="fine-tune the pruned model this many steps (--by's stream)")
-    sp.add_argument("--heal-lr", type=float, default=1e-3)
-    sp.add_argument("--unstructured", type=float, default=0.0,
+    sp.add_argument("--heal-lr", type=FLOAT, default=1e-3)
+    sp.add_argument("--unstructured", type=FLOAT, default=0.0,
                     help="then zero this fraction of each weight matrix by magnitude")
-    sp.add_argument("--bits", type=int, default=16, help="simulated weight quantization: 16 "
+    sp.add_argument("--bits", type=COUNT1, default=16, help="simulated weight quantization: 16 "
                     "(none), 8 or 4")
-    sp.add_argument("--group", type=int, default=32, help="quantization group size")
-    sp.add_argument("--seed", type=int, default=0, help="seed of --method random and healing")
+    sp.add_argument("--group", type=COUNT1, default=32, help="quantization group size")
+    sp.add_argument("--seed", type=SEED, default=0, help="seed of --method random and healing")
     sp.add_argument("--allow-empty", action="store_true",
                     help="allow removing every head (or neuron) of a layer")
     sp.add_argument("--overwrite", action="store_true")
@@ -450,17 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "neurons, heads, model dim or layers")
     sp.add_argument("checkpoint", help="checkpoint or run directory")
     sp.add_argument("--out", required=True, help="output checkpoint directory")
-    sp.add_argument("--ffn-dim", type=int, help="FFN hidden size (each expert's for an MoE)")
-    sp.add_argument("--dim", type=int, help="model dim (zero channels; norm gains rescaled)")
-    sp.add_argument("--kv-heads", type=int, help="key/value head groups (query heads follow)")
+    sp.add_argument("--ffn-dim", type=COUNT1, help="FFN hidden size (each expert's for an MoE)")
+    sp.add_argument("--dim", type=COUNT1, help="model dim (zero channels; norm gains rescaled)")
+    sp.add_argument("--kv-heads", type=COUNT1, help="key/value head groups (query heads follow)")
     sp.add_argument("--method", default="zero", help="new units: zero (zero output weights) | "
                     "split (Net2Net copies)")
-    sp.add_argument("--noise", type=float, default=0.0,
+    sp.add_argument("--noise", type=FLOAT, default=0.0,
                     help="split: perturb the copies' output shares (still exact)")
     sp.add_argument("--identity-after", help="LLaMA-Pro: identity copies after these layers")
     sp.add_argument("--duplicate", help="SOLAR: repeat layers A..B-1 (A:B)")
     sp.add_argument("--layers", help="new layer i = old layer L[i], e.g. 0,1,1,2")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_grow)
 
@@ -471,17 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True,
                     help="output checkpoint (a run directory with --heal-steps)")
     sp.add_argument("--drop-layers", help="delete these layers, e.g. 3,5")
-    sp.add_argument("--bi-layers", type=int, default=0,
+    sp.add_argument("--bi-layers", type=COUNT0, default=0,
                     help="delete the N layers of lowest Block Influence (ShortGPT)")
     sp.add_argument("--by", default="all", help="Block Influence calibration domain, or all")
-    sp.add_argument("--calib-batches", type=int, default=8, help="per domain (train split)")
-    sp.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed")
-    sp.add_argument("--heads", type=float, default=0.0, help="fraction of kv head groups removed")
-    sp.add_argument("--channels", type=float, default=0.0, help="fraction of model dim removed")
+    sp.add_argument("--calib-batches", type=COUNT1, default=8, help="per domain (train split)")
+    sp.add_argument("--ffn", type=FLOAT, default=0.0, help="fraction of FFN neurons removed")
+    sp.add_argument("--heads", type=FLOAT, default=0.0, help="fraction of kv head groups removed")
+    sp.add_argument("--channels", type=FLOAT, default=0.0, help="fraction of model dim removed")
     sp.add_argument("--select", default="magnitude", help="random | magnitude")
-    sp.add_argument("--heal-steps", type=int, default=0,
+    sp.add_argument("--heal-steps", type=COUNT0, default=0,
                     help="train the cut model N steps (resumable training stage)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_shrink)
 
@@ -491,14 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key=value for the training stage (--steps)")
     sp.add_argument("--out", required=True,
                     help="output checkpoint (a run directory with --steps)")
-    sp.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size")
+    sp.add_argument("--vocab-size", type=COUNT1, help="train a byte-level BPE of this size")
     sp.add_argument("--tokenizer", help="or use this tokenizer (directory or tokenizer.json)")
     sp.add_argument("--init", default="mean", help="new embeddings: mean (of the old rows "
                     "of the bytes each token spells) | random")
-    sp.add_argument("--steps", type=int, default=0, help="then train N steps (resumable stage)")
+    sp.add_argument("--steps", type=COUNT0, default=0, help="then train N steps (resumable stage)")
     sp.add_argument("--freeze-body", action="store_true",
                     help="train only the embeddings and the head")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_retokenize)
 
@@ -513,14 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", help="checkpoint whose non-FFN weights to use with --shared base")
     sp.add_argument("--router", default="learned", choices=["learned", "domain"])
     sp.add_argument(
-        "--top-k", type=int, default=None,
+        "--top-k", type=COUNT1, default=None,
         help="experts per token, learned router (default: 2, or 1 with one expert)",
     )
     sp.add_argument(
         "--router-init", default="random", choices=["random", "domain_mean"],
         help="router rows random, or each domain's mean hidden state",
     )
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_assemble)
 
@@ -545,14 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("delta", help="input delta file")
     dp.add_argument("method", help="compression spec, e.g. topk:0.05+int8, dare:0.1, lowrank:4")
     dp.add_argument("-o", "--out", required=True, help="output delta file")
-    dp.add_argument("--seed", type=int, default=0, help="seed of DARE's random mask")
+    dp.add_argument("--seed", type=SEED, default=0, help="seed of DARE's random mask")
     dp.add_argument("--overwrite", action="store_true")
     dp.add_argument("--json", action="store_true")
     dp = dsub.add_parser("apply", help="base + delta -> a checkpoint (the base's hash is checked)")
     dp.add_argument("base", help="the delta's own base checkpoint")
     dp.add_argument("delta", help="delta file")
     dp.add_argument("-o", "--out", required=True, help="output checkpoint directory")
-    dp.add_argument("--scale", type=float, default=1.0, help="apply scale x delta")
+    dp.add_argument("--scale", type=FLOAT, default=1.0, help="apply scale x delta")
     dp.add_argument("--overwrite", action="store_true")
     dp = dsub.add_parser("info", help="a delta's exact size in bytes, density, rank, lineage")
     dp.add_argument("delta", help="delta file")
@@ -583,15 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint", help="checkpoint or run directory")
     sp.add_argument("--prompt", help="prompt text (default: empty, start from BOS)")
     sp.add_argument("--prompt-file", help="read the prompt from this file (bytes as they are)")
-    sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
-    sp.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    sp.add_argument("--top-p", type=float, help="sample from the smallest set with mass >= p")
-    sp.add_argument("--seed", type=int, help="sampling seed (sampling repeats with it)")
+    sp.add_argument("--max-new-tokens", type=COUNT0, default=64)
+    sp.add_argument("--temperature", type=FLOAT, help="sampling temperature (> 0)")
+    sp.add_argument("--top-k", type=COUNT1, help="sample among the k most likely tokens")
+    sp.add_argument("--top-p", type=FLOAT, help="sample from the smallest set with mass >= p")
+    sp.add_argument("--seed", type=SEED, help="sampling seed (sampling repeats with it)")
     sp.add_argument("--domain", help="domain (expert) for a domain-routed MoE")
     sp.add_argument("--show-routing", action="store_true",
                     help="print the text coloured by the expert of each token, per layer")
-    sp.add_argument("--layer", type=int, help="show this layer only")
+    sp.add_argument("--layer", type=COUNT0, help="show this layer only")
     sp.add_argument("--html", help="write a self-contained HTML page of the routing")
     sp.add_argument("--json", help="write tokens, ids and per-layer expert ids and weights")
     sp.add_argument("--color", default="auto", choices=["auto", "always", "never"])
@@ -604,6 +659,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume_hint(args, e, argv: list[str] | None) -> str:
+    """How to continue a training stage a signal stopped: `moe train` resumes its run with
+    resume=RUN (or starts again when no step was saved); the commands that train inside (run,
+    sweep, shrink --heal-steps, retokenize --steps) resume when run again, without --overwrite."""
+    import shlex
+
+    if e.run is None:
+        return ""
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if w != "--overwrite"]
+    if args.command == "train":
+        saved = (Path(e.run) / "resume" / "last.ckpt").is_file()
+        keep = [w for w in words if not w.startswith(("resume=", "overwrite="))]
+        words = keep + [f"resume={e.run}"] if saved else keep + ["--overwrite"]
+        if not saved:
+            return f"; no step was saved, start again with: moe {shlex.join(words)}"
+    return f"; resume with: moe {shlex.join(words)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
@@ -614,27 +687,47 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+    # a resume keeps the metrics logged before it (moe/train/stages.py `_csv_logger`)
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
     # a fork (a study's branches, the monolith) restores another run's state into a new dir
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
     parser = build_parser()
     # key=value overrides may come after options (`moe run r.yaml --stage x a=b`): argparse
     # leaves such trailing positionals unrecognised, so they are collected here
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if hasattr(args, "overrides") and all(
+                "=" in e and not e.startswith("-") for e in extra
+            ):
+                args.overrides = list(args.overrides) + extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help (0) or an argument mistake (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    from moe.train.signals import Interrupted, handled
+
+    try:
+        # SIGTERM/SIGINT: one line, exit 143/130; training first saves where it can resume
+        with handled():
+            return int(args.func(args) or 0)
     except ConfigError as e:
         if os.environ.get("MOE_DEBUG"):
             raise
-        print(f"moe: error: {e}", file=sys.stderr)
+        print(f"moe: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("moe: interrupted", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as e:
+        if os.environ.get("MOE_DEBUG"):
+            raise
+        if not isinstance(e, Interrupted):  # a SIGINT before the handler was in place
+            import signal
+
+            e = Interrupted(signal.SIGINT)
+        from moe.io.rundir import launch_rank_is_zero
+
+        if launch_rank_is_zero():  # the other ranks of a multi-process launch stop quietly
+            print(f"moe: {e}{_resume_hint(args, e, argv)}", file=sys.stderr)
+        return e.exit_code
     except BrokenPipeError:
         # the reader went away (`moe ... | head`): stop quietly, as Unix tools do; point stdout
         # at devnull so the interpreter's final flush does not fail again

@@ -24,6 +24,7 @@ from moe.config_check import (  # re-exported: moe.config.ConfigError, ...
     check_finite,
     check_layer,
     explain,
+    parse_override,
     read_yaml_mapping,
 )
 from moe.config_experiments import (  # re-exported: moe.config.PruneConfig, ...
@@ -112,6 +113,17 @@ class ModelConfig:
         for k, v in MODEL_SIZES[self.size].items():
             if getattr(out, k) is None:
                 setattr(out, k, v)
+        # a model with no layer, no width or no FFN neuron is no model (nothing would be learned
+        # or the forward fails); pruning keeps at least one neuron and one layer
+        for k in ("vocab_size", "dim", "n_layers", "ffn_dim", "max_seq_len"):
+            if getattr(out, k) < 1:
+                raise ConfigError(f"model.{k} must be at least 1, got {getattr(out, k)}")
+        if out.moe.expert_ffn_dim is not None and out.moe.expert_ffn_dim < 1:
+            raise ConfigError("model.moe.expert_ffn_dim must be at least 1 (or null), got "
+                              f"{out.moe.expert_ffn_dim}")
+        if out.moe.shared_expert_ffn_dim < 0:
+            raise ConfigError("model.moe.shared_expert_ffn_dim must be 0 (none) or more, got "
+                              f"{out.moe.shared_expert_ffn_dim}")
         if out.n_heads < 0 or out.n_kv_heads < 0 or (out.n_heads == 0) != (out.n_kv_heads == 0):
             raise ConfigError(
                 f"model.n_heads ({out.n_heads}) and n_kv_heads ({out.n_kv_heads}) must both be "
@@ -392,7 +404,7 @@ def load_recipe(
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key=value")
         try:
-            layer = OmegaConf.from_dotlist([ov])
+            layer = parse_override(ov)
             check_layer(layer, Recipe, f"override {ov!r}", cfg)
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:

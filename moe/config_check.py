@@ -188,21 +188,41 @@ def check_layer(
     _check_mapping(_plain(raw), schema, "", where, _plain(base))
 
 
-def check_finite(obj: Any, where: str, key: str = "") -> None:
-    """Every float in `obj` (a loaded schema object, a list or mapping of values) is finite."""
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_finite(obj: Any, where: str, key: str = "", float32: bool = False) -> None:
+    """Every float in `obj` (a loaded schema object, a list or mapping of values) is finite;
+    with `float32`, within float32's range too (numbers that scale float32 tensors)."""
     if isinstance(obj, float):
         if not math.isfinite(obj):
             raise ConfigError(f"{where}: {key} must be a finite number, got {obj}")
+        if float32 and abs(obj) > FLOAT32_MAX:
+            raise ConfigError(f"{where}: {key} is {obj:g}, beyond float32's range "
+                              f"(+-{FLOAT32_MAX:.3g}) that the weights are computed in")
     elif is_dataclass(obj) and not isinstance(obj, type):
         for f in fields(obj):
             name = f.metadata.get("yaml", f.name)
-            check_finite(getattr(obj, f.name), where, f"{key}.{name}" if key else name)
+            check_finite(getattr(obj, f.name), where, f"{key}.{name}" if key else name, float32)
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            check_finite(v, where, f"{key}.{k}" if key else str(k))
+            check_finite(v, where, f"{key}.{k}" if key else str(k), float32)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            check_finite(v, where, f"{key}[{i}]")
+            check_finite(v, where, f"{key}[{i}]", float32)
+
+
+def parse_override(ov: str) -> DictConfig:
+    """One `key=value` override as a config layer; a value that is not valid YAML (`[0.1`,
+    `{text: 1`) is a one-line ConfigError naming the override, not a YAML traceback."""
+    import yaml
+
+    try:
+        return OmegaConf.from_dotlist([ov])
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ConfigError(f"override {ov!r}: the value is not valid YAML ({problem}); quote a "
+                          "value that holds [ ] { } : or # as text") from None
 
 
 def read_yaml_mapping(path: Path, what: str, shape: str) -> DictConfig:
@@ -216,4 +236,19 @@ def read_yaml_mapping(path: Path, what: str, shape: str) -> DictConfig:
         raise ConfigError(f"{path}: not valid YAML: {first}") from None
     if raw is None or isinstance(raw, ListConfig):
         raise ConfigError(f"{path}: {shape}")
+    key = next(iter(raw), None)
+    if len(raw) == 1 and not OmegaConf.is_missing(raw, key) and raw[key] is None:
+        # OmegaConf turns a file that YAML reads as one string (any text file) into
+        # {text: None}: name the file and quote only its start, never the whole of it
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                top = yaml.safe_load(f)
+        except Exception:
+            top = None
+        if isinstance(top, str):
+            start = " ".join(top.split())
+            start = start[:60] + ("..." if len(start) > 60 else "")
+            raise ConfigError(f"{path}: not a {what}: YAML reads it as text ({start!r}); {shape}")
     return raw

@@ -33,15 +33,25 @@ class Experiment:
     def _fn(self, name: str) -> Callable:
         return getattr(importlib.import_module(self.module), name)
 
+    def check(self, recipe: Recipe) -> None:
+        """Checks every experiment shares (its own are in its plan and run): the recipe's model
+        must fit in memory to train."""
+        from moe.train.stages import check_fits
+
+        check_fits(recipe, recipe.model, "model")
+
     def plan(self, recipe: Recipe, seeds: int | None) -> str:
+        self.check(recipe)
         return self._fn("plan")(recipe, seeds)
 
     def run(self, recipe: Recipe, seeds: int | None, recipe_path: str | None) -> Path:
         """Run (or resume) it in its locked run directory (see `experiment_dir`)."""
-        from moe.io.rundir import RunLock
+        from moe.io.output import claim, recipe_inputs
 
+        self.check(recipe)
         out = Path(recipe.out_dir)
-        with RunLock(out):
+        with claim(out, recipe_inputs(recipe)):  # before anything in it is touched
+            out.mkdir(parents=True, exist_ok=True)
             experiment_dir(recipe, self.section, self.extends)
             # the directory is ready: the experiment itself never empties it
             return self._fn("run")(dataclasses.replace(recipe, overwrite=False), seeds,

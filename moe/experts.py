@@ -15,15 +15,14 @@ from moe.config import DOMAINS, ConfigError, DataConfig
 from moe.data.datamodule import DomainDataModule
 from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer, checkpoint_tokenizer
 from moe.eval.evaluate import data_config_of, resolve_checkpoint
-from moe.io.checkpoint import load_checkpoint, make_meta, read_config, save_checkpoint
+from moe.io.checkpoint import load_model, make_meta, read_config, save_checkpoint
+from moe.io.output import claim
 from moe.model.split import assemble, domain_mean_router, neuron_importance, split_model
 from moe.model.transformer import Transformer
 
 
 def _load(path: str | os.PathLike) -> tuple[Transformer, dict]:
-    ck = load_checkpoint(resolve_checkpoint(path))
-    model = Transformer(ck.config)
-    model.load_state_dict(ck.state_dict)
+    model, ck = load_model(path)
     return model, ck.meta
 
 
@@ -47,6 +46,14 @@ def domain_batches(
     )
     dm = DomainDataModule(cfg, seed=seed, tokenizer=tokenizer)
     dm.setup("fit")
+    # the training stream repeats the split forever: more batches than one pass holds would
+    # only re-read the same sequences (and a huge count would never end)
+    available = -(-len(dm.sequences(domain, "train")) // batch_size)
+    if n_batches > available:
+        raise ConfigError(
+            f"{n_batches} calibration batches of {batch_size} is more than {domain}'s training "
+            f"split holds ({available} batches); ask for at most {available}"
+        )
     return list(itertools.islice(iter(dm.train_dataloader()), n_batches))
 
 
@@ -65,44 +72,45 @@ def split_checkpoint(
     """Split a dense checkpoint into an MoE checkpoint whose experts are named `experts`."""
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
-    dense, meta = _load(path)
-    importance = None
-    if method == "activation":
-        # neuron scores come from training documents only, so held-out evaluation stays clean
-        data, dseed = data_config_of(meta)
-        for e in experts:
-            if e not in DOMAINS and e not in data.sources:
-                raise ConfigError(
-                    f"activation split: expert {e!r} is not a domain with data "
-                    f"(built-in domains: {', '.join(DOMAINS)})"
-                )
-        seq = min(data.seq_len, dense.config.max_seq_len)
-        data = dataclasses.replace(data, seq_len=seq)
-        tok = _tokenizer(path, dense)
-        batches = {e: domain_batches(data, dseed, e, calib_batches, tokenizer=tok)
-                   for e in experts}  # fmt: skip
-        importance = neuron_importance(dense, batches)
-    moe, info = split_model(
-        dense,
-        experts,
-        method,
-        router=router,
-        top_k=top_k,
-        shared_dim=shared_dim,
-        seed=seed,
-        importance=importance,
-    )
-    new_meta = make_meta(
-        parents=[meta["id"]],
-        base_id=meta.get("base_id") or meta["id"],
-        kind="moe",
-        tokens_seen=meta.get("tokens_seen", 0),
-        train_flops=meta.get("train_flops", 0.0),
-        recipe=meta.get("recipe"),
-        split=info,
-    )
-    return save_checkpoint(out, moe.state_dict(), moe.config, new_meta, overwrite=overwrite,
-                           tokenizer=_carried(path, dense))
+    with claim(out, [path]):  # moe/io/output.py: before anything is read or written
+        dense, meta = _load(path)
+        importance = None
+        if method == "activation":
+            # neuron scores come from training documents only, so held-out evaluation stays clean
+            data, dseed = data_config_of(meta)
+            for e in experts:
+                if e not in DOMAINS and e not in data.sources:
+                    raise ConfigError(
+                        f"activation split: expert {e!r} is not a domain with data "
+                        f"(built-in domains: {', '.join(DOMAINS)})"
+                    )
+            seq = min(data.seq_len, dense.config.max_seq_len)
+            data = dataclasses.replace(data, seq_len=seq)
+            tok = _tokenizer(path, dense)
+            batches = {e: domain_batches(data, dseed, e, calib_batches, tokenizer=tok)
+                       for e in experts}  # fmt: skip
+            importance = neuron_importance(dense, batches)
+        moe, info = split_model(
+            dense,
+            experts,
+            method,
+            router=router,
+            top_k=top_k,
+            shared_dim=shared_dim,
+            seed=seed,
+            importance=importance,
+        )
+        new_meta = make_meta(
+            parents=[meta["id"]],
+            base_id=meta.get("base_id") or meta["id"],
+            kind="moe",
+            tokens_seen=meta.get("tokens_seen", 0),
+            train_flops=meta.get("train_flops", 0.0),
+            recipe=meta.get("recipe"),
+            split=info,
+        )
+        return save_checkpoint(out, moe.state_dict(), moe.config, new_meta, overwrite=overwrite,
+                               tokenizer=_carried(path, dense))
 
 
 def assemble_checkpoints(
@@ -132,78 +140,81 @@ def assemble_checkpoints(
         raise ConfigError("--shared base needs --base CKPT")
     if router_init not in ("random", "domain_mean"):
         raise ConfigError(f"--router-init must be random or domain_mean, got {router_init!r}")
-    loaded = [_load(p) for p in paths]
-    others = [p for p in (base, generalist) if p is not None]
-    check_same_tokenizer(
-        [(resolve_checkpoint(p), m.config.vocab_size) for p, (m, _) in zip(paths, loaded)]
-        + [(resolve_checkpoint(p), read_config(resolve_checkpoint(p)).vocab_size) for p in others],
-        "assemble",
-    )  # fmt: skip
-    branches = [m for m, _ in loaded]
-    metas = [meta for _, meta in loaded]
-    names = list(experts) if experts else [m.get("domain") or m.get("family") for m in metas]
-    general = None
-    if generalist is not None:
-        general = _load(generalist)
-        gid = general[1]["id"]
-        if {m.get("base_id") for m in metas} != {general[1].get("base_id") or gid}:
+    with claim(out, [*paths, base, generalist]):  # moe/io/output.py
+        loaded = [_load(p) for p in paths]
+        others = [p for p in (base, generalist) if p is not None]
+        check_same_tokenizer(
+            [(resolve_checkpoint(p), m.config.vocab_size) for p, (m, _) in zip(paths, loaded)]
+            + [(resolve_checkpoint(p), read_config(resolve_checkpoint(p)).vocab_size)
+               for p in others],
+            "assemble",
+        )  # fmt: skip
+        branches = [m for m, _ in loaded]
+        metas = [meta for _, meta in loaded]
+        names = list(experts) if experts else [m.get("domain") or m.get("family") for m in metas]
+        general = None
+        if generalist is not None:
+            general = _load(generalist)
+            gid = general[1]["id"]
+            if {m.get("base_id") for m in metas} != {general[1].get("base_id") or gid}:
+                raise ConfigError(
+                    f"generalist {generalist}: the branches were not trained from it "
+                    "(base_id differs)"
+                )
+            if "generalist" in names:
+                raise ConfigError("an expert is already named 'generalist'")
+        for p, n in zip(paths, names):
+            if not n:
+                raise ConfigError(f"{p}: branch has no domain in its meta; pass --experts")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two branches claim the same expert: {names}")
+        bases = {m.get("base_id") for m in metas}
+        if len(bases) > 1:
             raise ConfigError(
-                f"generalist {generalist}: the branches were not trained from it (base_id differs)"
+                "branches come from different base models (base_id "
+                + ", ".join(sorted(str(b) for b in bases))
+                + "); assemble only branches of one seed"
             )
-        if "generalist" in names:
-            raise ConfigError("an expert is already named 'generalist'")
-    for p, n in zip(paths, names):
-        if not n:
-            raise ConfigError(f"{p}: branch has no domain in its meta; pass --experts")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two branches claim the same expert: {names}")
-    bases = {m.get("base_id") for m in metas}
-    if len(bases) > 1:
-        raise ConfigError(
-            "branches come from different base models (base_id "
-            + ", ".join(sorted(str(b) for b in bases))
-            + "); assemble only branches of one seed"
-        )
-    fs = {int(m.get("shared_ffn_dim", 0)) for m in metas}
-    if len(fs) > 1:
-        raise ConfigError(f"branches disagree on the shared expert size: {sorted(fs)}")
-    base_model = _load(base)[0] if shared == "base" and base is not None else None
-    init = None
-    if router_init == "domain_mean" and router == "learned":
-        data, dseed = data_config_of(metas[0])
-        tok = _tokenizer(paths[0], branches[0])
-        batches = [domain_batches(data, dseed, n, calib_batches, tokenizer=tok) for n in names]
+        fs = {int(m.get("shared_ffn_dim", 0)) for m in metas}
+        if len(fs) > 1:
+            raise ConfigError(f"branches disagree on the shared expert size: {sorted(fs)}")
+        base_model = _load(base)[0] if shared == "base" and base is not None else None
+        init = None
+        if router_init == "domain_mean" and router == "learned":
+            data, dseed = data_config_of(metas[0])
+            tok = _tokenizer(paths[0], branches[0])
+            batches = [domain_batches(data, dseed, n, calib_batches, tokenizer=tok) for n in names]
+            if general is not None:
+                # the generalist's row: its mean input over every expert's domain
+                mixed = [b for per in batches for b in per]
+                init = domain_mean_router(branches + [general[0]], batches + [mixed])
+            else:
+                init = domain_mean_router(branches, batches)
         if general is not None:
-            # the generalist's row: its mean input over every expert's domain
-            mixed = [b for per in batches for b in per]
-            init = domain_mean_router(branches + [general[0]], batches + [mixed])
-        else:
-            init = domain_mean_router(branches, batches)
-    if general is not None:
-        branches = branches + [general[0]]
-        names = names + ["generalist"]
-    moe = assemble(
-        branches,
-        names,
-        shared_ffn_dim=fs.pop(),
-        base=base_model,
-        router=router,
-        top_k=top_k,
-        router_init=init,
-        seed=seed,
-    )
-    meta = make_meta(
-        parents=[m["id"] for m in metas],
-        base_id=bases.pop(),
-        kind="moe",
-        # a BTX model has consumed the shared ancestry once plus every branch's own training
-        tokens_seen=_lineage_total(metas, "tokens_seen", "tokens"),
-        train_flops=_lineage_total(metas, "train_flops", "flops"),
-        recipe=metas[0].get("recipe"),
-        assembled=dict(experts=names, shared=shared, router=router, router_init=router_init),
-    )
-    return save_checkpoint(out, moe.state_dict(), moe.config, meta, overwrite=overwrite,
-                           tokenizer=_carried(paths[0], loaded[0][0]))
+            branches = branches + [general[0]]
+            names = names + ["generalist"]
+        moe = assemble(
+            branches,
+            names,
+            shared_ffn_dim=fs.pop(),
+            base=base_model,
+            router=router,
+            top_k=top_k,
+            router_init=init,
+            seed=seed,
+        )
+        meta = make_meta(
+            parents=[m["id"] for m in metas],
+            base_id=bases.pop(),
+            kind="moe",
+            # a BTX model has consumed the shared ancestry once plus every branch's own training
+            tokens_seen=_lineage_total(metas, "tokens_seen", "tokens"),
+            train_flops=_lineage_total(metas, "train_flops", "flops"),
+            recipe=metas[0].get("recipe"),
+            assembled=dict(experts=names, shared=shared, router=router, router_init=router_init),
+        )
+        return save_checkpoint(out, moe.state_dict(), moe.config, meta, overwrite=overwrite,
+                               tokenizer=_carried(paths[0], loaded[0][0]))
 
 
 

@@ -265,7 +265,7 @@ CASES: list[Case] = [
                      "--out", str(fx["tmp"] / "s")], "--top-k 9"),
     Case("split-top-k-zero", "split --top-k 0",
          lambda fx: ["split", str(fx["dense"]), "--experts", "text,code,dna", "--top-k", "0",
-                     "--out", str(fx["tmp"] / "s")], "--top-k 0"),
+                     "--out", str(fx["tmp"] / "s")], "--top-k: must be between 1"),
     Case("split-moe", "split of a checkpoint that is already an MoE",
          lambda fx: ["split", str(fx["moe"]), "--experts", "text,code",
                      "--out", str(fx["tmp"] / "s")], "already an MoE"),
@@ -450,6 +450,87 @@ CASES: list[Case] = [
          lambda fx: ["run", str(REPO / "recipes" / "fleet" / "fleet.yaml"),
                      f"out_dir={fx['tmp'] / 'fleet'}", "fleet.replicas=0"],
          "fleet.replicas must be >= 1"),
+    # ------------------------------------------------------------------ config.json vs weights
+    Case("eval-config-disagrees", "eval: config.json says dim 32, the weights are 64 wide",
+         lambda fx: ["eval", str(fx["cfgdim"])], "dim is 32 but the weights are 64 wide",
+         subprocess=True),
+    Case("generate-config-disagrees", "generate: config.json disagrees with the weights (dim)",
+         lambda fx: ["generate", str(fx["cfgdim"])], "dim is 32 but the weights are 64 wide"),
+    Case("split-config-disagrees", "split: config.json disagrees with the weights (dim)",
+         lambda fx: ["split", str(fx["cfgdim"]), "--experts", "text,code",
+                     "--out", str(fx["tmp"] / "s")], "dim is 32 but the weights are 64 wide"),
+    Case("prune-config-disagrees", "prune: config.json disagrees with the weights (dim)",
+         lambda fx: ["prune", str(fx["cfgdim"]), "--ffn", "0.5", "--method", "magnitude",
+                     "--out", str(fx["tmp"] / "pruned")], "dim is 32 but the weights are 64 wide"),
+    Case("export-config-disagrees", "export: config.json disagrees with the weights (dim)",
+         lambda fx: ["export", str(fx["cfgdim"]), "--out", str(fx["tmp"] / "e")],
+         "dim is 32 but the weights are 64 wide"),
+    Case("grow-config-disagrees", "grow: config.json disagrees with the weights (dim)",
+         lambda fx: ["grow", str(fx["cfgdim"]), "--ffn-dim", "256", "--out", str(fx["tmp"] / "g")],
+         "dim is 32 but the weights are 64 wide"),
+    Case("merge-config-disagrees", "merge: an input whose config.json disagrees with its weights",
+         lambda fx: _merge_yaml(fx, "cfg_disagrees"), "dim is 32 but the weights are 64 wide"),
+    Case("init-config-disagrees", "train init= a checkpoint whose config.json has more layers",
+         lambda fx: _train(fx, f"init={fx['cfglayers']}"), "n_layers is 3 but the weights have 2"),
+    Case("eval-config-tied", "eval: config.json says tie_embeddings, the weights have lm_head",
+         lambda fx: ["eval", str(fx["cfgtied"])], "tie_embeddings is true"),
+    # ------------------------------------------------------------------ sizes and memory
+    Case("train-too-large", "train a model whose weights alone exceed the machine's memory",
+         lambda fx: _train(fx, "model.dim=65536", "model.n_layers=1000", "model.n_heads=64",
+                           "model.n_kv_heads=64", "model.ffn_dim=65536"), "need at least",
+         subprocess=True),
+    Case("run-dry-run-too-large", "moe run --dry-run of a study whose model cannot fit",
+         lambda fx: [*_study(fx, "model.dim=65536", "model.n_layers=1000", "model.n_heads=64",
+                             "model.n_kv_heads=64"), "--dry-run"], "need at least"),
+    Case("grow-too-large", "moe grow to an FFN whose weights exceed the machine's memory",
+         lambda fx: ["grow", str(fx["dense"]), "--ffn-dim", "1000000000",
+                     "--out", str(fx["tmp"] / "g")], "need at least"),
+    Case("init-select-no-layers", "moe init --method select to 0 layers",
+         lambda fx: ["init", "--from", str(fx["dense"]), "--method", "select", "model.n_layers=0",
+                     "--out", str(fx["tmp"] / "init-out")], "model.n_layers must be at least 1"),
+    Case("init-select-no-dim", "moe init --method select to model dim 0",
+         lambda fx: ["init", "--from", str(fx["dense"]), "--method", "select", "model.dim=0",
+                     "--out", str(fx["tmp"] / "init-out")], "model.dim must be at least 1"),
+    Case("train-no-ffn", "a recipe with model.ffn_dim=0",
+         lambda fx: _train(fx, "model.ffn_dim=0"), "model.ffn_dim must be at least 1"),
+    # ------------------------------------------------------------------ options and overrides
+    Case("gen-device-unknown", "generate --device naming no device (tpu9)",
+         lambda fx: ["generate", str(fx["dense"]), "--device", "tpu9"], "not a device name",
+         subprocess=True),
+    Case("gen-device-meta", "generate --device meta (a device that holds no data)",
+         lambda fx: ["generate", str(fx["dense"]), "--device", "meta"], "--device meta"),
+    Case("prune-heal-lr-negative", "moe prune --heal-lr -1",
+         lambda fx: ["prune", str(fx["dense"]), "--ffn", "0.25", "--method", "magnitude",
+                     "--heal-steps", "1", "--heal-lr=-1", "--out", str(fx["tmp"] / "pruned")],
+         "--heal-lr must be a positive number"),
+    Case("prune-heal-lr-zero", "moe prune --heal-lr 0",
+         lambda fx: ["prune", str(fx["dense"]), "--ffn", "0.25", "--method", "magnitude",
+                     "--heal-steps", "1", "--heal-lr", "0", "--out", str(fx["tmp"] / "pruned")],
+         "--heal-lr must be a positive number"),
+    Case("prune-heal-lr-nan", "moe prune --heal-lr nan",
+         lambda fx: ["prune", str(fx["dense"]), "--ffn", "0.25", "--heal-steps", "1",
+                     "--heal-lr", "nan", "--out", str(fx["tmp"] / "pruned")], "--heal-lr"),
+    Case("override-yaml-list", "override whose value is broken YAML (`optim.lr=[0.1`)",
+         lambda fx: _train(fx, "optim.lr=[0.1"), "not valid YAML", subprocess=True),
+    Case("override-yaml-mapping", "override whose value is broken YAML (`data.weights={text: 1`)",
+         lambda fx: _train(fx, "data.weights={text: 1"), "not valid YAML"),
+    Case("merge-weight-overflow", "merge config: a weight beyond float32's range (1e39)",
+         lambda fx: _merge_yaml(fx, "weight_1e39"), "beyond float32's range"),
+    Case("delta-scale-nan", "moe delta apply --scale nan",
+         lambda fx: ["delta", "apply", str(fx["dense"]), str(_delta_fx(fx)), "--scale", "nan",
+                     "-o", str(fx["tmp"] / "applied")], "finite number"),
+    Case("delta-scale-inf", "moe delta apply --scale inf",
+         lambda fx: ["delta", "apply", str(fx["dense"]), str(_delta_fx(fx)), "--scale", "inf",
+                     "-o", str(fx["tmp"] / "applied")], "finite number"),
+    Case("run-dry-run-unknown-stage", "moe run --dry-run --stage nonsense (the run refuses it)",
+         lambda fx: [*_study(fx), "--stage", "nonsense", "--dry-run"], "nonsense"),
+    Case("data-not-recipe", "moe data FILE where FILE is a text file, not a recipe",
+         lambda fx: ["data", str(fx["data"] / "numbers.txt")], "not a recipe file"),
+    Case("eval-data-directory", "eval --data DOMAIN=DIR (a directory, not files)",
+         lambda fx: ["eval", str(fx["dense"]), "--data", f"text={fx['data'] / 'corpus-dir'}"],
+         "is a directory"),
+    Case("corpus-directory", "files source path is a directory",
+         lambda fx: _files(fx, "text", fx["data"] / "corpus-dir"), "is a directory"),
 ]
 
 
@@ -552,6 +633,13 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     cfg = json.loads((fx["badcfg"] / "config.json").read_text())
     cfg["num_layerz"] = 3
     (fx["badcfg"] / "config.json").write_text(json.dumps(cfg))
+    # config.json that disagrees with the weights (each names the field)
+    for name, change in (("cfgdim", {"dim": 32}), ("cfglayers", {"n_layers": 3}),
+                         ("cfgtied", {"tie_embeddings": True})):
+        fx[name] = broken(f"config-{name}")
+        cfg = json.loads((fx[name] / "config.json").read_text())
+        cfg.update(change)
+        (fx[name] / "config.json").write_text(json.dumps(cfg))
     fx["notckpt"] = root / "not-a-checkpoint"
     fx["notckpt"].mkdir()
     (fx["notckpt"] / "notes.txt").write_text("hello\n")
@@ -617,6 +705,10 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     rows = [json.dumps({"text": b.decode()}) for b in plays.split(b"\n\n")]
     (dat / "rows.jsonl.gz").write_bytes(gzip.compress("\n".join(rows).encode()))
     (dat / "noise.txt").write_bytes(bytes(torch.randint(256, (8192,), generator=g).tolist()))
+    # a large file that YAML reads as one string (not a recipe), and a directory of text files
+    (dat / "numbers.txt").write_text("\n".join(str(i) for i in range(50_000)) + "\n")
+    (dat / "corpus-dir").mkdir()
+    (dat / "corpus-dir" / "plays.txt").write_bytes(plays)
 
     # merge configs
     m = fx["merge"] = root / "merge"
@@ -637,6 +729,10 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     yaml("lambda_inf", f"merge_method: linear\nparameters: {{lambda: .inf}}\nmodels:\n{two_code}")
     yaml("t_nan", f"merge_method: slerp\nparameters: {{t: .nan}}\nmodels:\n{two_code}")
     yaml("unknown_key", f"merge_mthod: linear\nmodels:\n{two_code}")
+    yaml("weight_1e39", f"merge_method: linear\nmodels:\n  - model: {bc}\n"
+                        f"    parameters: {{weight: 1.0e39}}\n  - model: {bc}\n")
+    yaml("cfg_disagrees", f"merge_method: linear\nmodels:\n  - model: {bc}\n"
+                          f"  - model: {fx['cfgdim']}\n")
     yaml("unknown_method", f"merge_method: frankenmerge\nmodels:\n{two_code}")
     yaml("slerp3", f"merge_method: slerp\nparameters: {{t: 0.5}}\nmodels:\n{two_code}"
                    f"  - model: {bc}\n")

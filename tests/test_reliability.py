@@ -137,3 +137,21 @@ def test_moe_run_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_pa
     assert {k: final[k] for k in second} == second, "a finished stage was redone"
     assert "dense-data" in final and (out / "report.md").is_file()
     assert (out / "results.json").is_file()
+
+
+def test_resume_keeps_the_metrics_logged_before_it(tmp_path):
+    """Lightning's CSV writer deletes an existing metrics.csv when it opens: a resumed run would
+    keep only the steps after its resume point. The rows before it are kept, each step once."""
+    import csv
+
+    from moe.cli import main
+
+    out = tmp_path / "run"
+    common = [str(DEBUG / "dense.yaml"), f"out_dir={out}", "trainer.enable_progress_bar=false",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2",
+              "optim.total_steps=8"]
+    assert main(["train", *common, "trainer.max_steps=4"]) == 0
+    assert main(["train", *common, "trainer.max_steps=8", f"resume={out}"]) == 0
+    with open(out / "logs" / "metrics.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]]
+    assert steps == list(range(8))

@@ -49,12 +49,43 @@ BINARY_SHARE = 0.01  # more than this share of control bytes: not text
 def expand_paths(patterns: list[str], domain: str) -> list[Path]:
     out: list[Path] = []
     for pat in patterns:
-        hits = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
-        hits = [h for h in hits if Path(h).is_file()]
+        found = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
+        hits = [h for h in found if Path(h).is_file()]
         if not hits:
-            raise ConfigError(f"data.sources.{domain}.paths: no file matches {pat!r}")
+            raise ConfigError(f"data.sources.{domain}.paths: {no_files(pat, found)}")
         out.extend(Path(h) for h in hits)
     return out
+
+
+def no_files(pattern: str, found: list[str]) -> str:
+    """Why a path or glob names no file to read (`found`: what the glob matched). A directory
+    is not read whole (it may hold notes, other formats, hidden files): the message gives the
+    glob of its readable files."""
+    p = Path(pattern)
+    if not glob.has_magic(pattern) and p.is_dir():
+        return f"{pattern} is a directory; give its files as a path or glob{_dir_hint(p)}"
+    dirs = [d for d in found if Path(d).is_dir()]
+    if dirs:
+        return f"{pattern!r} matches only directories ({dirs[0]}, ...); give a glob of files"
+    return f"no file matches {pattern!r}"
+
+
+def _dir_hint(d: Path, limit: int = 10_000) -> str:
+    """`, e.g. 'D/**/*.txt'` for the commonest readable type among (up to `limit` of) its files."""
+    readable = (*FASTA_EXT, *TEXT_EXT, *TABLE_BUILDERS)
+    counts: dict[tuple[str, bool], int] = {}
+    seen = 0
+    for f in d.rglob("*"):
+        seen += 1
+        if seen > limit:
+            break
+        if f.is_file() and not f.name.startswith(".") and _suffix(f) in readable:
+            key = (_suffix(f) + (".gz" if _gzipped(f) else ""), f.parent != d)
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return f" (it holds no file of a type read here: {', '.join(readable)}, optionally .gz)"
+    (ext, deep), _ = max(counts.items(), key=lambda kv: kv[1])
+    return f", e.g. '{d / ('**/*' if deep else '*')}{ext}'"
 
 
 def _gzipped(path: Path) -> bool:

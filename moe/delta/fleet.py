@@ -427,8 +427,7 @@ def _save_state(path, members: list[Member], groups: list[Group], rec: dict, byt
                    for g in groups],
         "rec": rec, "bytes_up": bytes_up, "round": rnd,
     }  # fmt: skip
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(st, tmp)
-    os.replace(tmp, path)
+    from moe.io.checkpoint import staged_file
+
+    with staged_file(path) as tmp:
+        torch.save(st, tmp)

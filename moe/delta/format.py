@@ -204,17 +204,10 @@ def write_delta(path: str | os.PathLike, delta: Delta, overwrite: bool = False) 
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} already exists (pass --overwrite to replace it)")
     data = to_bytes(delta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from moe.io.checkpoint import staged_file
+
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
     return len(data)
 
 

@@ -6,6 +6,7 @@ leaves nothing on disk.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from moe.io.checkpoint import (
     make_meta,
     save_checkpoint,
 )
+from moe.io.output import claim
 
 _FAMILY_HINT = "(pass --allow-cross-family to extract anyway)"
 
@@ -104,6 +106,12 @@ def extract(base_path: str | os.PathLike, ft_path: str | os.PathLike, out: str |
             overwrite: bool = False, allow_cross_family: bool = False) -> dict[str, Any]:
     """Write the lossless delta FINETUNE − BASE; returns its `info`."""
     _refuse(out, overwrite)
+    with claim(out, [base_path, ft_path]):  # moe/io/output.py
+        return _extract(base_path, ft_path, out, overwrite, allow_cross_family)
+
+
+def _extract(base_path, ft_path, out, overwrite: bool, allow_cross_family: bool
+             ) -> dict[str, Any]:  # fmt: skip
     base, ft = _load(base_path, "base"), _load(ft_path, "fine-tune")
     check_pair(base, ft, allow_cross_family)
     deltas, exact = extract_state(base.state_dict, ft.state_dict)
@@ -118,8 +126,11 @@ def compress(src: str | os.PathLike, spec: str, out: str | os.PathLike, seed: in
     """Re-encode a delta file under a compression spec (e.g. topk:0.05+int8)."""
     parsed = parse_spec(spec)
     _refuse(out, overwrite)
-    if Path(out).resolve() == Path(src).resolve():
-        raise ConfigError(f"output {out} is also the input")
+    with claim(out, [src]):  # moe/io/output.py
+        return _compress(src, parsed, out, seed, overwrite)
+
+
+def _compress(src, parsed, out, seed: int, overwrite: bool) -> dict[str, Any]:
     d = read_delta(src)
     stored, descs = compress_tensors(d.dense_all(), parsed, seed=seed)
     prev = d.meta["method"]
@@ -134,7 +145,14 @@ def compress(src: str | os.PathLike, spec: str, out: str | os.PathLike, seed: in
 def apply_delta(base_path: str | os.PathLike, delta_path: str | os.PathLike,
                 out: str | os.PathLike, overwrite: bool = False, scale: float = 1.0) -> Path:
     """base + δ → a checkpoint; refuses any base but the delta's own (weights sha256)."""
+    if not math.isfinite(scale):
+        raise ConfigError(f"--scale must be a finite number, got {scale}")
     _refuse(out, overwrite)
+    with claim(out, [base_path, delta_path]):  # moe/io/output.py
+        return _apply(base_path, delta_path, out, overwrite, scale)
+
+
+def _apply(base_path, delta_path, out, overwrite: bool, scale: float) -> Path:
     d = read_delta(delta_path)
     base = _load(base_path, "base")
     want, got = d.meta["base"]["sha256"], base.meta["sha256"][WEIGHTS]
@@ -145,6 +163,10 @@ def apply_delta(base_path: str | os.PathLike, delta_path: str | os.PathLike,
     if set(d.tensors) != set(base.state_dict):
         raise ConfigError(f"{delta_path} and {base.path} hold different tensors")
     state = {n: apply_tensor(base.state_dict[n], d.dense(n), scale) for n in base.state_dict}
+    for n, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"--scale {scale}: base + scale x delta overflows in {n} "
+                              f"({t.dtype}); use a smaller scale")  # fmt: skip
     ft = d.meta["finetune"]
     meta = make_meta(
         parents=[x for x in (base.meta.get("id"), ft.get("id")) if x],

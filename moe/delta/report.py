@@ -15,7 +15,7 @@ from pathlib import Path
 from moe.config import Recipe
 from moe.delta.fleet import downlink_bytes
 from moe.eval.stats import mean_ci, paired_diff_ci
-from moe.io.checkpoint import write_json
+from moe.io.checkpoint import atomic_write_text, write_json
 
 TOLERANCE = 0.02  # bpb: "within 0.02 bpb of the full fine-tune" (the closing note)
 # share of the fine-tune's own-domain gain over the base a delta keeps: where the fine-tune
@@ -351,5 +351,5 @@ def write_report(r: Recipe, runs: list[dict], base_info: dict, out: Path, seeds:
     L += body
     L += [f"![{p}]({p})" for p in plots] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(L) + "\n")
+    atomic_write_text(path, "\n".join(L) + "\n")
     return path

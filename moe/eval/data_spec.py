@@ -61,6 +61,14 @@ class EvalData:
                                   weights={})  # fmt: skip
         return cfg, doms, frozenset(d for d in doms if d in self.sources)
 
+    def input_paths(self) -> list[str]:
+        """The local files this evaluation reads (a recipe spec, the DOMAIN= files)."""
+        out = [s for s in self.specs if Path(s).is_file()]
+        for src in self.sources.values():
+            for p in src.paths:
+                out += glob.glob(p, recursive=True) if glob.has_magic(p) else [p]
+        return out
+
     def describe(self) -> dict:
         """What the report records about the data."""
         return {"spec": list(self.specs),
@@ -84,9 +92,14 @@ def _hf_source(domain: str, value: str) -> SourceConfig:
 
 def _check_files(domain: str, pattern: str) -> None:
     """A path or glob must name at least one file now, before any checkpoint is evaluated."""
+    from moe.data.source_files import no_files
+
     hits = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
     if not any(Path(h).is_file() for h in hits):
-        what = "no file matches" if glob.has_magic(pattern) else "no such file"
+        if glob.has_magic(pattern) or Path(pattern).is_dir():
+            what = no_files(pattern, hits)
+        else:
+            what = "no such file"
         raise ConfigError(f"--data {domain}={pattern}: {what}")
 
 

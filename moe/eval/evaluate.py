@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +25,11 @@ from moe.config import DOMAINS, ConfigError, DataConfig
 from moe.data.datamodule import DomainDataModule
 from moe.data.tokenizer import check_vocab, checkpoint_tokenizer
 from moe.eval.data_spec import EvalData
-from moe.io.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
+from moe.io.checkpoint import load_model, resolve_checkpoint  # noqa: F401 (re-exported)
 from moe.model.transformer import IGNORE_INDEX, Transformer
 from moe.train.module import domain_to_expert
 
 DEAD_SHARE = 0.01  # an expert receiving under 1% of a layer's assignments on every domain is "dead"
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory holding one at `model/`."""
-    p = Path(path)
-    if is_checkpoint(p):
-        return p
-    if is_checkpoint(p / "model"):
-        return p / "model"
-    if not p.exists():
-        raise CheckpointError(f"no such checkpoint or run directory: {p}")
-    raise CheckpointError(f"{p} is neither a checkpoint nor a run directory holding model/")
 
 
 def data_config_of(meta: dict) -> tuple[DataConfig, int]:
@@ -163,11 +150,9 @@ def evaluate_checkpoint(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if max_batches < 0:
         raise ConfigError(f"--max-batches must be 0 (all) or more, got {max_batches}")
-    ckpt_dir = resolve_checkpoint(path)
-    ck = load_checkpoint(ckpt_dir)
+    model, ck = load_model(path)
+    ckpt_dir = ck.path
     tok = checkpoint_tokenizer(ckpt_dir, ck.config.vocab_size, tokenizer, "--tokenizer PATH")
-    model = Transformer(ck.config)
-    model.load_state_dict(ck.state_dict)
     cfg, seed = data_config_of(ck.meta)
     whole: frozenset[str] = frozenset()
     if data is not None:

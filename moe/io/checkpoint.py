@@ -22,21 +22,26 @@ meta.json fields:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moe.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+
+if TYPE_CHECKING:
+    from moe.model.transformer import Transformer
 
 FORMAT = "moe-forge/1"
 WEIGHTS = "model.safetensors"
@@ -73,19 +78,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temporary name + rename: readers see the old or the new text."""
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """The one way a file is written: the block writes the temporary name it is given (beside
+    `path`), which is then fsynced and renamed onto `path`; readers see the old file or the new
+    one, never half of one. An error or a signal inside the block removes the temporary file and
+    leaves `path` as it was. `suffix` ends the temporary name (np.savez wants `.npz`)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a file name to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{new_id()}{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through `staged_file`."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -284,12 +301,181 @@ def load_state_dict(path: str | os.PathLike, verify: bool = True) -> dict[str, t
         ) from None
 
 
-def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
-    """Load a checkpoint directory (weights verified against meta.json's sha256)."""
+def load_checkpoint(path: str | os.PathLike, verify: bool = True, check: bool = True) -> Checkpoint:
+    """Load a checkpoint directory (weights verified against meta.json's sha256, and their names
+    and shapes against config.json unless `check` is off: see `check_weights`)."""
     path = Path(path)
     meta = read_meta(path)
     config = read_config(path)
-    return Checkpoint(path=path, state_dict=load_state_dict(path, verify), config=config, meta=meta)
+    state_dict = load_state_dict(path, verify)
+    if check:
+        check_weights(state_dict, config, path / CONFIG)
+    return Checkpoint(path=path, state_dict=state_dict, config=config, meta=meta)
+
+
+def load_model(path: str | os.PathLike, verify: bool = True) -> tuple[Transformer, Checkpoint]:
+    """(Transformer with the checkpoint's weights, the checkpoint) for a checkpoint or run
+    directory (`resolve_checkpoint`); the weights are checked against config.json first."""
+    from moe.model.transformer import Transformer
+
+    ck = load_checkpoint(resolve_checkpoint(path), verify)
+    model = Transformer(ck.config)
+    model.load_state_dict(ck.state_dict)
+    return model, ck
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory holding one at `model/`."""
+    p = Path(path)
+    if is_checkpoint(p):
+        return p
+    if is_checkpoint(p / "model"):
+        return p / "model"
+    if not p.exists():
+        raise CheckpointError(f"no such checkpoint or run directory: {p}")
+    raise CheckpointError(f"{p} is neither a checkpoint nor a run directory holding model/")
+
+
+# ---------------------------------------------------------------------------- config vs weights
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a model of `config` holds (built on the meta device: no
+    memory is allocated)."""
+    import warnings
+
+    from moe.model.transformer import Transformer
+
+    with torch.device("meta"), warnings.catch_warnings():
+        # a model whose every head was pruned has zero-element tensors: nothing to warn about
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model = Transformer(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _dim_fields(name: str, c: ModelConfig) -> tuple[str, ...]:
+    """The config field behind each dimension of tensor `name` (a resolved config `c`)."""
+    q, kv = "n_heads x head size", "n_kv_heads x head size"
+    fe = "moe.expert_ffn_dim" if c.moe.expert_ffn_dim else "ffn_dim"
+    leaf = name.split(".", 2)[2] if name.startswith("layers.") else name
+    table = {
+        "tok_emb.weight": ("vocab_size", "dim"), "lm_head.weight": ("vocab_size", "dim"),
+        "norm.weight": ("dim",), "attn_norm.weight": ("dim",), "ffn_norm.weight": ("dim",),
+        "attn.wq.weight": (q, "dim"), "attn.wk.weight": (kv, "dim"),
+        "attn.wv.weight": (kv, "dim"), "attn.wo.weight": ("dim", q),
+        "attn.wq.bias": (q,), "attn.wk.bias": (kv,), "attn.wv.bias": (kv,),
+        "ffn.w1.weight": ("ffn_dim", "dim"), "ffn.w3.weight": ("ffn_dim", "dim"),
+        "ffn.w2.weight": ("dim", "ffn_dim"),
+        "ffn.w1": ("moe.experts", "dim", fe), "ffn.w3": ("moe.experts", "dim", fe),
+        "ffn.w2": ("moe.experts", fe, "dim"), "ffn.router.weight": ("moe.experts", "dim"),
+        "ffn.shared.w1.weight": ("moe.shared_expert_ffn_dim", "dim"),
+        "ffn.shared.w3.weight": ("moe.shared_expert_ffn_dim", "dim"),
+        "ffn.shared.w2.weight": ("dim", "moe.shared_expert_ffn_dim"),
+    }  # fmt: skip
+    return table.get(leaf, ())
+
+
+def _disagreement(field_: str, got: int, c: ModelConfig) -> str:
+    """`FIELD is X but the weights ...` for one dimension that differs."""
+    hs = c.head_size()
+    size = "head_dim" if c.head_dim is not None else "dim / n_heads"
+    says = {
+        "dim": (f"dim is {c.dim}", f"are {got} wide"),
+        "vocab_size": (f"vocab_size is {c.vocab_size}", f"have {got} token rows"),
+        "ffn_dim": (f"ffn_dim is {c.ffn_dim}", f"have {got} FFN neurons"),
+        "moe.expert_ffn_dim": (f"moe.expert_ffn_dim is {c.moe.expert_ffn_dim}",
+                               f"have {got} neurons per expert"),
+        "moe.experts": (f"moe.experts lists {len(c.moe.experts)} experts", f"have {got}"),
+        "moe.shared_expert_ffn_dim": (
+            f"moe.shared_expert_ffn_dim is {c.moe.shared_expert_ffn_dim}",
+            f"have a shared expert of {got} neurons"),
+        "n_heads x head size": (
+            f"n_heads x head size ({size}) is {c.n_heads} x {hs} = {c.n_heads * hs}",
+            f"have {got} query channels"),
+        "n_kv_heads x head size": (
+            f"n_kv_heads x head size ({size}) is {c.n_kv_heads} x {hs} = {c.n_kv_heads * hs}",
+            f"have {got} key/value channels"),
+    }  # fmt: skip
+    cfg_says, weights = says[field_]
+    return f"{cfg_says} but the weights {weights}"
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() else None
+
+
+def _missing_or_extra(missing: list[str], extra: list[str], layers: set[int],
+                      c: ModelConfig) -> str:
+    """Why tensors are missing or unexpected (`layers`: the layer indices the weights hold): the
+    config field responsible, when one is."""
+    if layers != set(range(c.n_layers)) and layers == set(range(len(layers))):
+        return f"n_layers is {c.n_layers} but the weights have {len(layers)} layers"
+    def has(*suffixes: str) -> str | None:
+        """"have" / "have no" when a tensor ending so is unexpected / missing, else None."""
+        if any(k.endswith(suffixes) for k in extra):
+            return "have"
+        return "have no" if any(k.endswith(suffixes) for k in missing) else None
+
+    if has("ffn.w1") and has("ffn.w1.weight"):
+        if c.moe.experts:
+            return (f"moe.experts lists {len(c.moe.experts)} experts but the weights hold a "
+                    "dense FFN (layers.N.ffn.w1.weight)")  # fmt: skip
+        return ("moe.experts is empty (a dense model) but the weights hold an MoE FFN "
+                "(layers.N.ffn.w1)")  # fmt: skip
+    if w := has("lm_head.weight"):
+        return f"tie_embeddings is {str(c.tie_embeddings).lower()} but the weights {w} lm_head"
+    if w := has("attn.wq.bias", "attn.wk.bias", "attn.wv.bias"):
+        return f"qkv_bias is {str(c.qkv_bias).lower()} but the weights {w} q/k/v biases"
+    if w := has("ffn.router.weight"):
+        return (f"moe.router is {c.moe.router} but the weights have "
+                f"{'a' if w == 'have' else 'no'} learned router")  # fmt: skip
+    if w := has("shared.w1.weight", "shared.w2.weight", "shared.w3.weight"):
+        return (f"moe.shared_expert_ffn_dim is {c.moe.shared_expert_ffn_dim} but the weights "
+                f"have {'a' if w == 'have' else 'no'} shared expert")  # fmt: skip
+    parts = []
+    if missing:
+        parts.append(f"the weights lack {missing[0]}"
+                     + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if extra:
+        parts.append(f"the weights hold {extra[0]}"
+                     + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+                     + " that the config does not make")
+    return "; ".join(parts)
+
+
+def check_weights(
+    state_dict: Mapping[str, torch.Tensor | tuple[int, ...]], config: ModelConfig,
+    where: str | os.PathLike,
+) -> None:
+    """Refuse weights whose names or shapes are not those a model of `config` holds, naming the
+    config field that disagrees: `where: dim is 64 but the weights are 32 wide (...)`. The values
+    are tensors, or their shapes (a file's header, read without loading the tensors)."""
+    try:
+        c = config.resolved()
+        want = expected_shapes(c)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    missing = [k for k in want if k not in state_dict]
+    extra = [k for k in state_dict if k not in want]
+    if missing or extra:
+        layers = {i for i in map(_layer, state_dict) if i is not None}
+        raise CheckpointError(f"{where}: {_missing_or_extra(missing, extra, layers, c)}")
+    for name, shape in want.items():
+        v = state_dict[name]
+        got = tuple(v.shape if isinstance(v, torch.Tensor) else v)
+        if got == shape:
+            continue
+        detail = f"{name} has shape {_fmt(got)}, config says {_fmt(shape)}"
+        fields_ = _dim_fields(name, c)
+        if len(got) == len(shape) == len(fields_):
+            i = next(i for i in range(len(got)) if got[i] != shape[i])
+            raise CheckpointError(f"{where}: {_disagreement(fields_[i], got[i], c)} ({detail})")
+        raise CheckpointError(f"{where}: the weights do not match the config ({detail})")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -51,6 +51,7 @@ from moe.io.checkpoint import (
     replace_dir,
     save_checkpoint,
 )
+from moe.io.output import claim
 
 # Files of a tokenizer directory that import carries over and export writes back
 TOKENIZER_FILES = (
@@ -281,10 +282,16 @@ def import_hf(
     A GGUF file (or a directory holding one) is de-quantized through transformers first. Tokenizer
     files are carried into `out/tokenizer/`. `source` is recorded as meta.hf_source (default:
     `hf_dir`). Returns `out`."""
-    from moe.merge.sources import TensorFile, hf_weight_files, is_hf_dir
-
     src, out = Path(hf_dir), Path(out)
     refuse_existing(out, overwrite)
+    with claim(out, [src]):  # moe/io/output.py
+        return _import(src, out, overwrite, source)
+
+
+def _import(src: Path, out: Path, overwrite: bool, source: str | os.PathLike | None) -> Path:
+    """`import_hf` once its output is claimed."""
+    from moe.merge.sources import TensorFile, hf_weight_files, is_hf_dir
+
     gguf = _gguf_file(src, is_hf_dir(src))
     if gguf is not None:
         return _import_gguf(gguf, out, overwrite)

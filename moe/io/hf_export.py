@@ -27,6 +27,7 @@ from moe.io.hf import (
     refuse_existing,
     staging_dir,
 )
+from moe.io.output import claim
 
 
 def _dtype_name(sd: dict[str, torch.Tensor]) -> str:
@@ -226,6 +227,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
 
     path, out = resolve_input(ckpt), Path(out)
     refuse_existing(out, overwrite)
+    with claim(out, [path]):  # moe/io/output.py
+        return _export(path, out)
+
+
+def _export(path: Path, out: Path) -> Path:
+    """`export_hf` once its output is claimed."""
     ck = load_checkpoint(path)
     cfg = ck.config.resolved()
     _check_exportable(cfg, path)

@@ -5,12 +5,12 @@ Layout of a training run directory:
     model/           the final checkpoint (see moe.io.checkpoint)
     resume/last.ckpt Lightning's resume file (written atomically, loaded with weights_only)
     logs/            CSV metrics (and TensorBoard events when installed)
-    .lock            held (flock) while a job writes here
+A job writing the run holds `../.NAME.lock` (moe.io.output.claim), taken before anything in
+the directory is touched.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -21,49 +21,17 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from moe.config import ConfigError
+from moe.io.checkpoint import staged_file
+from moe.io.output import OutputLock
 
 
 class RunDirError(ConfigError):
     pass
 
 
-class RunLock:
-    """An exclusive advisory lock on `dir/.lock`; a second job on the same directory is refused."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            finally:
-                os.close(fd)
-            raise RunDirError(
-                f"{self.path.parent} is in use by another job (pid {holder}); "
-                "wait for it or choose another out_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+# one writer per run directory: the lock every writing command takes (moe/io/output.py), on
+# `.NAME.lock` beside the run directory
+RunLock = OutputLock
 
 
 _RANK_VARS = ("RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "SLURM_PROCID")
@@ -84,8 +52,9 @@ def launch_rank_is_zero() -> bool:
     return True
 
 
-def prepare_run_dir(out_dir: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
-    """Check that a run may write to `out_dir`. Clears old logs/resume files only on overwrite."""
+def check_run_dir(out_dir: str | os.PathLike, overwrite: bool, resume: bool) -> bool:
+    """Refuse a run into `out_dir` that is neither new, an --overwrite nor a resume (reads only).
+    Returns whether the directory holds an earlier run."""
     run = Path(out_dir)
     if run.exists() and not run.is_dir():
         raise RunDirError(f"out_dir {run} exists and is not a directory")
@@ -95,6 +64,14 @@ def prepare_run_dir(out_dir: str | os.PathLike, overwrite: bool, resume: bool) -
             f"output directory {run} already exists; pass --overwrite to replace it "
             "or resume=... to continue it"
         )
+    return used
+
+
+def prepare_run_dir(out_dir: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
+    """Check that a run may write to `out_dir`, and create it. Clears old logs/resume files only
+    on overwrite: call it when every other check has passed (and the run's claim is held)."""
+    run = Path(out_dir)
+    used = check_run_dir(run, overwrite, resume)
     run.mkdir(parents=True, exist_ok=True)
     if used and overwrite and not resume:
         # the final model is replaced atomically when the new one is complete; logs and
@@ -137,18 +114,40 @@ def read_resume_state(path: Path) -> tuple[int, dict]:
     return int(ck["global_step"]), dict(state) if isinstance(state, dict) else {}
 
 
+def check_resume_model(path: Path, model: torch.nn.Module, what: str = "resume") -> None:
+    """Refuse a Lightning checkpoint whose model weights are not `model`'s (names and shapes)
+    before anything is written: Lightning itself finds out only inside fit."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not the zip layout mmap needs (read_resume_state read it already)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    saved = {k.removeprefix("model."): tuple(v.shape)
+             for k, v in (ck.get("state_dict") or {}).items() if k.startswith("model.")}
+    if not saved:
+        return  # a layout without the module's own keys: Lightning checks it
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if saved == want:
+        return
+    name = next((k for k in want if k not in saved), None)
+    if name is not None:
+        detail = f"it has no {name}"
+    else:
+        name = next((k for k in saved if k not in want), None)
+        if name is not None:
+            detail = f"it has {name}, which this recipe's model does not"
+        else:
+            name = next(k for k in want if saved[k] != want[k])
+            detail = f"{name} is {list(saved[name])} there, {list(want[name])} here"
+    raise RunDirError(f"{what}: {path} holds a model of another architecture ({detail}); "
+                      "resume a run with the recipe it was started with")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary name then renamed; loaded with weights_only."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)

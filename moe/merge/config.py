@@ -31,7 +31,14 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.config_check import ConfigError, check_finite, check_layer, explain, read_yaml_mapping
+from moe.config_check import (
+    ConfigError,
+    check_finite,
+    check_layer,
+    explain,
+    parse_override,
+    read_yaml_mapping,
+)
 from moe.merge import registry
 from moe.merge.gradients import check_form, coerce, is_scalar, value_at
 from moe.merge.sources import describe_problem
@@ -166,7 +173,9 @@ def merge_config_from_dict(
         for k in ("weight", "density", "t"):
             if hasattr(p, k):
                 setattr(p, k, coerce(getattr(p, k)))
-    check_finite(obj, where)  # values that came through interpolation
+    # values that came through interpolation; every weight scales float32 tensors, so a number
+    # beyond float32's range (1e39) would overflow there
+    check_finite(obj, where, float32=True)
     validate(obj, where)
     return obj
 
@@ -184,7 +193,7 @@ def load_merge_config(
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key=value")
         try:
-            layer = OmegaConf.from_dotlist([ov])
+            layer = parse_override(ov)
             check_layer(layer, MergeConfig, f"override {ov!r}", raw)
             # the fields that take any form (t, weight, density) are not typed: NaN/inf here
             key, _, value = ov.partition("=")

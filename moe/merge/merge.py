@@ -29,6 +29,7 @@ from tqdm import tqdm
 from moe.config import ConfigError, model_config_from_dict, to_dict
 from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
 from moe.io.checkpoint import CheckpointError, make_meta, new_id, replace_dir, save_checkpoint
+from moe.io.output import claim
 from moe.merge import registry
 from moe.merge.config import MergeConfig, load_merge_config, validate
 from moe.merge.gradients import position
@@ -281,6 +282,16 @@ def merge(
     target = Path(target)
     if target.exists() and not overwrite:
         raise CheckpointError(f"output {target} already exists (pass --overwrite to replace it)")
+    inputs = [cfg.base_model, *(m.model for m in cfg.models),
+              *(s.model for sl in cfg.slices for s in sl.sources)]  # fmt: skip
+    if not isinstance(config, MergeConfig):
+        inputs.append(config)  # the config file itself
+    with claim(target, inputs):  # moe/io/output.py: before any input is opened
+        return _merge(cfg, target, overwrite, progress)
+
+
+def _merge(cfg: MergeConfig, target: Path, overwrite: bool, progress: bool) -> Path:
+    """`merge` once its output is claimed."""
     spec = registry.get(cfg.merge_method)
     if cfg.slices:  # mergekit layer stacking / per-range merges
         from moe.merge.slices import merge_slices
@@ -292,9 +303,6 @@ def merge(
 
     models = [open_model(m.model, base) for m in cfg.models]
     inputs = ([base] if base is not None else []) + models
-    for s in inputs:
-        if s.path.resolve() == target.resolve():
-            raise ConfigError(f"output {target} is also an input of the merge")
     # one tokenizer: inputs whose tokenizers differ cannot be merged, whatever their shapes
     check_same_tokenizer([(getattr(s, "tokenizer_dir", s.path),
                            int(s.config.get("vocab_size") or 0)) for s in inputs],
@@ -334,6 +342,9 @@ def merge(
         b = _operand(base, template, t0, name, sl, cdt) if base is not None else None
         ts = [_operand(m, template, t0, name, sl, cdt) for m in models]
         res = spec.fn(b, ts, MethodParams(name=name, **params(name)))
+        if not bool(torch.isfinite(res).all()):  # finite inputs, weights too large for them
+            raise ConfigError(f"merge: {name} comes out with inf or NaN values; the weights "
+                              "(weight, lambda, scale) are too large for these models")
         # the kept output lives in its own mapping (see sources.page_tensor)
         out_t = page_tensor(t0.shape, dtype)
         if expert_slice:

@@ -27,7 +27,9 @@ from moe.io.checkpoint import (
     CONFIG,
     WEIGHTS,
     CheckpointError,
+    check_weights,
     is_checkpoint,
+    read_config,
     read_meta,
     sha256_file,
 )
@@ -208,6 +210,7 @@ def open_source(path: str | os.PathLike, verify: bool = True) -> Source:
                     f"{p / WEIGHTS}: sha256 mismatch (file is corrupted or truncated)"
                 )
         tf = TensorFile(p / WEIGHTS)
+        check_weights({n: tf.shape(n) for n in tf.entries}, read_config(p), p / CONFIG)
         return Source(p, "moe", _read_json(p / CONFIG), meta, {n: tf for n in tf.entries})
     opened: dict[Path, TensorFile] = {}
     files: dict[str, TensorFile] = {}

@@ -67,3 +67,100 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward + backward (3x forward) FLOPs per training token."""
     return 3.0 * forward_flops_per_token(config, seq_len)
+
+
+# ---------------------------------------------------------------------------- memory
+
+GIB = 1 << 30
+
+
+def memory_needed(config: ModelConfig, training: bool = False, bytes_per_param: int = 4) -> int:
+    """Bytes a model of `config` needs at the least: its weights (`bytes_per_param` each, 4 for
+    fp32); training adds a gradient and AdamW's two moments per parameter (3 x as much again).
+    Activations, data and the allocator's slack come on top: this is a lower bound, so a size it
+    refuses can never fit."""
+    n = count_params(config).total
+    return n * bytes_per_param * (4 if training else 1)
+
+
+def available_memory(device: str = "cpu") -> tuple[int, str] | None:
+    """(bytes, what they are) free for a model on `device` (cpu | cuda), None when unknown.
+
+    cpu: MemAvailable of /proc/meminfo (psutil's when it is installed), lowered to the room
+    left under a cgroup (container) memory limit; cuda: the free memory of every visible GPU
+    together (a sharded model can use all of it)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        n = torch.cuda.device_count()
+        free = sum(torch.cuda.mem_get_info(i)[0] for i in range(n))
+        return free, f"free on {n} GPU{'s' if n > 1 else ''}"
+    avail: int | None = None
+    try:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        avail = int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            pass
+    if avail is None:
+        return None
+    what = "available (MemAvailable)"
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read().strip())
+        if limit != "max" and int(limit) - used < avail:
+            avail, what = max(int(limit) - used, 0), "left under this container's memory limit"
+    except (OSError, ValueError):
+        pass
+    return avail, what
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}{unit}"
+    return f"{n:.3g}{unit}"
+
+
+def describe_size(config: ModelConfig) -> str:
+    """`dim 64, 2 layers, ffn 192, 3 experts`: the sizes that decide a model's parameters."""
+    c = config.resolved()
+    e = len(c.moe.experts)
+    fe = c.moe.expert_ffn_dim or c.ffn_dim
+    ffn = f"{e} experts of ffn {fe}" if e else f"ffn {c.ffn_dim}"
+    return f"dim {c.dim}, {c.n_layers} layers, {ffn}, vocab {c.vocab_size}"
+
+
+def check_memory(config: ModelConfig, what: str, training: bool = False, device: str = "cpu",
+                 bytes_per_param: int = 4, extra: int = 0) -> None:  # fmt: skip
+    """Refuse (ConfigError: one line naming the size and what is available) a model that cannot
+    fit, before anything of it is allocated. `what` names where its size came from; `extra`:
+    bytes needed beside it (the source model a surgery reads, a second copy, ...)."""
+    from moe.config import ConfigError
+
+    need = memory_needed(config, training, bytes_per_param) + extra
+    have = available_memory(device)
+    if have is None or need <= have[0]:
+        return
+    n = count_params(config).total
+    use = (f"to train ({bytes_per_param} bytes per parameter for the weights, gradients and two "
+           "AdamW moments each" if training else f"for its weights ({bytes_per_param} bytes per "
+           "parameter")  # fmt: skip
+    if extra >= 0.01 * need:
+        use += f"; {extra / GIB:,.1f} GiB of it beside the model's parameters"
+    where = f" on {device}" if device != "cpu" else ""
+    raise ConfigError(
+        f"{what}: {_human(n)} parameters ({describe_size(config)}) need at least "
+        f"{need / GIB:,.1f} GiB {use}), but {have[0] / GIB:,.1f} GiB is {have[1]}{where}"
+    )

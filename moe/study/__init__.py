@@ -16,16 +16,34 @@ from pathlib import Path
 from moe.config import ConfigError, Recipe, to_yaml
 from moe.experiments import recipe_changed
 from moe.io.checkpoint import atomic_write_text, write_json
-from moe.io.rundir import RunLock
+from moe.io.output import claim, recipe_inputs
 from moe.study.context import log
 from moe.study.runner import Study
 
 __all__ = ["Study", "run_study", "dry_run"]
 
 
-def dry_run(recipe: Recipe) -> str:
-    """The stage plan of a study (and every seed's), without training anything."""
-    return Study(recipe, Path(recipe.out_dir)).describe_plan()
+def dry_run(recipe: Recipe, only: str | None = None, seeds: int | None = None) -> str:
+    """The stage plan of a study (and every seed's), without training anything, after every
+    check the real run makes before it writes anything (`check_study`)."""
+    return check_study(recipe, only, seeds).describe_plan()
+
+
+def check_study(recipe: Recipe, only: str | None = None, seeds: int | None = None) -> Study:
+    """Every mistake `run_study` refuses before it writes anything: seeds, --stage, the budget
+    and plan, a model too large to train here (the seed's; with init= its stage checks)."""
+    from moe.train.stages import check_fits
+
+    seeds = recipe.study.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if only is not None and seeds > 1:
+        raise ConfigError("--stage runs one stage of one study; drop --seeds")
+    study = Study(recipe, Path(recipe.out_dir))
+    study.check_stage(only)
+    if recipe.init is None:
+        check_fits(recipe, recipe.model, "model")
+    return study
 
 
 def run_study(
@@ -38,13 +56,9 @@ def run_study(
     """
     seeds = recipe.study.seeds if seeds is None else seeds
     run_dir = Path(recipe.out_dir)
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    if only is not None and seeds > 1:
-        raise ConfigError("--stage runs one stage of one study; drop --seeds")
-    Study(recipe, run_dir)  # the budget and the plan are checked before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
+    check_study(recipe, only, seeds)  # before anything is written
+    with claim(run_dir, recipe_inputs(recipe)):  # before anything in it is touched
+        run_dir.mkdir(parents=True, exist_ok=True)
         saved = run_dir / "recipe.yaml"
         if saved.is_file() and not recipe.overwrite and _study_changed(saved, recipe):
             raise ConfigError(

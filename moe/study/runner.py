@@ -24,7 +24,7 @@ import torch
 from moe.config import ConfigError, Recipe, validate_study_run
 from moe.data.datamodule import DomainDataModule
 from moe.eval.evaluate import evaluate_model
-from moe.io.checkpoint import load_checkpoint, read_config, write_json
+from moe.io.checkpoint import load_model, read_config, write_json
 from moe.model.flops import count_params
 from moe.model.transformer import Transformer
 from moe.study.arms import ModelSpec, StageSpec, get_arm, with_requirements
@@ -129,12 +129,18 @@ class Study:
 
     # ------------------------------------------------------------------ running
 
+    def check_stage(self, only: str | None) -> list[str]:
+        """Every stage name (the planned ones, then eval and report); refuses an `only` (--stage)
+        that is none of them."""
+        names = [st.name for st in self.plan()] + ["eval", "report"]
+        if only is not None and only not in names:
+            raise ConfigError(f"--stage {only!r} is not a stage of this study: {', '.join(names)}")
+        return names
+
     def run(self, only: str | None = None) -> dict:
         ctx = self.ctx
         stages = self.plan()
-        names = [st.name for st in stages] + ["eval", "report"]
-        if only is not None and only not in names:
-            raise ConfigError(f"--stage {only!r} is not a stage of this study: {', '.join(names)}")
+        names = self.check_stage(only)
         t0 = time.perf_counter()
         planned = sum(st.tokens for st in stages)
         done_tokens = sum(st.tokens for st in stages if ctx.done(st.name))
@@ -194,9 +200,7 @@ class Study:
     # ------------------------------------------------------------------ evaluation
 
     def _load(self, name: str) -> tuple[Transformer, dict]:
-        ck = load_checkpoint(self.ctx.model_dir(name))
-        model = Transformer(ck.config)
-        model.load_state_dict(ck.state_dict)
+        model, ck = load_model(self.ctx.model_dir(name))
         return model, ck.meta
 
     def _tokenizer(self):

@@ -3,8 +3,7 @@ branch and the experts' MoE, with the MoE's routing per token (moe.generation)."
 
 from __future__ import annotations
 
-from moe.io.checkpoint import load_checkpoint
-from moe.model.transformer import Transformer
+from moe.io.checkpoint import load_model
 
 # fixed prompts, one per built-in domain (a new domain gets no sample)
 PROMPTS = {
@@ -24,9 +23,7 @@ def study_samples(ctx, stage_labels: list[tuple[str, str]], domains: list[str],
     for stage, label in stage_labels:
         if not ctx.done(stage):
             continue
-        ck = load_checkpoint(ctx.model_dir(stage))
-        model = Transformer(ck.config)
-        model.load_state_dict(ck.state_dict)
+        model, _ = load_model(ctx.model_dir(stage))
         entries.append((label, model.eval()))
     if not prompts or not entries:
         return None

@@ -18,7 +18,7 @@ from typing import Any
 from moe.config import ConfigError, Recipe, load_recipe, to_dict
 from moe.eval.stats import verdict
 from moe.io.checkpoint import write_json
-from moe.io.rundir import RunLock
+from moe.io.output import claim, recipe_inputs
 from moe.study.context import log
 
 
@@ -90,10 +90,10 @@ class Sweep:
             if key not in _flat_keys(to_dict(r)):
                 raise ConfigError(f"{where}: {key!r} is not a recipe key")
             r = _with_out_dir(r, str(self.run_dir / _value_dir(key, v)), self.overwrite)
-            from moe.study.runner import Study
+            from moe.study import check_study
 
             try:
-                Study(r, Path(r.out_dir))
+                check_study(r, seeds=self.seeds)  # what each value's run_study checks first
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             self.recipes.append(r)
@@ -118,8 +118,10 @@ class Sweep:
     def run(self) -> Path:
         from moe.study import run_study
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.run_dir):
+        # the sweep's claim is held to its report: a second sweep into the same directory is
+        # refused, not run alongside (each value's study also claims its own directory)
+        with claim(self.run_dir, recipe_inputs(self.base)):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             marker = self.run_dir / "sweep.json"
             ident = self.identity()
             if marker.is_file() and not self.overwrite:
@@ -130,25 +132,25 @@ class Sweep:
                         "it or choose another out_dir"
                     )
             write_json(marker, ident)
-        per_value = []
-        for i, (v, r) in enumerate(zip(self.values, self.recipes), 1):
-            log(f"=== sweep {self.key}={v} ({i}/{len(self.values)})")
-            run_study(r, seeds=self.seeds, recipe_path=self.recipe_path)
-            per_value.append(self._seed_results(Path(r.out_dir)))
-        from moe.eval.report import aggregate
+            per_value = []
+            for i, (v, r) in enumerate(zip(self.values, self.recipes), 1):
+                log(f"=== sweep {self.key}={v} ({i}/{len(self.values)})")
+                run_study(r, seeds=self.seeds, recipe_path=self.recipe_path)
+                per_value.append(self._seed_results(Path(r.out_dir)))
+            from moe.eval.report import aggregate
 
-        aggs = [aggregate(res) for res in per_value]
-        summary = summarize(self.key, self.values, aggs)
-        summary["command"] = (
-            f"moe sweep {self.recipe_path or ''} {self.key}={','.join(self.values)} "
-            f"--seeds {self.seeds}"
-        )
-        write_json(self.run_dir / "results.json", summary)
-        from moe.eval.report.sweep import write_sweep_report
+            aggs = [aggregate(res) for res in per_value]
+            summary = summarize(self.key, self.values, aggs)
+            summary["command"] = (
+                f"moe sweep {self.recipe_path or ''} {self.key}={','.join(self.values)} "
+                f"--seeds {self.seeds}"
+            )
+            write_json(self.run_dir / "results.json", summary)
+            from moe.eval.report.sweep import write_sweep_report
 
-        path = write_sweep_report(summary, self.run_dir)
-        log(f"wrote {path}")
-        return path
+            path = write_sweep_report(summary, self.run_dir)
+            log(f"wrote {path}")
+            return path
 
     def _seed_results(self, value_dir: Path) -> list[dict]:
         if self.seeds == 1:

@@ -29,6 +29,7 @@ import torch
 from moe.config import ConfigError, ModelConfig
 from moe.surgery.structure import (
     GROW_METHODS,
+    _with_ffn,
     grow_ffn,
     grow_width,
     insert_identity,
@@ -114,6 +115,22 @@ def check_spec(cfg: ModelConfig, s: GrowSpec) -> None:
                           "--identity-after, --duplicate or --layers")  # fmt: skip
 
 
+def grown_config(cfg: ModelConfig, s: GrowSpec) -> ModelConfig:
+    """The architecture `grow_state` makes, from the config alone (to size it before growing)."""
+    cfg = cfg.resolved()
+    hd = cfg.head_size()
+    if s.ffn_dim is not None:
+        cfg = _with_ffn(cfg, s.ffn_dim)
+    if s.dim is not None or s.kv_heads is not None:
+        kv = s.kv_heads if s.kv_heads is not None else cfg.n_kv_heads
+        g = cfg.n_heads // cfg.n_kv_heads if cfg.n_kv_heads else 1
+        cfg = dataclasses.replace(cfg, dim=s.dim or cfg.dim, n_kv_heads=kv, n_heads=kv * g,
+                                  head_dim=hd)  # fmt: skip
+    n = cfg.n_layers + len(s.identity_after or ()) + (
+        s.duplicate[1] - s.duplicate[0] if s.duplicate else 0)  # fmt: skip
+    return dataclasses.replace(cfg, n_layers=len(s.layers) if s.layers is not None else n)
+
+
 def grow_state(cfg: ModelConfig, sd: dict[str, torch.Tensor], s: GrowSpec
                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:  # fmt: skip
     check_spec(cfg, s)
@@ -168,11 +185,19 @@ def grow_checkpoint(source: str | Path, out: str | Path, spec: GrowSpec,
                     overwrite: bool = False) -> Path:  # fmt: skip
     """`moe grow`: read, check, grow, write (atomically; nothing written on a mistake)."""
     from moe.eval.evaluate import resolve_checkpoint
-    from moe.io.checkpoint import CheckpointError, load_checkpoint
+    from moe.io.checkpoint import CheckpointError, load_checkpoint, read_config
+    from moe.io.output import claim
+    from moe.model.flops import check_memory, memory_needed
 
     src_dir = resolve_checkpoint(source)
     if Path(out).exists() and not overwrite:
         raise CheckpointError(f"checkpoint {out} already exists (pass --overwrite to replace it)")
-    ck = load_checkpoint(src_dir)
-    cfg, sd = grow_state(ck.config, ck.state_dict, spec)
-    return write_surgery_checkpoint(src_dir, ck, cfg, sd, out, "grow", spec.describe(), overwrite)
+    with claim(out, [source]):  # moe/io/output.py
+        src_cfg = read_config(src_dir)
+        check_spec(src_cfg, spec)
+        # the grown model's weights must fit beside the source's, before either is read
+        check_memory(grown_config(src_cfg, spec), f"grow {source}", extra=memory_needed(src_cfg))
+        ck = load_checkpoint(src_dir)
+        cfg, sd = grow_state(ck.config, ck.state_dict, spec)
+        return write_surgery_checkpoint(src_dir, ck, cfg, sd, out, "grow", spec.describe(),
+                                        overwrite)

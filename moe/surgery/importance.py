@@ -299,11 +299,10 @@ def save_scores(path: Path, scores: dict[str, dict[str, torch.Tensor]], info: di
     """`path` (.safetensors) holding DOMAIN/NAME tensors, and its JSON summary beside it; both
     written through temporary names."""
     tensors = {f"{d}/{n}": t.contiguous() for d, s in scores.items() for n, t in s.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
-    os.replace(tmp, path)
-    from moe.io.checkpoint import write_json
+    from moe.io.checkpoint import staged_file, write_json
+
+    with staged_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
 
     write_json(summary_path(path), summarise(scores, info))
     return path
@@ -405,8 +404,9 @@ def importance_checkpoint(ckpt: str | os.PathLike, domains: list[str], out: str 
     import dataclasses
 
     from moe.data.tokenizer import checkpoint_tokenizer
-    from moe.eval.evaluate import data_config_of, resolve_checkpoint
-    from moe.io.checkpoint import load_checkpoint
+    from moe.eval.evaluate import data_config_of
+    from moe.io.checkpoint import load_model
+    from moe.io.output import claim
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -421,24 +421,25 @@ def importance_checkpoint(ckpt: str | os.PathLike, domains: list[str], out: str 
                           "time)")  # fmt: skip
     if batches < 1 or batch_size < 1:
         raise ConfigError("--batches and --batch-size must be at least 1")
-    ckpt_dir = resolve_checkpoint(ckpt)
-    ck = load_checkpoint(ckpt_dir)
-    data, seed = data_config_of(ck.meta)
-    data = dataclasses.replace(data, seq_len=min(data.seq_len, ck.config.resolved().max_seq_len))
-    tok = checkpoint_tokenizer(ckpt_dir, ck.config.vocab_size)
-    model = Transformer(ck.config)
-    model.load_state_dict(ck.state_dict)
-    calib = {d: calibration_batches(data, seed, d, batches, batch_size, tok) for d in domains}
-    from moe.data.datamodule import domain_names
+    with claim([out, summary_path(out)], [ckpt]):  # moe/io/output.py
+        model, ck = load_model(ckpt)
+        ckpt_dir = ck.path
+        data, seed = data_config_of(ck.meta)
+        seq_len = min(data.seq_len, ck.config.resolved().max_seq_len)
+        data = dataclasses.replace(data, seq_len=seq_len)
+        tok = checkpoint_tokenizer(ckpt_dir, ck.config.vocab_size)
+        calib = {d: calibration_batches(data, seed, d, batches, batch_size, tok) for d in domains}
+        from moe.data.datamodule import domain_names
 
-    names = domain_names(data)
-    scores = {d: compute_importance(model, calib[d], names, progress, f"importance {d}")
-              for d in domains}  # fmt: skip
-    info = {"checkpoint": str(ckpt_dir), "checkpoint_id": ck.meta.get("id"),
-            "checkpoint_sha256": checkpoint_hash(ckpt_dir), "domains": list(domains),
-            "batches": batches, "batch_size": batch_size, "seq_len": data.seq_len,
-            "split": "train", "shapes": {n: list(t.shape) for n, t in scores[domains[0]].items()}}
-    return save_scores(out, scores, info)
+        names = domain_names(data)
+        scores = {d: compute_importance(model, calib[d], names, progress, f"importance {d}")
+                  for d in domains}  # fmt: skip
+        info = {"checkpoint": str(ckpt_dir), "checkpoint_id": ck.meta.get("id"),
+                "checkpoint_sha256": checkpoint_hash(ckpt_dir), "domains": list(domains),
+                "batches": batches, "batch_size": batch_size, "seq_len": data.seq_len,
+                "split": "train",
+                "shapes": {n: list(t.shape) for n, t in scores[domains[0]].items()}}
+        return save_scores(out, scores, info)
 
 
 def check_scores_for(info: dict, ckpt_dir: Path, path: str | os.PathLike) -> None:

@@ -191,6 +191,10 @@ def init_state(
                 "init method 'select': the target must keep the source's experts, qkv_bias and "
                 "tie_embeddings; only sizes may shrink"
             )
+    from moe.model.flops import check_memory, memory_needed
+
+    # a fresh model and the result: two target-sized state dicts beside the source
+    check_memory(tgt_cfg, "init target", extra=memory_needed(tgt_cfg))
     torch.manual_seed(seed)
     fresh = Transformer(tgt_cfg).state_dict()
     gen = torch.Generator().manual_seed(seed)
@@ -228,30 +232,32 @@ def init_checkpoint(
     from moe.data.tokenizer import carried_tokenizer
     from moe.eval.evaluate import resolve_checkpoint
     from moe.io.checkpoint import load_checkpoint, make_meta, save_checkpoint
+    from moe.io.output import claim
 
     if method not in METHODS:  # before reading anything
         raise ConfigError(
             f"init method: unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}"
         )
-    src_dir = resolve_checkpoint(source)
-    ck = load_checkpoint(src_dir)  # verifies the weights' sha256
-    tgt = _apply_overrides(ck.config, overrides or [])
-    res = init_state(ck.state_dict, ck.config, method, tgt, seed, keep_norms, keep_embeddings)
-    carried = method in ("trained", "select")
-    meta = make_meta(
-        kind="init",
-        parents=[ck.meta.get("id")],
-        tokens_seen=int(ck.meta.get("tokens_seen", 0)) if carried else 0,
-        train_flops=float(ck.meta.get("train_flops", 0.0)) if carried else 0.0,
-        recipe={"init": {"from": str(src_dir), "method": method, "seed": seed,
-                         "keep_norms": keep_norms, "keep_embeddings": keep_embeddings,
-                         "overrides": list(overrides or [])}},  # fmt: skip
-        init={"source_id": ck.meta.get("id"), "source_tokens_seen": ck.meta.get("tokens_seen"),
-              "source_train_flops": ck.meta.get("train_flops"), "method": method},
-    )
-    tok = carried_tokenizer(src_dir, ck.config.vocab_size)
-    return save_checkpoint(out, res.state_dict, res.config, meta, overwrite=overwrite,
-                           tokenizer=tok)  # fmt: skip
+    with claim(out, [source]):  # moe/io/output.py
+        src_dir = resolve_checkpoint(source)
+        ck = load_checkpoint(src_dir)  # verifies the weights' sha256
+        tgt = _apply_overrides(ck.config, overrides or [])
+        res = init_state(ck.state_dict, ck.config, method, tgt, seed, keep_norms, keep_embeddings)
+        carried = method in ("trained", "select")
+        meta = make_meta(
+            kind="init",
+            parents=[ck.meta.get("id")],
+            tokens_seen=int(ck.meta.get("tokens_seen", 0)) if carried else 0,
+            train_flops=float(ck.meta.get("train_flops", 0.0)) if carried else 0.0,
+            recipe={"init": {"from": str(src_dir), "method": method, "seed": seed,
+                             "keep_norms": keep_norms, "keep_embeddings": keep_embeddings,
+                             "overrides": list(overrides or [])}},  # fmt: skip
+            init={"source_id": ck.meta.get("id"), "source_tokens_seen": ck.meta.get("tokens_seen"),
+                  "source_train_flops": ck.meta.get("train_flops"), "method": method},
+        )
+        tok = carried_tokenizer(src_dir, ck.config.vocab_size)
+        return save_checkpoint(out, res.state_dict, res.config, meta, overwrite=overwrite,
+                               tokenizer=tok)  # fmt: skip
 
 
 def _apply_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moe.config import Recipe
 from moe.eval.stats import mean_ci, paired_diff_ci, verdict
+from moe.io.checkpoint import atomic_write_text
 
 CONTROL = "standard"
 
@@ -300,5 +301,5 @@ def write_report(res: dict, out: Path, runs: list[dict]) -> Path:
                      f"{d['top_sv_matrices']:.3f} |")
     L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(L) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(L) + "\n")
     return path

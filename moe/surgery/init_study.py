@@ -181,14 +181,8 @@ def run_init_study(r: Recipe, seeds: int | None = None, recipe_path: str | None 
     """Run (or resume) the study of `r.init_study`; returns the report's path."""
     s = r.init_study
     seeds = s.seeds if seeds is None else seeds
+    check(r, seeds)
     arms = list(s.arms)
-    for a in arms:
-        parse_arm(a)
-    if "standard" not in arms:
-        raise ConfigError("init_study.arms: 'standard' (the control) must be one of the arms")
-    if seeds < 1 or s.steps < 1 or s.source_steps < 1 or not s.warmup or s.eval_every < 1:
-        raise ConfigError("init_study: seeds, steps, source_steps and eval_every must be >= 1 "
-                          "and warmup must list at least one setting")  # fmt: skip
     out = Path(r.out_dir)  # emptied by --overwrite in moe.experiments.experiment_dir
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -244,10 +238,23 @@ def _load(state: dict[str, torch.Tensor], config) -> Transformer:
 # ----------------------------------------------------------------------------- `moe run` entry
 
 
+def check(r: Recipe, seeds: int) -> None:
+    """Every recipe mistake, before anything is trained (the run and --dry-run both check)."""
+    s = r.init_study
+    for a in s.arms:
+        parse_arm(a)
+    if "standard" not in s.arms:
+        raise ConfigError("init_study.arms: 'standard' (the control) must be one of the arms")
+    if seeds < 1 or s.steps < 1 or s.source_steps < 1 or not s.warmup or s.eval_every < 1:
+        raise ConfigError("init_study: seeds, steps, source_steps and eval_every must be >= 1 "
+                          "and warmup must list at least one setting")  # fmt: skip
+
+
 def plan(r: Recipe, seeds: int | None = None) -> str:
     """What `moe run --dry-run` prints for an init study."""
     s = r.init_study
     n = s.seeds if seeds is None else seeds
+    check(r, n)
     return (f"init study {r.name}: source {s.source_steps} steps; then {len(s.arms)} arms x "
             f"warm-up {s.warmup} x {n} seeds = {len(s.arms) * len(s.warmup) * n} targets of "
             f"{s.steps} steps (arms: {', '.join(s.arms)})")

@@ -254,6 +254,7 @@ def prune_checkpoint(
     from moe.data.tokenizer import carried_tokenizer, checkpoint_tokenizer
     from moe.eval.evaluate import data_config_of, resolve_checkpoint
     from moe.io.checkpoint import CheckpointError, load_checkpoint, make_meta, save_checkpoint
+    from moe.io.output import claim
     from moe.model.flops import count_params, train_flops_per_token
     from moe.model.transformer import Transformer
     from moe.surgery import importance as imp
@@ -266,69 +267,75 @@ def prune_checkpoint(
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if heal_steps < 0:
         raise ConfigError(f"--heal-steps must be >= 0, got {heal_steps}")
+    if not (math.isfinite(heal_lr) and heal_lr > 0):
+        raise ConfigError(f"--heal-lr must be a positive number, got {heal_lr}")
     if not (math.isfinite(unstructured) and 0.0 <= unstructured < 1.0):
         raise ConfigError(f"--unstructured {unstructured}: a fraction in [0, 1) is needed")
     if bits not in (16, 8, 4):
         raise ConfigError(f"--bits {bits}: choose 16 (no quantization), 8 or 4")
-    ckpt_dir = resolve_checkpoint(ckpt)
-    ck = load_checkpoint(ckpt_dir)
-    cfg = ck.config.resolved()
-    data, dseed = data_config_of(ck.meta)
-    data = dataclasses.replace(data, seq_len=min(data.seq_len, cfg.max_seq_len))
-    tok = checkpoint_tokenizer(ckpt_dir, cfg.vocab_size)
-    # the fractions and counts are checked before any scoring
-    n_removed(cfg.n_kv_heads, heads, "heads", allow_empty)
-    n_removed(ffn_hidden(cfg), ffn, "ffn", allow_empty)
-    if not isinstance(layers, int) or not 0 <= layers < cfg.n_layers:
-        raise ConfigError(f"--layers {layers}: remove 0 to {cfg.n_layers - 1} of the model's "
-                          f"{cfg.n_layers} layers")  # fmt: skip
-    model = Transformer(cfg)
-    model.load_state_dict(ck.state_dict)
-    scores = None
-    needs_scores = method != "random" and (heads or ffn or layers)
-    if needs_scores and scores_path is not None:
-        per_domain, info = imp.load_scores(scores_path)
-        imp.check_scores_for(info, ckpt_dir, scores_path)
-        scores = imp.combine(per_domain, by)
-    elif needs_scores:
-        doms = list(domains) if domains else ([by] if by != "all" else list(data.domains))
-        if by != "all" and by not in doms:
-            raise ConfigError(f"--by {by}: not one of --domains {', '.join(doms)}")
-        names = domain_names(data)
-        per_domain = {
-            d: imp.compute_importance(
-                model, imp.calibration_batches(data, dseed, d, calib_batches, data.batch_size,
-                                               tok), names, progress, f"importance {d}")
-            for d in doms
-        }  # fmt: skip
-        scores = imp.combine(per_domain, by)
-    plan = plan_pruning(cfg, scores, heads, ffn, layers, method, seed, allow_empty)
-    new_cfg, sd = apply_plan(cfg, ck.state_dict, plan, allow_empty)
-    healed = None
-    if heal_steps:
-        pruned = Transformer(new_cfg)
-        pruned.load_state_dict(sd)
-        healed = heal(pruned, data, dseed + 1, heal_steps, heal_lr, None if by == "all" else by,
-                      tok, progress)  # fmt: skip
-        sd = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
-    sd, compression = compress_state(new_cfg, sd, unstructured, bits, group)
-    heal_flops = healed["tokens"] * train_flops_per_token(new_cfg, data.seq_len) if healed else 0
-    info = {"from": str(ckpt_dir), "heads": heads, "ffn": ffn, "layers": layers, "by": by,
-            "method": method, "seed": seed, "scores": str(scores_path) if scores_path else None,
-            "allow_empty": allow_empty, "plan": plan.describe(cfg), "heal": healed,
-            "params_before": count_params(cfg).total, "params_after": count_params(new_cfg).total,
-            "compression": compression}  # fmt: skip
-    meta = make_meta(
-        kind="prune",
-        parents=[ck.meta.get("id")],
-        base_id=ck.meta.get("base_id") or ck.meta.get("id"),
-        family=ck.meta.get("family"),
-        domain=ck.meta.get("domain"),
-        tokens_seen=int(ck.meta.get("tokens_seen", 0)) + (healed["tokens"] if healed else 0),
-        train_flops=float(ck.meta.get("train_flops", 0.0)) + heal_flops,
-        # the source's recipe: its data section is what eval/importance of the result read
-        recipe=ck.meta.get("recipe"),
-        prune=info,
-    )
-    return save_checkpoint(out, sd, new_cfg, meta, overwrite=overwrite,
-                           tokenizer=carried_tokenizer(ckpt_dir, cfg.vocab_size))  # fmt: skip
+    with claim(out, [ckpt, scores_path]):  # moe/io/output.py
+        ckpt_dir = resolve_checkpoint(ckpt)
+        ck = load_checkpoint(ckpt_dir)
+        cfg = ck.config.resolved()
+        data, dseed = data_config_of(ck.meta)
+        data = dataclasses.replace(data, seq_len=min(data.seq_len, cfg.max_seq_len))
+        tok = checkpoint_tokenizer(ckpt_dir, cfg.vocab_size)
+        # the fractions and counts are checked before any scoring
+        n_removed(cfg.n_kv_heads, heads, "heads", allow_empty)
+        n_removed(ffn_hidden(cfg), ffn, "ffn", allow_empty)
+        if not isinstance(layers, int) or not 0 <= layers < cfg.n_layers:
+            raise ConfigError(f"--layers {layers}: remove 0 to {cfg.n_layers - 1} of the model's "
+                              f"{cfg.n_layers} layers")  # fmt: skip
+        model = Transformer(cfg)
+        model.load_state_dict(ck.state_dict)
+        scores = None
+        needs_scores = method != "random" and (heads or ffn or layers)
+        if needs_scores and scores_path is not None:
+            per_domain, info = imp.load_scores(scores_path)
+            imp.check_scores_for(info, ckpt_dir, scores_path)
+            scores = imp.combine(per_domain, by)
+        elif needs_scores:
+            doms = list(domains) if domains else ([by] if by != "all" else list(data.domains))
+            if by != "all" and by not in doms:
+                raise ConfigError(f"--by {by}: not one of --domains {', '.join(doms)}")
+            names = domain_names(data)
+            per_domain = {
+                d: imp.compute_importance(
+                    model, imp.calibration_batches(data, dseed, d, calib_batches, data.batch_size,
+                                                   tok), names, progress, f"importance {d}")
+                for d in doms
+            }  # fmt: skip
+            scores = imp.combine(per_domain, by)
+        plan = plan_pruning(cfg, scores, heads, ffn, layers, method, seed, allow_empty)
+        new_cfg, sd = apply_plan(cfg, ck.state_dict, plan, allow_empty)
+        healed = None
+        if heal_steps:
+            pruned = Transformer(new_cfg)
+            pruned.load_state_dict(sd)
+            healed = heal(pruned, data, dseed + 1, heal_steps, heal_lr, None if by == "all" else by,
+                          tok, progress)  # fmt: skip
+            sd = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
+        sd, compression = compress_state(new_cfg, sd, unstructured, bits, group)
+        heal_flops = (healed["tokens"] * train_flops_per_token(new_cfg, data.seq_len)
+                      if healed else 0)  # fmt: skip
+        info = {"from": str(ckpt_dir), "heads": heads, "ffn": ffn, "layers": layers, "by": by,
+                "method": method, "seed": seed,
+                "scores": str(scores_path) if scores_path else None,
+                "allow_empty": allow_empty, "plan": plan.describe(cfg), "heal": healed,
+                "params_before": count_params(cfg).total,
+                "params_after": count_params(new_cfg).total,
+                "compression": compression}  # fmt: skip
+        meta = make_meta(
+            kind="prune",
+            parents=[ck.meta.get("id")],
+            base_id=ck.meta.get("base_id") or ck.meta.get("id"),
+            family=ck.meta.get("family"),
+            domain=ck.meta.get("domain"),
+            tokens_seen=int(ck.meta.get("tokens_seen", 0)) + (healed["tokens"] if healed else 0),
+            train_flops=float(ck.meta.get("train_flops", 0.0)) + heal_flops,
+            # the source's recipe: its data section is what eval/importance of the result read
+            recipe=ck.meta.get("recipe"),
+            prune=info,
+        )
+        return save_checkpoint(out, sd, new_cfg, meta, overwrite=overwrite,
+                               tokenizer=carried_tokenizer(ckpt_dir, cfg.vocab_size))  # fmt: skip

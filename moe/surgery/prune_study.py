@@ -115,12 +115,10 @@ def validate(r: Recipe) -> None:
 def _train(r: Recipe, cfg: ModelConfig, steps: int, seed: int, dm: DomainDataModule,
            path: Path) -> tuple[Transformer, dict]:  # fmt: skip
     """Train (or load) one model on the train split; its checkpoint at `path`."""
-    from moe.io.checkpoint import load_checkpoint
+    from moe.io.checkpoint import load_model
 
     if (path / "meta.json").is_file():
-        ck = load_checkpoint(path)
-        m = Transformer(ck.config)
-        m.load_state_dict(ck.state_dict)
+        m, ck = load_model(path)
         return m, ck.meta["train_info"]
     torch.manual_seed(seed)
     model = Transformer(cfg)
@@ -287,6 +285,8 @@ def plan(r: Recipe, seeds: int | None = None) -> str:
     validate(r)
     p = r.prune
     n = p.seeds if seeds is None else seeds
+    if n < 1:  # as the run refuses it
+        raise ConfigError("--seeds must be at least 1")
     if p.kind == "curves":
         return (f"prune curves {r.name}: {n} seeds x a model trained {p.train_steps} steps; "
                 f"units {', '.join(p.units)} x methods {', '.join(p.methods)} x fractions "

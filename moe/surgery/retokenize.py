@@ -154,6 +154,7 @@ def retokenize_checkpoint(source: str | Path, out: str | Path, vocab_size: int |
     from moe.data.tokenizer import checkpoint_tokenizer, load_tokenizer
     from moe.eval.evaluate import data_config_of, resolve_checkpoint
     from moe.io.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, read_meta
+    from moe.io.output import claim
     from moe.surgery.grow import write_surgery_checkpoint
     from moe.surgery.shrink import _heal_recipe, run_stage
 
@@ -180,27 +181,29 @@ def retokenize_checkpoint(source: str | Path, out: str | Path, vocab_size: int |
         if not (steps and same and prev.get("source") == str(src_dir)):
             raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
         reuse = True
-    ck = load_checkpoint(src_dir)
-    old_tok = checkpoint_tokenizer(src_dir, ck.config.vocab_size)
-    data, dseed = data_config_of(ck.meta)
-    data = dataclasses.replace(data, tokenizer=None)  # the stage uses the checkpoint's own
-    with tempfile.TemporaryDirectory() as tmp:
-        if not reuse:
-            tok_dir = Path(tokenizer) if tokenizer else train_bpe(data, vocab_size, Path(tmp))
-            new_tok = load_tokenizer(tok_dir)
-            if new_tok.kind == "byte":
-                raise ConfigError("retokenize --tokenizer: give a Hugging Face tokenizer (the "
-                                  "byte tokenizer is the default one)")  # fmt: skip
-            check_covers_bytes(new_tok, f"retokenize --tokenizer {tok_dir}")
-            cfg, sd = retokenize_state(ck.config, ck.state_dict, old_tok, new_tok, init, seed)
-        stage = None
-        if steps:
-            extra = ["optim.trainable=embeddings"] if freeze_body else []
-            stage = _heal_recipe(ck, target, out, data, dseed, steps,
-                                 extra + list(overrides or []), "retokenize training")  # fmt: skip
-        if not reuse:
-            if steps and overwrite and out.exists():
-                shutil.rmtree(out)
-            write_surgery_checkpoint(src_dir, ck, cfg, sd, target, "retokenize", record,
-                                     overwrite, tokenizer=new_tok)  # fmt: skip
-    return run_stage(out, stage) if stage is not None else target
+    with claim(out, [source, tokenizer]):  # moe/io/output.py
+        ck = load_checkpoint(src_dir)
+        old_tok = checkpoint_tokenizer(src_dir, ck.config.vocab_size)
+        data, dseed = data_config_of(ck.meta)
+        data = dataclasses.replace(data, tokenizer=None)  # the stage uses the checkpoint's own
+        with tempfile.TemporaryDirectory() as tmp:
+            if not reuse:
+                tok_dir = Path(tokenizer) if tokenizer else train_bpe(data, vocab_size, Path(tmp))
+                new_tok = load_tokenizer(tok_dir)
+                if new_tok.kind == "byte":
+                    raise ConfigError("retokenize --tokenizer: give a Hugging Face tokenizer (the "
+                                      "byte tokenizer is the default one)")  # fmt: skip
+                check_covers_bytes(new_tok, f"retokenize --tokenizer {tok_dir}")
+                cfg, sd = retokenize_state(ck.config, ck.state_dict, old_tok, new_tok, init, seed)
+            stage = None
+            if steps:
+                extra = ["optim.trainable=embeddings"] if freeze_body else []
+                stage = _heal_recipe(ck, target, out, data, dseed, steps,
+                                     extra + list(overrides or []),
+                                     "retokenize training")  # fmt: skip
+            if not reuse:
+                if steps and overwrite and out.exists():
+                    shutil.rmtree(out)
+                write_surgery_checkpoint(src_dir, ck, cfg, sd, target, "retokenize", record,
+                                         overwrite, tokenizer=new_tok)  # fmt: skip
+        return run_stage(out, stage) if stage is not None else target

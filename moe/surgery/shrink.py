@@ -232,6 +232,7 @@ def shrink_checkpoint(source: str | Path, out: str | Path, spec: ShrinkSpec,
     from moe.data.tokenizer import checkpoint_tokenizer
     from moe.eval.evaluate import data_config_of, resolve_checkpoint
     from moe.io.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, read_meta
+    from moe.io.output import claim
     from moe.model.transformer import Transformer
     from moe.surgery.grow import write_surgery_checkpoint
 
@@ -251,34 +252,35 @@ def shrink_checkpoint(source: str | Path, out: str | Path, spec: ShrinkSpec,
         if not (heal_steps and same):
             raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
         reuse = True  # the same command again: resume its healing
-    ck = load_checkpoint(src_dir)
-    data, seed = data_config_of(ck.meta)
-    check_spec(ck.config, spec)
-    heal = _heal_recipe(ck, cut, out, data, seed, heal_steps, overrides) if heal_steps else None
-    if not reuse:
-        bi = None
-        if spec.bi_layers:
-            if spec.by != "all" and spec.by not in data.domains:
-                raise ConfigError(f"shrink --by {spec.by}: not one of the checkpoint's domains "
-                                  f"({', '.join(data.domains)})")  # fmt: skip
-            model = Transformer(ck.config)
-            model.load_state_dict(ck.state_dict)
-            tok = checkpoint_tokenizer(src_dir, ck.config.vocab_size)
-            bi = block_influence_of(model, data, tok, seed, spec.by, spec.calib_batches)
-        cfg, sd, removed = shrink_state(ck.config, ck.state_dict, spec, bi)
-        if heal_steps and overwrite and out.exists():
-            shutil.rmtree(out)
-        write_surgery_checkpoint(src_dir, ck, cfg, sd, cut, "shrink",
-                                 dict(record, removed=removed), overwrite)  # fmt: skip
-    if heal is None:
-        return cut
-    return run_stage(out, heal)
+    with claim(out, [source]):  # moe/io/output.py (the healing stage's own claim is this one)
+        ck = load_checkpoint(src_dir)
+        data, seed = data_config_of(ck.meta)
+        check_spec(ck.config, spec)
+        heal = _heal_recipe(ck, cut, out, data, seed, heal_steps, overrides) if heal_steps else None
+        if not reuse:
+            bi = None
+            if spec.bi_layers:
+                if spec.by != "all" and spec.by not in data.domains:
+                    raise ConfigError(f"shrink --by {spec.by}: not one of the checkpoint's domains "
+                                      f"({', '.join(data.domains)})")  # fmt: skip
+                model = Transformer(ck.config)
+                model.load_state_dict(ck.state_dict)
+                tok = checkpoint_tokenizer(src_dir, ck.config.vocab_size)
+                bi = block_influence_of(model, data, tok, seed, spec.by, spec.calib_batches)
+            cfg, sd, removed = shrink_state(ck.config, ck.state_dict, spec, bi)
+            if heal_steps and overwrite and out.exists():
+                shutil.rmtree(out)
+            write_surgery_checkpoint(src_dir, ck, cfg, sd, cut, "shrink",
+                                     dict(record, removed=removed), overwrite)  # fmt: skip
+        if heal is None:
+            return cut
+        return run_stage(out, heal)
 
 
 def run_stage(out: Path, stage) -> Path:
     """Train the recipe `stage` into the run directory `out` (final model out/model): resumed
     from out's own Lightning checkpoint when a previous run stopped, skipped when it finished."""
-    from moe.io.checkpoint import is_checkpoint
+    from moe.io.checkpoint import atomic_write_text, is_checkpoint
     from moe.train.stages import train
 
     if is_checkpoint(out / "model") and (out / "stage.json").is_file():
@@ -287,7 +289,7 @@ def run_stage(out: Path, stage) -> Path:
     stage = dataclasses.replace(stage, resume=str(out) if resume else None, overwrite=not resume)
     final = train(stage)
     steps = stage.trainer.max_steps
-    (out / "stage.json").write_text(json.dumps({"steps": steps, "model": str(final)}) + "\n")
+    atomic_write_text(out / "stage.json", json.dumps({"steps": steps, "model": str(final)}) + "\n")
     return final
 
 
@@ -297,7 +299,7 @@ def _heal_recipe(ck, cut: Path, out: Path, data, seed: int, steps: int, override
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from moe.config import Recipe, to_dict, validate
+    from moe.config import Recipe, parse_override, to_dict, validate
 
     base = OmegaConf.structured(Recipe)
     moe = bool(ck.config.moe.experts)
@@ -306,7 +308,7 @@ def _heal_recipe(ck, cut: Path, out: Path, data, seed: int, steps: int, override
          "trainer": {"max_steps": steps, "val_check_interval": max(steps, 1),
                      "checkpoint_every_n_steps": max(1, min(50, steps))}}  # fmt: skip
     try:
-        merged = OmegaConf.merge(base, d, OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(base, d, *[parse_override(ov) for ov in overrides or []])
         r: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"{what} override: {str(e).splitlines()[0]}") from None

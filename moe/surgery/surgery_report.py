@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moe.config import Recipe
 from moe.eval.stats import mean_ci, paired_diff_ci, verdict
-from moe.io.checkpoint import write_json
+from moe.io.checkpoint import atomic_write_text, write_json
 from moe.surgery.init_report import steps_to
 
 
@@ -285,5 +285,5 @@ def write_report(res: dict, out: Path, r: Recipe) -> Path:
             f"{res['wall_s']:.0f} s.", ""]  # fmt: skip
     write_json(out / "results.json", res)
     path = out / "report.md"
-    path.write_text("\n".join(head + body) + "\n")
+    atomic_write_text(path, "\n".join(head + body) + "\n")
     return path

@@ -14,22 +14,27 @@ Stages (recipe `stage:`):
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import io
 import sys
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
-from moe.config import ConfigError, Recipe, to_dict, to_yaml
+from moe.config import ConfigError, ModelConfig, Recipe, to_dict, to_yaml
 from moe.data.datamodule import DomainDataModule
 from moe.io.checkpoint import atomic_write_text, load_checkpoint, make_meta, save_checkpoint
+from moe.io.output import claim, recipe_inputs
 from moe.io.rundir import (
     AtomicCheckpointIO,
-    RunLock,
+    check_resume_model,
+    check_run_dir,
     find_resume_ckpt,
     launch_rank_is_zero,
     prepare_run_dir,
@@ -37,6 +42,7 @@ from moe.io.rundir import (
 )
 from moe.model.transformer import Transformer
 from moe.train.module import LitLM
+from moe.train.signals import Interrupted, deferred, hold, pending
 
 
 @dataclasses.dataclass
@@ -64,16 +70,9 @@ def _tokenizer(r: Recipe, model: Transformer, init_dir: Path | None):
 
 
 def _load_init(path: str) -> tuple[Transformer, dict]:
-    from moe.eval.evaluate import resolve_checkpoint
+    from moe.io.checkpoint import load_model
 
-    ck = load_checkpoint(resolve_checkpoint(path))
-    model = Transformer(ck.config)
-    missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"init {path}: weights do not match its config.json "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    model, ck = load_model(path)  # weights checked against config.json (names and shapes)
     return model, ck.meta
 
 
@@ -99,14 +98,50 @@ def _init_from_distribution(r: Recipe) -> tuple[Transformer, dict, dict]:
     return model, pmeta, {"init": {"source_id": ck.meta["id"], "method": r.init_method}}
 
 
+def check_fits(r: Recipe, config: ModelConfig, what: str, training: bool = True) -> None:
+    """Refuse a model the machine cannot hold (or train: weights, gradients and AdamW state on
+    the recipe's accelerator) before it is built (moe.model.flops.check_memory)."""
+    from moe.model.flops import check_memory
+
+    acc, prec = r.trainer.accelerator, str(r.trainer.precision)
+    if training and acc in ("auto", "cpu", "gpu", "cuda"):  # others (mps, tpu): not estimated
+        cuda = acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+        width = 8 if prec.startswith("64") else 2 if prec in ("16-true", "bf16-true") else 4
+        # activations of one micro-batch, at the least: one saved (batch, seq, dim) tensor per
+        # layer (what activation checkpointing keeps; the logits may be computed in blocks)
+        m, d = config.resolved(), r.data
+        acts = d.batch_size * d.seq_len * m.n_layers * m.dim * width
+        check_memory(config, what, training=True, device="cuda" if cuda else "cpu",
+                     bytes_per_param=width, extra=acts)  # fmt: skip
+    check_memory(config, what)  # every model is built on the CPU first, in fp32
+
+
+def _trains_everything(r: Recipe) -> bool:
+    """Whether the stage trains every parameter (then each needs its gradient and AdamW state)."""
+    if r.optim.trainable is not None:
+        return r.optim.trainable == "all"
+    if r.stage == "branch":
+        return not r.branch.freeze_shared
+    return not (r.stage == "router" and r.router.freeze_experts)
+
+
 def plan_stage(r: Recipe) -> StagePlan:
     data = dataclasses.replace(r.data)
     init_meta = {}
+    if r.init or r.init_from:
+        from moe.io.checkpoint import read_config, resolve_checkpoint
+
+        src_cfg = read_config(resolve_checkpoint(r.init or r.init_from))
+        # the source is read whole; with init_from= the target (select: the recipe's model)
+        # is made beside it; training needs more, checked below once the model is known
+        check_fits(r, src_cfg, f"init={r.init}" if r.init else f"init_from={r.init_from}",
+                   training=False)  # fmt: skip
     if r.init:
         model, pmeta = _load_init(r.init)
     elif r.init_from:
         model, pmeta, init_meta = _init_from_distribution(r)
     else:
+        check_fits(r, r.model, "model", training=_trains_everything(r))
         model, pmeta = Transformer(r.model), None
     from moe.eval.evaluate import resolve_checkpoint
 
@@ -175,6 +210,9 @@ def plan_stage(r: Recipe) -> StagePlan:
             f"data.seq_len ({data.seq_len}) is larger than the model's context "
             f"max_seq_len ({model.config.max_seq_len})"
         )
+    if (r.init or r.init_from) and trainable == "all":
+        # weights loaded and fitting; their gradients and AdamW state are not allocated yet
+        check_fits(r, model.config, f"init={r.init}" if r.init else "model")
     lineage["kind"] = kind
     return StagePlan(
         model=model,
@@ -226,6 +264,35 @@ class SaveFinalStep(pl.Callback):
             trainer.save_checkpoint(str(self.path))
 
 
+class StopOnSignal(pl.Callback):
+    """At the end of each optimizer step, stop if SIGTERM/SIGINT came (moe/train/signals.py):
+    write the Lightning resume file at this step, where the periodic saves write it, and raise
+    `Interrupted`. Every rank takes part in the decision, so all stop at the same step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        hold()  # the trainer has just put its own SIGTERM handler in place of ours
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:
+            return  # inside gradient accumulation: the optimizer step has not happened yet
+        self._step = trainer.global_step
+        signum = pending() or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the largest signal any rank holds: a terminal's Ctrl-C reaches every rank, a
+            # `kill` or a scheduler perhaps only one
+            t = torch.tensor([signum], device=pl_module.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            signum = int(t.item())
+        if signum:
+            trainer.save_checkpoint(str(self.path))  # on every rank: a collective under FSDP
+            raise Interrupted(signum, step=int(trainer.global_step))
+
+
 def _strategy(name: str):
     """Lightning's strategy for `trainer.strategy`; `fsdp` shards each transformer block as its
     own unit (only one block's full weights exist at a time), not the model as one unit."""
@@ -238,8 +305,34 @@ def _strategy(name: str):
     return name
 
 
-def _loggers(run: Path) -> list:
-    loggers: list = [CSVLogger(str(run), name="logs", version="")]
+def _csv_logger(run: Path, keep_before: int | None) -> CSVLogger:
+    """Metrics in `run/logs/metrics.csv`. On a resume the rows logged before its step are kept:
+    Lightning's CSV writer deletes an existing file when it opens, which would lose the history
+    of every resumed run. Rows at or after that step were logged by steps that the resume does
+    again, so they are dropped rather than repeated."""
+    logger = CSVLogger(str(run), name="logs", version="")
+    path = run / "logs" / "metrics.csv"
+    if keep_before is None or not path.is_file():
+        return logger
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        kept = [row for row in reader if (row.get("step") or "").isdigit()
+                and int(row["step"]) < keep_before]
+    writer = logger.experiment  # opening the writer deletes the old file
+    if kept and header:
+        buf = io.StringIO()
+        out = csv.DictWriter(buf, fieldnames=header)
+        out.writeheader()
+        out.writerows(kept)
+        atomic_write_text(path, buf.getvalue())
+        # the writer appends under this header (it rewrites the file when new keys appear)
+        writer.metrics_keys = header
+    return logger
+
+
+def _loggers(run: Path, keep_before: int | None = None) -> list:
+    loggers: list = [_csv_logger(run, keep_before)]
     try:
         import tensorboard  # noqa: F401
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -263,11 +356,15 @@ def train(r: Recipe) -> Path:
     # rank 0 alone checks, creates and locks the run directory and writes into it; the other
     # ranks write nothing there and meet rank 0 at the process group's start inside fit
     rank0 = launch_rank_is_zero()
-    if rank0:
-        run = prepare_run_dir(r.out_dir, overwrite=r.overwrite, resume=resume_ckpt is not None)
-    else:
-        run = Path(r.out_dir)
-    with RunLock(run) if rank0 else contextlib.nullcontext():
+    run = Path(r.out_dir)
+    # the run's claim (moe/io/output.py) comes first: a run that another job holds, or whose
+    # inputs lie in what this one replaces, is refused before anything here is touched
+    writes = [run / "model", run / "logs", run / "resume", run / "recipe.yaml"]
+    resume = resume_ckpt is not None
+    inputs = [*recipe_inputs(r), fork_ckpt]
+    with claim(run, inputs, writes) if rank0 else contextlib.nullcontext():
+        if rank0:
+            check_run_dir(run, overwrite=r.overwrite, resume=resume)
         start_ckpt = resume_ckpt or fork_ckpt
         start_step, state = read_resume_state(start_ckpt) if start_ckpt else (0, {})
         # where this run's own schedule segment began: the parent's step for a fork, what the
@@ -278,8 +375,18 @@ def train(r: Recipe) -> Path:
                 f"fork: {fork_ckpt} is at step {start_step}, not before trainer.max_steps "
                 f"({r.trainer.max_steps}); the forked run would train no step"
             )
+        if resume_ckpt is not None and start_step > r.trainer.max_steps:
+            raise ConfigError(
+                f"resume: {resume_ckpt} is at step {start_step}, past trainer.max_steps "
+                f"({r.trainer.max_steps}); raise trainer.max_steps to train it further"
+            )
         pl.seed_everything(r.seed, workers=True, verbose=False)
         plan = plan_stage(r)
+        if start_ckpt is not None:
+            check_resume_model(start_ckpt, plan.model, "resume" if resume else "fork")
+        if rank0:
+            # every check passed: only now is the directory created (an overwrite clears it)
+            prepare_run_dir(run, overwrite=r.overwrite, resume=resume)
         # what was really trained on (a branch forces its single domain) is what gets recorded
         r = dataclasses.replace(r, data=plan.data)
         t = r.trainer
@@ -325,9 +432,10 @@ def train(r: Recipe) -> Path:
             log_every_n_steps=t.log_every_n_steps,
             enable_progress_bar=t.enable_progress_bar,
             deterministic=t.deterministic,
-            callbacks=[ckpt_cb, SaveFinalStep(run / "resume" / "last.ckpt")]
+            callbacks=[ckpt_cb, SaveFinalStep(run / "resume" / "last.ckpt"),
+                       StopOnSignal(run / "resume" / "last.ckpt")]
             + ([StageProgressBar(f"{r.name} [{r.stage}]")] if t.enable_progress_bar else []),
-            logger=_loggers(run),
+            logger=_loggers(run, start_step if resume and rank0 else None),
             plugins=[AtomicCheckpointIO()],
             # every rank evaluates the same held-out batches: validation numbers do not depend
             # on the number of devices (training batches are dealt per rank by TrainBatches)
@@ -338,14 +446,19 @@ def train(r: Recipe) -> Path:
         if rank0 and trainer.is_global_zero:
             atomic_write_text(run / "recipe.yaml", to_yaml(r))
         t0 = time.perf_counter()
-        trainer.fit(lit, datamodule=dm, ckpt_path=str(start_ckpt) if start_ckpt else None)
-        wall = time.perf_counter() - t0
-        global_step = int(trainer.global_step)
-        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-            # ddp_spawn: worker processes trained and sent back only the weights; the step and
-            # the (already all-rank) token counters are in the final resume checkpoint
-            global_step, state = read_resume_state(run / "resume" / "last.ckpt")
-            lit.restore_counters(state, forked=False)
+        # SIGTERM/SIGINT stop training at the end of the step in progress, with a resume file
+        # written there, and no model (moe/train/signals.py)
+        with deferred(run):
+            trainer.fit(lit, datamodule=dm, ckpt_path=str(start_ckpt) if start_ckpt else None)
+            wall = time.perf_counter() - t0
+            global_step = int(trainer.global_step)
+            if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+                # ddp_spawn: worker processes trained and sent back only the weights; the step
+                # and the (already all-rank) token counters are in the final resume checkpoint
+                global_step, state = read_resume_state(run / "resume" / "last.ckpt")
+                lit.restore_counters(state, forked=False)
+            if pending():  # it came after the last step, whose resume file SaveFinalStep wrote
+                raise Interrupted(pending(), step=global_step)
         stage_tokens = lit.run_tokens
         stage_flops = stage_tokens * lit.flops_per_token
         out = run / "model"

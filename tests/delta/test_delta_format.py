@@ -78,6 +78,17 @@ def test_apply_to_another_base_is_refused(family):
     assert not (tmp / "applied").exists()
 
 
+@pytest.mark.parametrize("scale, message", [(float("nan"), "must be a finite number"),
+                                            (float("inf"), "must be a finite number"),
+                                            (1e45, "overflows in")])
+def test_apply_refuses_a_scale_that_makes_weights_non_finite(family, scale, message):
+    base, ft, _, _, tmp = family
+    ops.extract(base, ft, tmp / "d.delta.safetensors")
+    with pytest.raises(ConfigError, match=message):
+        ops.apply_delta(base, tmp / "d.delta.safetensors", tmp / "applied", scale=scale)
+    assert not (tmp / "applied").exists()
+
+
 def test_extract_refuses_other_lineage(family):
     base, _, other, _, tmp = family
     with pytest.raises(ConfigError, match="lineage differs"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,10 @@ SPECIALIZATION_PLOT = "specialization.png"
 
 def _save(fig: Any, path: Path) -> None:
     """Render through a temporary name so a reader never sees a half-written PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from moe.io.checkpoint import staged_file
+
+    with staged_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _figure(width: float, height: float) -> Any:
