@@ -384,9 +384,6 @@ def train(r: Recipe) -> Path:
         plan = plan_stage(r)
         if start_ckpt is not None:
             check_resume_model(start_ckpt, plan.model, "resume" if resume else "fork")
-        if rank0:
-            # every check passed: only now is the directory created (an overwrite clears it)
-            prepare_run_dir(run, overwrite=r.overwrite, resume=resume)
         # what was really trained on (a branch forces its single domain) is what gets recorded
         r = dataclasses.replace(r, data=plan.data)
         t = r.trainer
@@ -409,6 +406,10 @@ def train(r: Recipe) -> Path:
             schedule_start=schedule_start,
             forked=fork_ckpt is not None,
         )
+        if rank0:
+            # every check passed and the data is read: only now is the directory created (an
+            # overwrite clears it), so a refused run leaves nothing behind
+            prepare_run_dir(run, overwrite=r.overwrite, resume=resume)
         ckpt_cb = ModelCheckpoint(
             dirpath=str(run / "resume"),
             save_last=True,
