@@ -31,11 +31,12 @@ def main() -> int:
         root = Path(tmp).resolve()
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             fx = build_fixtures(root)
-        rows = []
+        rows: dict[str, list[str]] = {}
         bad = 0
         for i, case in enumerate(CASES, 1):
             rc, err = run_case(case, fx)
-            cmd = "moe " + " ".join(str(a) for a in case.argv(fx))
+            argv = [str(a) for a in case.argv(fx)]
+            cmd = "moe " + " ".join(argv)
             msg = "accepted: trains" if case.accepted and rc == 0 else last_line(err)
             ok = (rc == 0) if case.accepted else (
                 rc != 0 and msg.startswith("moe: error:") and case.expect in msg
@@ -49,13 +50,27 @@ def main() -> int:
             def code(s: str) -> str:
                 return f"`` {s} ``" if "`" in s else f"`{s}`"
 
-            rows.append(f"| {i} | {short(case.input)} | {code(short(cmd))} | {code(short(msg))} "
-                        f"| {rc} |"
-                        + ("" if ok else " **UNEXPECTED** |"))
-    print("| # | input | command | message | exit code |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
+            rows.setdefault(command_of(argv), []).append(
+                f"| {i} | {short(case.input)} | {code(short(cmd))} | {code(short(msg))} | {rc} |"
+                + ("" if ok else " **UNEXPECTED** |"))
+    print("| command | cases |")
+    print("|---|---:|")
+    for name, rs in rows.items():
+        print(f"| [`moe {name}`](#moe-{name.replace(' ', '-')}) | {len(rs)} |")
+    print(f"| all | {sum(map(len, rows.values()))} |")
+    for name, rs in rows.items():
+        print(f"\n### moe {name}\n")
+        print("| # | input | command | message | exit code |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rs))
     return 1 if bad else 0
+
+
+def command_of(argv: list[str]) -> str:
+    """The command a case runs: `train`, `delta apply`, ... (the options' order is the cases')."""
+    if argv and argv[0] == "delta" and len(argv) > 1 and not argv[1].startswith("-"):
+        return f"delta {argv[1]}"
+    return argv[0] if argv else "(none)"
 
 
 if __name__ == "__main__":
