@@ -73,6 +73,14 @@ def split_checkpoint(
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
     with claim(out, [path]):  # moe/io/output.py: before anything is read or written
+        if method == "copy":  # every expert a copy of the FFN: E times its weights, beside it
+            from moe.model.flops import check_memory, memory_needed
+
+            cfg = read_config(resolve_checkpoint(path))
+            split_cfg = dataclasses.replace(
+                cfg, moe=dataclasses.replace(cfg.moe, experts=list(experts)))
+            check_memory(split_cfg, f"split into {len(experts)} experts",
+                         extra=memory_needed(cfg))
         dense, meta = _load(path)
         importance = None
         if method == "activation":

@@ -159,7 +159,8 @@ def retokenize_checkpoint(source: str | Path, out: str | Path, vocab_size: int |
     from moe.surgery.shrink import _heal_recipe, run_stage
 
     if (vocab_size is None) == (tokenizer is None):
-        raise ConfigError("retokenize: give --vocab-size N (train a BPE) or --tokenizer PATH")
+        raise ConfigError("retokenize: give one of --vocab-size N (train a BPE) or --tokenizer "
+                          "PATH" + (", not both" if tokenizer is not None else ""))
     if init not in INITS:
         raise ConfigError(f"retokenize --init: {init!r}; choose one of {', '.join(INITS)}")
     if steps < 0:

@@ -58,3 +58,30 @@ def test_grow_target_is_sized_from_the_config():
     g = grown_config(c, GrowSpec(ffn_dim=256, dim=128, kv_heads=4, duplicate=(0, 2)))
     assert (g.ffn_dim, g.dim, g.n_kv_heads, g.n_heads, g.n_layers) == (256, 128, 4, 8, 4)
     assert g.head_size() == c.head_size()
+
+
+def test_split_by_copy_is_refused_when_its_experts_cannot_fit(monkeypatch, tmp_path, capsys):
+    """Copying the FFN into E experts needs E times its weights beside the dense model: sized
+    from config.json before the dense weights are read."""
+    from generate_fixtures import save_tiny
+
+    from moe.cli import main
+
+    dense = save_tiny(tmp_path / "dense")
+    need = {}
+
+    def have(device="cpu"):
+        return (need["bytes"], "available")
+
+    monkeypatch.setattr(flops, "available_memory", have)
+    from moe.io.checkpoint import read_config
+
+    cfg = read_config(dense)
+    need["bytes"] = 2 * memory_needed(cfg)  # room for the dense model and one more copy
+    assert main(["split", str(dense), "--experts", "a,b,c,d", "--out",
+                 str(tmp_path / "moe")]) == 2
+    err = capsys.readouterr().err
+    assert "split into 4 experts" in err and " GiB is available" in err
+    assert not (tmp_path / "moe").exists()
+    need["bytes"] = 100 * memory_needed(cfg)
+    assert main(["split", str(dense), "--experts", "a,b", "--out", str(tmp_path / "moe")]) == 0
