@@ -537,7 +537,7 @@ CASES: list[Case] = [
                      "zeros", "--vocab-size", "300"], "choose one of mean, random"),
     Case("retokenize-no-target", "retokenize with neither --vocab-size nor --tokenizer",
          lambda fx: ["retokenize", str(fx["dense"]), "--out", str(fx["tmp"] / "r")],
-         "give --vocab-size N"),
+         "give one of --vocab-size N"),
     Case("retokenize-missing-tokenizer", "retokenize --tokenizer: no such file",
          lambda fx: ["retokenize", str(fx["dense"]), "--out", str(fx["tmp"] / "r"),
                      "--tokenizer", str(fx["tmp"] / "nope.json")], "unknown tokenizer"),
