@@ -89,8 +89,8 @@ def test_freeze_body_trains_only_the_embeddings(byte_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "args,msg",
     [
-        ([], "give --vocab-size N"),
-        (["--vocab-size", "300", "--tokenizer", "x"], "give --vocab-size N"),
+        ([], "give one of --vocab-size N"),
+        (["--vocab-size", "300", "--tokenizer", "x"], ", not both"),
         (["--vocab-size", "100"], "at least 258"),
         (["--vocab-size", "300", "--init", "zeros"], "choose one of mean, random"),
         (["--vocab-size", "300", "--freeze-body"], "give --steps"),
