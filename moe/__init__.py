@@ -1,13 +1,6 @@
 """moe-forge: split dense causal LMs into domain experts, train, merge and measure them.
 
-`moe.generate(model, tokenizer, prompt, ...)` is `moe.generation.generate` (imported on first
-use, so `import moe` stays light).
+Layers, bottom to top (each imports only those below it; tests/test_layers.py checks it):
+config, model, data, io, train, eval, generate, delta, merge, surgery, experiments, cli.
+Generation from Python: `from moe.generate import generate, load_model`.
 """
-
-
-def __getattr__(name: str):
-    if name == "generate":
-        from moe.generation import generate
-
-        return generate
-    raise AttributeError(f"module 'moe' has no attribute {name!r}")

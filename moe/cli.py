@@ -37,10 +37,10 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from moe.experiments import experiment_of
-    from moe.study import dry_run, run_study
+    from moe.experiments.study import dry_run, run_study
 
     if args.list_arms:
-        from moe.study.arms import ARMS
+        from moe.experiments.study.arms import ARMS
 
         for name, arm in sorted(ARMS.items()):
             print(f"{name:14s} {arm.description}")
@@ -48,7 +48,7 @@ def cmd_run(args) -> int:
     if args.recipe is None:
         raise ConfigError("moe run needs a recipe file (or --list-arms)")
     recipe = _recipe(args)
-    experiment = experiment_of(recipe)  # init_study, ... (moe/experiments.py); else the study
+    experiment = experiment_of(recipe)  # init_study, ... (moe/experiments/); else the study
     if experiment is not None:
         if args.dry_run:
             print(experiment.plan(recipe, args.seeds))
@@ -64,7 +64,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from moe.study.sweep import run_sweep
+    from moe.experiments.study.sweep import run_sweep
 
     out = run_sweep(args.recipe, list(args.overrides), seeds=args.seeds,
                     overwrite=args.overwrite, dry_run=args.dry_run)
@@ -150,7 +150,7 @@ def _names(s: str) -> list[str]:
 
 
 def cmd_split(args) -> int:
-    from moe.experts import split_checkpoint
+    from moe.surgery.experts import split_checkpoint
 
     out = split_checkpoint(
         args.checkpoint, args.out, _names(args.experts), method=args.method, router=args.router,
@@ -162,7 +162,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from moe.surgery.init_dist import init_checkpoint
+    from moe.surgery.init import init_checkpoint
 
     out = init_checkpoint(
         args.source, args.method, args.out, seed=args.seed, keep_norms=args.keep_norms,
@@ -238,7 +238,7 @@ def cmd_retokenize(args) -> int:
 
 
 def cmd_assemble(args) -> int:
-    from moe.experts import assemble_checkpoints
+    from moe.surgery.experts import assemble_checkpoints
 
     out = assemble_checkpoints(
         args.branches, args.out, experts=_names(args.experts) if args.experts else None,
@@ -307,7 +307,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from moe.generate_command import generate_command
+    from moe.generate.command import generate_command
 
     generate_command(
         args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="model.FIELD=VALUE: the target's shape (select)")
     sp.add_argument("--from", dest="source", required=True, help="trained checkpoint")
     sp.add_argument("--method", required=True, help="standard | gaussian | histogram | shuffle | "
-                    "spectrum | select | trained (see moe/surgery/init_dist.py)")
+                    "spectrum | select | trained (see moe/model/init_dist.py)")
     sp.add_argument("--out", required=True, help="output checkpoint directory")
     sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--keep-norms", action="store_true", help="copy the trained norm gains")

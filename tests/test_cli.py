@@ -166,7 +166,7 @@ def test_branch_stream_never_sees_another_domain(debug_dense, tmp_path):
 
     from moe.config import load_recipe
     from moe.data.datamodule import DomainDataModule
-    from moe.experts import split_checkpoint
+    from moe.surgery.experts import split_checkpoint
     from moe.train.stages import plan_stage
 
     split = split_checkpoint(debug_dense, tmp_path / "split", ["text", "code", "dna"])

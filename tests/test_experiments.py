@@ -1,4 +1,4 @@
-"""`moe run` of an experiment (moe/experiments.py): its run directory is locked, refuses the runs
+"""`moe run` of an experiment (moe/experiments/): its run directory is locked, refuses the runs
 of another recipe, keeps them when only the seeds change, and --overwrite empties it."""
 
 import pytest

@@ -19,7 +19,7 @@ from moe import routing_view
 from moe.cli import main
 from moe.config import ConfigError
 from moe.data.tokenizer import ByteTokenizer, HFTokenizer
-from moe.generation import generate, samples_markdown, token_pieces
+from moe.generate.generation import generate, samples_markdown, token_pieces
 
 EXPERTS = ("text", "code", "dna")
 
@@ -386,7 +386,7 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
     """logits / 1e-320 overflows to inf and the softmax to NaN unless shifted by the maximum."""
     import torch
 
-    from moe.generation import Sampler
+    from moe.generate.generation import Sampler
 
     logits = torch.tensor([0.5, 3.0, -2.0, 2.999])
     g = torch.Generator().manual_seed(0)

@@ -251,7 +251,7 @@ def _second_writer_during(monkeypatch, target: str, argv: list[str]) -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target,make", [
-    ("moe.experts.save_checkpoint",
+    ("moe.surgery.experts.save_checkpoint",
      lambda fx, o: ["split", str(fx["dense"]), "--experts", "text,code", "--out", str(o)]),
     ("moe.delta.ops.write_delta",
      lambda fx, o: ["delta", "compress", str(fx["delta"]), "topk:0.5", "-o", str(o)]),

@@ -34,8 +34,8 @@ STUDIES = [p for p in RECIPES if p.parent.name != "cluster"
 def test_study_recipe_plans(path: Path):
     """Dry-run every shipped study and sweep: the budget splits and every stage's dependencies
     are built by an earlier stage of the chosen arms."""
-    from moe.study.runner import Study
-    from moe.study.sweep import Sweep
+    from moe.experiments.study.runner import Study
+    from moe.experiments.study.sweep import Sweep
 
     r = load_recipe(path)
     studies = ([Study(x, Path(x.out_dir)) for x in Sweep(str(path), []).recipes]
@@ -87,7 +87,7 @@ def test_a_recipe_runs_one_experiment(monkeypatch):
     assert ex.experiment_of(load_recipe(None)) is None  # no section switched on: the study
     r = load_recipe(REPO / "recipes" / "init" / "study.yaml")
     assert ex.experiment_of(r).section == "init_study"
-    other = ex.Experiment("other", lambda r: True, "moe.surgery.init_study", "always on")
+    other = ex.Experiment("other", lambda r: True, "moe.experiments.init.study", "always on")
     monkeypatch.setitem(ex.EXPERIMENTS, "other", other)
     with pytest.raises(ConfigError, match="runs one"):
         ex.experiment_of(r)

@@ -147,7 +147,7 @@ def test_eval_data_sets_join_every_models_results(tmp_path):
                                   batch_size=8, progress=False, data=parse_data_spec([spec]))
         assert m["eval_sets"]["poems"]["bpb"] == pytest.approx(rep["domains"]["poems"]["bpb"],
                                                                rel=1e-6), name
-    from moe.eval.report import render_report
+    from moe.experiments.study.report import render_report
 
     one = render_report(res)  # the single-seed report of the same results
     assert "## Other held-out sets" in one and f"`{spec}`" in one

@@ -98,7 +98,7 @@ def load_pair(hf_dir: Path, root: Path):
 
 
 def bench(name: str, hf, ours, prompt: torch.Tensor, args) -> dict:
-    from moe.generation import generate
+    from moe.generate.generation import generate
 
     n = args.new_tokens
     mask = torch.ones_like(prompt)

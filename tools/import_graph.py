@@ -33,8 +33,8 @@ LAYERS = (
     "train",
     "eval",
     "generate",
-    "merge",
     "delta",
+    "merge",
     "surgery",
     "experiments",
     "cli",
@@ -49,18 +49,18 @@ def unit_of(module: str) -> str | None:
     return parts[1]
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+def module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def imports_of(path: Path) -> list[tuple[str, int]]:
+def imports_of(path: Path, root: Path = ROOT) -> list[tuple[str, int]]:
     """Every module this file imports (absolute name, line), wherever the import statement is."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    here = module_name(path)
+    here = module_name(path, root)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
@@ -85,17 +85,19 @@ def graph(package: Path = PACKAGE):
     units = sorted(
         p.stem if p.suffix == ".py" else p.name
         for p in package.iterdir()
-        if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())
+        if (p.suffix == ".py" and p.name != "__init__.py")
+        or (p.is_dir() and (p / "__init__.py").exists())
     )
     edges: dict[tuple[str, str], list[tuple[str, int, str]]] = defaultdict(list)
+    root = package.parent
     for path in sorted(package.rglob("*.py")):
-        src = unit_of(module_name(path))
+        src = unit_of(module_name(path, root))
         if src is None:
             continue
-        for target, line in imports_of(path):
+        for target, line in imports_of(path, root):
             dst = unit_of(target)
             if dst is not None and dst != src and dst in units:
-                edges[(src, dst)].append((str(path.relative_to(ROOT)), line, target))
+                edges[(src, dst)].append((str(path.relative_to(root)), line, target))
     return units, dict(edges)
 
 

@@ -35,6 +35,7 @@ from safetensors.torch import load, save
 
 from moe.config import ConfigError
 from moe.delta.bitdelta import pack_bits, unpack_bits
+from moe.delta.primitives import tensor_generator
 from moe.delta.registry import Coded, Spec, parse_spec
 
 FORMAT = "moe-forge-delta/1"
@@ -150,12 +151,6 @@ def check_spec(spec: Spec, shapes: dict[str, tuple[int, ...]]) -> None:
             if len(s) == 2 and r > min(s):
                 raise ConfigError(f"compression {spec.text!r}: rank {r} is larger than tensor {n} "
                                   f"of shape {tuple(s)} allows (at most {min(s)})")
-
-
-def tensor_generator(seed: int, name: str) -> torch.Generator:
-    from moe.merge.registry import tensor_generator as tg
-
-    return tg(seed, name, 0)
 
 
 def compress_tensors(deltas: dict[str, torch.Tensor], spec: Spec | str, seed: int = 0

@@ -18,7 +18,7 @@ import torch
 
 from moe.config import ConfigError
 from moe.delta.format import Delta, is_delta, read_delta
-from moe.merge.sources import Source, open_source
+from moe.io.sources import Source, describe_problem, open_source
 
 
 class DeltaSource(Source):
@@ -38,6 +38,14 @@ class DeltaSource(Source):
     def read(self, name: str) -> torch.Tensor:
         t = self.base.read(name)
         return (t.double() + self.delta.dense(name)).to(t.dtype)
+
+
+def input_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be a merge input, or None when it can: a checkpoint, a Hugging Face
+    directory (`describe_problem`) or a fine-tune's delta file over base_model."""
+    if is_delta(path):
+        return None
+    return describe_problem(path)
 
 
 def open_model(path: str | os.PathLike, base: Source | None) -> Source:

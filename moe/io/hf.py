@@ -290,7 +290,7 @@ def import_hf(
 
 def _import(src: Path, out: Path, overwrite: bool, source: str | os.PathLike | None) -> Path:
     """`import_hf` once its output is claimed."""
-    from moe.merge.sources import TensorFile, hf_weight_files, is_hf_dir
+    from moe.io.sources import TensorFile, hf_weight_files, is_hf_dir
 
     gguf = _gguf_file(src, is_hf_dir(src))
     if gguf is not None:

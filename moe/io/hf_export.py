@@ -223,7 +223,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
     biases: Qwen2ForCausalLM), MoE with the learned top-k router → MixtralForCausalLM. Tokenizer:
     the one carried in at import, else the byte tokenizer when the vocabulary is the byte
     vocabulary. Returns `out`."""
-    from moe.merge.sources import resolve_input
+    from moe.io.sources import resolve_input
 
     path, out = resolve_input(ckpt), Path(out)
     refuse_existing(out, overwrite)

@@ -14,7 +14,7 @@
     out: runs/code-merged
 
 Loading goes through `OmegaConf.structured(MergeConfig)`: an unknown key, a value of the wrong
-type, a section of the wrong shape or a NaN/inf number (`moe.config_check.check_layer`, for every
+type, a section of the wrong shape or a NaN/inf number (`moe.config.check.check_layer`, for every
 field) fails at load time with one line naming the key and the file; `validate` then checks what
 spans fields (method exists, slerp has two models and `t`, densities in (0, 1], inputs exist).
 Relative model paths are relative to the current directory, as for every other command.
@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.config_check import (
+from moe.config.check import (
     ConfigError,
     check_finite,
     check_layer,
@@ -39,9 +39,9 @@ from moe.config_check import (
     parse_override,
     read_yaml_mapping,
 )
+from moe.delta.merge_source import input_problem
 from moe.merge import registry
 from moe.merge.gradients import check_form, coerce, is_scalar, value_at
-from moe.merge.sources import describe_problem
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -243,7 +243,7 @@ def validate(c: MergeConfig, where: str = "merge config") -> None:
         (f"models[{i}].model", m.model) for i, m in enumerate(c.models)
     ]
     for key, p in paths:
-        problem = describe_problem(p)
+        problem = input_problem(p)
         if problem:
             raise bad(f"{key}: {problem}")
 

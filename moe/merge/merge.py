@@ -30,11 +30,11 @@ from moe.config import ConfigError, model_config_from_dict, to_dict
 from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
 from moe.io.checkpoint import CheckpointError, make_meta, new_id, replace_dir, save_checkpoint
 from moe.io.output import claim
+from moe.io.sources import HF_INDEX, Source, open_source, page_tensor
 from moe.merge import registry
 from moe.merge.config import MergeConfig, load_merge_config, validate
 from moe.merge.gradients import position
 from moe.merge.registry import MethodParams
-from moe.merge.sources import HF_INDEX, Source, open_source, page_tensor
 
 _EXPERT_TENSOR = re.compile(r"layers\.\d+\.ffn\.(w1|w3|w2)$")
 

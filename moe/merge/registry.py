@@ -12,13 +12,13 @@ file names or lineage: `moe.merge.merge` does I/O and checks, so methods stay ha
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from moe.config import ConfigError
+from moe.delta.primitives import tensor_generator  # noqa: F401 (the merge methods' generator)
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,6 @@ def get(name: str) -> MethodSpec:
 def names() -> list[str]:
     _load_builtin()
     return sorted(_METHODS)
-
-
-def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, tensor name, model index).
-
-    Seeding per tensor (not one stream over the whole merge) makes a tensor's random mask
-    independent of the order tensors are visited and of which other tensors exist.
-    """
-    digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def task_vectors(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -44,7 +44,7 @@ def _density(c, s, name: str, p: float) -> float:
 
 def validate_slices(c, spec: MethodSpec, bad) -> None:
     """Checks of a `slices:` config that need no model (MergeConfig.validate calls it)."""
-    from moe.merge.sources import describe_problem
+    from moe.delta.merge_source import input_problem
 
     if c.models:
         raise bad("give models: or slices:, not both")
@@ -66,7 +66,7 @@ def validate_slices(c, spec: MethodSpec, bad) -> None:
                 raise bad(f"{where}.sources[{k}].layer_range: {r} is not [first, end) with "
                           "0 <= first < end")  # fmt: skip
             lengths.add(r[1] - r[0])  # densities, weights and t: MergeConfig's _check_forms
-            problem = describe_problem(s.model)
+            problem = input_problem(s.model)
             if problem:
                 raise bad(f"{where}.sources[{k}].model: {problem}")
         if len(lengths) > 1:
@@ -81,7 +81,7 @@ def validate_slices(c, spec: MethodSpec, bad) -> None:
     if spec.exactly_two and c.parameters.t is None:
         raise bad(f"parameters.t: {c.merge_method} needs t (0 = first source, 1 = second)")
     if c.base_model is not None:
-        problem = describe_problem(c.base_model)
+        problem = input_problem(c.base_model)
         if problem:
             raise bad(f"base_model: {problem}")
 
@@ -126,9 +126,9 @@ def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
     from moe.config import model_config_from_dict
     from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
     from moe.io.checkpoint import save_checkpoint
+    from moe.io.sources import open_source
     from moe.merge import registry
     from moe.merge.merge import _ARCH_FIELDS, _lineage_meta, check_lineage
-    from moe.merge.sources import open_source
 
     spec = registry.get(c.merge_method)
     names = list(dict.fromkeys(s.model for sl in c.slices for s in sl.sources))

@@ -379,7 +379,7 @@ def summarise(scores: dict[str, dict[str, torch.Tensor]], info: dict) -> dict:
 def calibration_batches(data: DataConfig, seed: int, domain: str, n: int, batch_size: int,
                         tokenizer) -> list[dict]:  # fmt: skip
     """`n` batches of `domain`'s training split; a one-line error if it has none."""
-    from moe.experts import domain_batches
+    from moe.surgery.experts import domain_batches
 
     if domain not in DOMAINS and domain not in data.sources:
         raise ConfigError(f"importance: unknown domain {domain!r}; built-in domains are "

@@ -29,7 +29,13 @@ from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
 from moe.config import ConfigError, ModelConfig, Recipe, to_dict, to_yaml
 from moe.data.datamodule import DomainDataModule
-from moe.io.checkpoint import atomic_write_text, load_checkpoint, make_meta, save_checkpoint
+from moe.io.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    make_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from moe.io.output import claim, recipe_inputs
 from moe.io.rundir import (
     AtomicCheckpointIO,
@@ -82,9 +88,11 @@ def _init_from_distribution(r: Recipe) -> tuple[Transformer, dict, dict]:
     Only `trained` and `select` carry the source's training into the lineage's token count; the
     distribution methods start a new model whose parent is recorded but whose compute is not.
     """
-    from moe.eval.evaluate import resolve_checkpoint
-    from moe.surgery.init_dist import init_state
+    from moe.model.init_dist import METHODS, init_state
 
+    if r.init_method not in METHODS:  # before anything is read or written
+        raise ConfigError(f"recipe: init_method: unknown method {r.init_method!r}; choose one "
+                          f"of {', '.join(sorted(METHODS))}")
     src = resolve_checkpoint(r.init_from)
     ck = load_checkpoint(src)
     target = r.model.resolved() if r.init_method == "select" else None
@@ -129,7 +137,7 @@ def plan_stage(r: Recipe) -> StagePlan:
     data = dataclasses.replace(r.data)
     init_meta = {}
     if r.init or r.init_from:
-        from moe.io.checkpoint import read_config, resolve_checkpoint
+        from moe.io.checkpoint import read_config
 
         src_cfg = read_config(resolve_checkpoint(r.init or r.init_from))
         # the source is read whole; with init_from= the target (select: the recipe's model)
@@ -143,7 +151,6 @@ def plan_stage(r: Recipe) -> StagePlan:
     else:
         check_fits(r, r.model, "model", training=_trains_everything(r))
         model, pmeta = Transformer(r.model), None
-    from moe.eval.evaluate import resolve_checkpoint
 
     src = r.init or r.init_from
     tokenizer = _tokenizer(r, model, resolve_checkpoint(src) if src else None)

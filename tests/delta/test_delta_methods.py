@@ -45,7 +45,7 @@ def test_dare_drops_and_rescales_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     got, _, _ = roundtrip({"x": x}, "dare:0.5", seed=7)
     # the mask the step draws: the generator seeded for (seed 7, tensor "x")
-    from moe.delta.format import tensor_generator
+    from moe.delta.primitives import tensor_generator
 
     keep = torch.rand(4, generator=tensor_generator(7, "x"), dtype=torch.float64) < 0.5
     assert torch.equal(got["x"], torch.where(keep, x * 2.0, torch.zeros_like(x)))

@@ -6,9 +6,9 @@ import torch
 
 from moe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, Recipe
 from moe.data.datamodule import DomainDataModule
-from moe.delta.fleet import FleetSpec, Shard, parse_arm, run_fleet
+from moe.experiments.fleet.fleet import FleetSpec, Shard, parse_arm, run_fleet
+from moe.experiments.init.study import train_loop
 from moe.model.transformer import Transformer
-from moe.surgery.init_study import train_loop
 
 CFG = ModelConfig(size="debug", dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32,
                   max_seq_len=32)  # fmt: skip
@@ -147,7 +147,7 @@ def test_bytes_received_hand_computed(dm, arm, want_deliveries):
 def test_error_feedback_sends_every_update_eventually(compression):
     """Σ decoded messages + the residual = Σ raw deltas (telescoping), while without error
     feedback the dropped part is lost."""
-    from moe.delta.fleet import Member
+    from moe.experiments.fleet.fleet import Member
 
     gen = torch.Generator().manual_seed(0)
     raws = [{"w": torch.randn(8, 6, generator=gen, dtype=torch.float64),

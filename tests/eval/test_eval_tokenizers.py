@@ -126,8 +126,8 @@ def test_eval_data_recipe_and_mistakes(runs, tmp_path, capsys):
 
 
 def test_tokenizer_mismatch_refusals(runs, tmp_path):
-    from moe.experts import assemble_checkpoints
     from moe.merge import merge
+    from moe.surgery.experts import assemble_checkpoints
     from moe.train.stages import plan_stage
 
     a, b = two_tokenizer_checkpoints(tmp_path)
@@ -154,7 +154,7 @@ def test_tokenizer_mismatch_refusals(runs, tmp_path):
 
 
 def test_split_and_assemble_carry_the_tokenizer(runs, tmp_path):
-    from moe.experts import assemble_checkpoints, split_checkpoint
+    from moe.surgery.experts import assemble_checkpoints, split_checkpoint
 
     sha = load_tokenizer(runs["tok"]).sha256
     moe = split_checkpoint(runs["bpe"], tmp_path / "split", ["text", "code"],

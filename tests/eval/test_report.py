@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from moe.eval.report import (
+from moe.experiments.study.report import (
     aggregate,
     format_delta,
     format_flops,

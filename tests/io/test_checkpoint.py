@@ -229,7 +229,7 @@ def test_load_model_builds_the_model_of_a_run_directory(tmp_path):
 
 def test_merge_inputs_are_checked_too(tmp_path):
     """A merge streams its inputs without load_checkpoint: the header's shapes are checked."""
-    from moe.merge.sources import open_source
+    from moe.io.sources import open_source
     from moe.model.transformer import Transformer
 
     m = Transformer(SMALL)

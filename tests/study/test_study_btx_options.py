@@ -5,8 +5,8 @@ import torch
 from helpers import DEBUG
 
 from moe.config import load_recipe
+from moe.experiments.study.runner import Study
 from moe.io.checkpoint import load_checkpoint
-from moe.study.runner import Study
 
 pytestmark = pytest.mark.slow
 

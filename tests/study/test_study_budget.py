@@ -4,9 +4,9 @@ import pytest
 from helpers import DEBUG
 
 from moe.config import ConfigError, load_recipe
+from moe.experiments.study.arms import ARMS, with_requirements
+from moe.experiments.study.budget import moe_config, plan_budget
 from moe.model.flops import train_flops_per_token
-from moe.study.arms import ARMS, with_requirements
-from moe.study.budget import moe_config, plan_budget
 
 
 def test_budget_hand_computed():

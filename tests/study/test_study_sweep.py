@@ -8,7 +8,7 @@ from helpers import DEBUG
 
 from moe.cli import main
 from moe.config import ConfigError
-from moe.study.sweep import crossover, split_sweep_override
+from moe.experiments.study.sweep import crossover, split_sweep_override
 
 QUIET = "trainer.enable_progress_bar=false"
 

@@ -7,8 +7,8 @@ import torch
 from helpers import DEBUG
 
 from moe.config import load_recipe
+from moe.experiments.study.runner import Study
 from moe.io.checkpoint import load_checkpoint
-from moe.study.runner import Study
 
 
 def _recipe(tmp_path, *extra):
@@ -23,8 +23,8 @@ def test_trimmed_plan_is_compute_matched(tmp_path):
     names = [s.name for s in st.plan()]
     assert names[:1] == ["seed"] and "trimmed-moe" in names
     assert {"trim-text", "trim-code", "trim-dna", "trimmed"} <= set(names)
+    from moe.experiments.study.arms.trimmed import finetune_steps, trimmed_config
     from moe.model.flops import train_flops_per_token
-    from moe.study.arms.trimmed import finetune_steps, trimmed_config
 
     cfg = trimmed_config(st.ctx)
     assert cfg.ffn_dim == 96 and list(cfg.moe.experts) == ["text", "code", "dna"]

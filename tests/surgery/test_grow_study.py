@@ -1,4 +1,4 @@
-"""The surgery measurements (moe/surgery/surgery_study.py) end to end at toy size: reports,
+"""The surgery measurements (moe/experiments/surgery/study.py) end to end at toy size: reports,
 resumption, and the growth methods' exactness as the study applies them."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from helpers import REPO
 
 from moe.config import ConfigError, load_recipe
 from moe.experiments import experiment_of
-from moe.surgery.surgery_study import grow_to, load_model, small_config
+from moe.experiments.surgery.study import grow_to, load_model, small_config
 
 TINY = ["data.bytes_per_domain=30000", "surgery.eval_batches=1", "surgery.seeds=2",
         "eval.batch_size=4", "data.batch_size=4"]  # fmt: skip

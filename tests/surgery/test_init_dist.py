@@ -1,4 +1,4 @@
-"""moe/surgery/init_dist.py (`moe init`) and the init-from-distribution study runner."""
+"""moe/model/init_dist.py (`moe init`) and the init-from-distribution study runner."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from helpers import REPO
 
 from moe.config import ConfigError
 from moe.io.checkpoint import load_checkpoint, make_meta, read_meta, save_checkpoint
+from moe.model.init_dist import init_state, select_indices, select_tensor
 from moe.model.transformer import Transformer
-from moe.surgery.init_dist import init_state, select_indices, select_tensor
 
 
 def heavy_tailed_source(seed: int = 0) -> tuple[dict[str, torch.Tensor], object]:

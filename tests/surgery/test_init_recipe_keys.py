@@ -6,7 +6,7 @@ from helpers import DEBUG
 
 from moe.config import ConfigError, load_recipe
 from moe.io.checkpoint import load_checkpoint
-from moe.surgery.init_dist import init_state
+from moe.model.init_dist import init_state
 from moe.train.stages import plan_stage
 
 QUIET = "trainer.enable_progress_bar=false"

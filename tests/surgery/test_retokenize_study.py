@@ -1,4 +1,4 @@
-"""The retokenize measurement (moe/surgery/retokenize_study.py) at toy size."""
+"""The retokenize measurement (moe/experiments/surgery/retokenize.py) at toy size."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shrink measurement (moe/surgery/shrink_study.py) at toy size: cuts, healing, report."""
+"""The shrink measurement (moe/experiments/surgery/shrink.py) at toy size: cuts, healing, report."""
 
 from __future__ import annotations
 

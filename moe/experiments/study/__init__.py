@@ -1,0 +1,104 @@
+"""The experiment runner: `moe run` (one study, any number of seeds) and `moe sweep`.
+
+- `runner.Study`: one study in one run directory, stages ordered from the arms' declarations;
+- `arms/`: the registry of study arms (one module per arm);
+- `budget`: how the compute budget is shared between stages;
+- `records`: typed results shared with the report;
+- `sweep`: one study per value of a recipe key, one report across them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from moe.config import ConfigError, Recipe, to_yaml
+from moe.experiments import recipe_changed
+from moe.experiments.study.context import log
+from moe.experiments.study.runner import Study
+from moe.io.checkpoint import atomic_write_text, write_json
+from moe.io.output import claim, recipe_inputs
+
+__all__ = ["Study", "run_study", "dry_run"]
+
+
+def dry_run(recipe: Recipe, only: str | None = None, seeds: int | None = None) -> str:
+    """The stage plan of a study (and every seed's), without training anything, after every
+    check the real run makes before it writes anything (`check_study`)."""
+    return check_study(recipe, only, seeds).describe_plan()
+
+
+def check_study(recipe: Recipe, only: str | None = None, seeds: int | None = None) -> Study:
+    """Every mistake `run_study` refuses before it writes anything: seeds, --stage, the budget
+    and plan, a model too large to train here (the seed's; with init= its stage checks)."""
+    from moe.train.stages import check_fits
+
+    seeds = recipe.study.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if only is not None and seeds > 1:
+        raise ConfigError("--stage runs one stage of one study; drop --seeds")
+    study = Study(recipe, Path(recipe.out_dir))
+    study.check_stage(only)
+    if recipe.init is None:
+        check_fits(recipe, recipe.model, "model")
+    return study
+
+
+def run_study(
+    recipe: Recipe, only: str | None = None, seeds: int | None = None,
+    recipe_path: str | None = None,
+) -> Path:
+    """Run (or resume) the study; with seeds > 1 it is repeated with seeds seed, seed+1, ...
+
+    and the report gives every number as mean ± 95% CI with paired differences per seed.
+    """
+    seeds = recipe.study.seeds if seeds is None else seeds
+    run_dir = Path(recipe.out_dir)
+    check_study(recipe, only, seeds)  # before anything is written
+    with claim(run_dir, recipe_inputs(recipe)):  # before anything in it is touched
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = run_dir / "recipe.yaml"
+        if saved.is_file() and not recipe.overwrite and _study_changed(saved, recipe):
+            raise ConfigError(
+                f"{run_dir} holds a study with a different recipe; pass --overwrite to replace "
+                "it or choose another out_dir"
+            )
+        if recipe.overwrite and only is None:
+            for old in [run_dir / "stages", *run_dir.glob("seed-*")]:
+                shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(saved, to_yaml(recipe))
+        cmd = f"moe run {recipe_path}" if recipe_path else "moe run"
+        from moe.experiments.study.report import aggregate, write_aggregate_report, write_report
+
+        if seeds == 1:
+            res = Study(recipe, run_dir).run(only)
+            if res:
+                res["command"] = cmd
+                write_json(run_dir / "results.json", res)
+                path = write_report(res, run_dir)
+                log(f"wrote {path}")
+            return run_dir / "report.md"
+        all_res = []
+        for k in range(seeds):
+            sub = dataclasses.replace(
+                recipe, seed=recipe.seed + k, out_dir=str(run_dir / f"seed-{recipe.seed + k}")
+            )
+            log(f"== seed {k + 1}/{seeds} ({sub.out_dir})")
+            Path(sub.out_dir).mkdir(parents=True, exist_ok=True)
+            res = Study(sub, Path(sub.out_dir)).run()
+            res["command"] = f"{cmd} --seeds {seeds}"
+            write_json(Path(sub.out_dir) / "results.json", res)
+            all_res.append(res)
+        agg = aggregate(all_res)
+        write_json(run_dir / "results.json", agg)
+        path = write_aggregate_report(agg, run_dir)
+        log(f"wrote {path}")
+        return path
+
+
+def _study_changed(saved: Path, recipe: Recipe) -> bool:
+    """Whether a run directory's recorded recipe differs in anything that changes results: more
+    seeds extend a study (finished ones stay), more held-out sets re-evaluate, not retrain."""
+    return recipe_changed(saved, recipe, ignore=("study.seeds", "study.eval_data"))

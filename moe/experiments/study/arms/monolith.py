@@ -1,0 +1,68 @@
+"""The monolithic baselines: one dense model on the mixed stream with the experts' compute.
+
+`monolith` (compute-matched, the reference arm): under protocol=fork it is the seed run itself
+continued to the end of the budget and cooled down there (BTM's baseline), bit-identical to a
+run that was never forked. `monolith_data` (data-matched): the seed continued for as many tokens
+as the experts trained on after the seed, with a cool-down at its own end.
+Under protocol=rewarm both restart from the seed's weights with a fresh warm-up.
+"""
+
+from __future__ import annotations
+
+from moe.experiments.study.arms import Arm, ModelSpec, StageSpec, register
+
+REFERENCE_LABEL = "monolithic, compute-matched"
+
+
+def _continue(ctx, name: str, total: int, seed_offset: int) -> StageSpec:
+    b, r = ctx.budget, ctx.recipe
+    post = total - b.seed_steps
+    if ctx.fork:
+        # the seed's own data order continues (same seed): the run never forked
+        run = lambda: ctx.train(  # noqa: E731
+            name, "dense", total, init=ctx.model_dir("seed"), seed=r.seed, fork="seed",
+            schedule_steps=total,
+        )
+    else:
+        run = lambda: ctx.train(  # noqa: E731
+            name, "dense", post, init=ctx.model_dir("seed"), seed=r.seed + seed_offset
+        )
+    return StageSpec(name, "train", ("seed",), run, steps=post, tokens=post * b.tokens_per_step)
+
+
+@register
+class Monolith(Arm):
+    name = "monolith"
+    label = REFERENCE_LABEL
+    description = "the seed continued on the mixed stream to the experts' FLOPs (reference)"
+    requires = ("seed",)
+
+    def stages(self, ctx):
+        return [_continue(ctx, "dense-compute", ctx.budget.total_steps, 1000)]
+
+    def models(self, ctx):
+        return [
+            ModelSpec(
+                "dense-compute", self.label, ("seed", "dense-compute"),
+                checkpoint="dense-compute", role="monolith",
+            )
+        ]
+
+
+@register
+class MonolithData(Arm):
+    name = "monolith_data"
+    label = "monolithic, data-matched"
+    description = "the seed continued on the mixed stream for the experts' training tokens"
+    requires = ("seed",)
+
+    def stages(self, ctx):
+        return [_continue(ctx, "dense-data", ctx.budget.data_matched_steps, 2000)]
+
+    def models(self, ctx):
+        return [
+            ModelSpec(
+                "dense-data", self.label, ("seed", "dense-data"),
+                checkpoint="dense-data", role="monolith",
+            )
+        ]

@@ -1,0 +1,79 @@
+"""The checks of a recipe's `study:` section (`moe run`, `moe sweep`).
+
+They live here, not in moe/config/, because they name what the layers above config register:
+split methods (moe/model/split.py), merge methods (moe/merge/) and study arms (./arms/).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moe.config import DOMAINS, SHARED_MODES, STUDY_PROTOCOLS, ConfigError, Recipe, StudyConfig
+from moe.experiments.study.arms import ARMS
+from moe.merge.registry import names as merge_methods
+from moe.model.split import SPLIT_METHODS
+
+
+def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
+    def choice(key: str, value: Any, options) -> None:
+        if value not in options:
+            raise bad(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
+
+    choice("study.protocol", s.protocol, STUDY_PROTOCOLS)
+    choice("study.shared", s.shared, SHARED_MODES)
+    choice("study.split_method", s.split_method, SPLIT_METHODS)
+    choice("study.merge_method", s.merge_method, merge_methods())
+    choice("study.router_init", s.router_init, ("random", "domain_mean"))
+    for a in s.arms:
+        choice("study.arms", a, sorted(ARMS))
+    if len(set(s.arms)) != len(s.arms):
+        raise bad("study.arms: an arm is listed twice")
+    if not s.experts or len(set(s.experts)) != len(s.experts):
+        raise bad("study.experts: list each expert (domain) once")
+    for e in s.experts:
+        if e not in DOMAINS and e not in r.data.sources:
+            raise bad(f"study.experts: {e!r} is not a domain with data")
+    for k in ("budget_steps", "finetune_steps", "eval_batches", "seeds"):
+        if getattr(s, k) < 1:
+            raise bad(f"study.{k} must be at least 1, got {getattr(s, k)}")
+    if not 0.0 < s.seed_fraction < 1.0:
+        raise bad(f"study.seed_fraction must be in (0, 1), got {s.seed_fraction}")
+    if not 0.0 <= s.moe_finetune_fraction <= 10.0:
+        raise bad(f"study.moe_finetune_fraction must be in [0, 10], got {s.moe_finetune_fraction}")
+    if s.finetune_family is not None:
+        if s.finetune_family not in s.experts:
+            raise bad(f"study.finetune_family {s.finetune_family!r} is not one of study.experts")
+        if len(s.finetune_seeds) < 2:
+            raise bad("study.finetune_seeds: merging needs at least two fine-tunes")
+    elif "family" in s.arms:
+        raise bad("study.arms has `family` but study.finetune_family is null")
+    n_experts = len(s.experts) + int(s.generalist_expert)
+    if not 1 <= s.router_top_k <= n_experts:
+        raise bad(f"study.router_top_k must be between 1 and {n_experts}")
+    if not 0 < s.merge_density <= 1:
+        raise bad(f"study.merge_density must be in (0, 1], got {s.merge_density}")
+    if s.router_lr <= 0:
+        raise bad(f"study.router_lr must be positive, got {s.router_lr}")
+
+
+
+def check_recipe(r: Recipe, where: str = "recipe") -> None:
+    """The checks of a recipe's `study:` section, made when it runs as a study (`moe run`,
+    `moe sweep`) before anything is written; names are checked against the registries."""
+    s = r.study
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {msg}")
+
+    _check_section(s, r, bad)
+    if s.protocol == "fork":
+        if r.optim.schedule == "cosine":
+            raise bad(
+                "study.protocol=fork needs a schedule with a stable phase to fork from; set "
+                "optim.schedule=wsd (or constant), or use study.protocol=rewarm"
+            )
+        if s.split_method != "copy":
+            raise bad(
+                f"study.split_method={s.split_method} partitions the FFN, so a branch is not the "
+                "seed run and cannot fork from it; use split_method=copy or study.protocol=rewarm"
+            )

@@ -1,0 +1,128 @@
+"""The sweep report: each arm's gain over the compute-matched monolith against the swept value.
+
+Input is `moe.experiments.study.sweep.summarize`'s dict (saved as the sweep's results.json).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moe.experiments.study.report.format import (
+    format_flops,
+    format_mean_ci,
+    format_num,
+    format_table,
+    is_num,
+)
+from moe.experiments.study.report.plots import PLOTS_DIR, _figure, _save
+from moe.io.checkpoint import atomic_write_text
+
+SWEEP_PLOT = "gain_vs_sweep.png"
+
+
+def _gain(point: dict, label: str, domain: str) -> tuple[Any, Any, Any]:
+    g = ((point.get("gains") or {}).get(label) or {}).get(domain) or {}
+    d = g.get("delta") or {}
+    return d.get("mean"), d.get("half"), g.get("verdict")
+
+
+def _x(summary: dict) -> tuple[list[float], str, bool]:
+    """x values: the monolith's training FLOPs when known for every value (a compute sweep's
+    natural axis, log scale), else the swept values themselves when numeric."""
+    pts = summary["points"]
+    flops = [p.get("monolith_flops") for p in pts]
+    if summary["key"] == "study.budget_steps" and all(is_num(f) and f > 0 for f in flops):
+        return [float(f) for f in flops], "training FLOPs of the compute-matched monolith", True
+    try:
+        xs = [float(v) for v in summary["values"]]
+    except ValueError:
+        return list(range(len(pts))), summary["key"], False
+    span = max(xs) / min(xs) if min(xs) > 0 else 0
+    return xs, summary["key"], span >= 8
+
+
+def plot_sweep(summary: dict, path: Path) -> bool:
+    doms = [*summary["domains"], "mean"]
+    labels = summary["arms"]
+    if not labels:
+        return False
+    xs, xlabel, logx = _x(summary)
+    fig = _figure(3.2 * len(doms) + 1.0, 3.8)
+    axes = fig.subplots(1, len(doms), sharey=False)
+    for ax, d in zip(axes, doms):
+        for label in labels:
+            ys, errs, px = [], [], []
+            for x, p in zip(xs, summary["points"]):
+                m, h, _ = _gain(p, label, d)
+                if is_num(m):
+                    px.append(x)
+                    ys.append(m)
+                    errs.append(h if is_num(h) else 0.0)
+            if px:
+                ax.errorbar(px, ys, yerr=errs, marker="o", capsize=3, label=label)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        if logx:
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide at 16x
+        ax.set_title(d)
+        ax.set_xlabel(xlabel, fontsize=8)
+    axes[0].set_ylabel("Δ bpb vs monolith (negative: arm better)")
+    axes[-1].legend(fontsize=7, loc="best")
+    _save(fig, path)
+    return True
+
+
+def render_sweep_report(summary: dict, plot: bool = False) -> str:
+    key, doms = summary["key"], summary["domains"]
+    n = summary["points"][0].get("n") or 1
+    ref = summary.get("reference_arm") or "the reference"
+    level = int(round(100 * summary.get("level", 0.95)))
+    lines = [f"# moe-forge sweep report: {key}", "",
+             f"- swept: `{key}` over {', '.join(summary['values'])}; {n} seed(s) per value",
+             f"- reference: {ref}; every cell is arm − reference in bits per byte, paired by "
+             f"seed, mean ± {level}% CI (t distribution); negative means the arm is better", ""]
+    lines += ["## Crossovers", ""]
+    for label in summary["arms"]:
+        cross = summary["crossovers"].get(label) or {}
+        parts = [f"{d}: {(cross.get(d) or {}).get('summary', '-')}" for d in [*doms, "mean"]]
+        lines.append(f"- **{label}**: " + "; ".join(parts))
+    lines.append("")
+    if plot:
+        lines += [f"![gain vs {key}]({PLOTS_DIR}/{SWEEP_PLOT})", ""]
+    for d in [*doms, "mean"]:
+        lines += [f"## {d}", ""]
+        rows = []
+        for p in summary["points"]:
+            row = [p["value"], format_flops(p.get("monolith_flops"))]
+            for label in summary["arms"]:
+                m, h, v = _gain(p, label, d)
+                row.append(f"{format_mean_ci(m, h, signed=True)}" + (f" ({v})" if v else ""))
+            rows.append(row)
+        lines.append(format_table([key, "monolith FLOPs", *summary["arms"]], rows,
+                                  ["l", "r"] + ["r"] * len(summary["arms"])))
+        lines.append("")
+    lines += ["## Epochs over each domain's training data", "",
+              "How many times each arm's lineage read its domains' training splits (the first "
+              "seed's; every seed reads as much): repetition beyond a few epochs adds little "
+              "(Muennighoff et al. 2023).", ""]
+    rows = []
+    for p in summary["points"]:
+        for label, ep in (p.get("epochs") or {}).items():
+            if ep:
+                rows.append([p["value"], label, *[format_num(ep.get(d), 2) for d in doms]])
+    if rows:
+        lines.append(format_table([key, "arm", *doms], rows, ["l", "l"] + ["r"] * len(doms)))
+        lines.append("")
+    lines += ["## Reproduce", "", "```", summary.get("command", "moe sweep <recipe>"), "```", ""]
+    return "\n".join(lines)
+
+
+def write_sweep_report(summary: dict, run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    ok = plot_sweep(summary, run_dir / PLOTS_DIR / SWEEP_PLOT)
+    path = run_dir / "report.md"
+    atomic_write_text(path, render_sweep_report(summary, plot=ok))
+    return path

@@ -1,0 +1,253 @@
+"""`moe sweep`: one study per value of a recipe key, and one report of the gains across them.
+
+    moe sweep recipes/sweep.yaml                             # the recipe's `sweep:` block
+    moe sweep recipes/study.yaml study.budget_steps=100,200,400,800 --seeds 3
+
+Each value's study runs (and resumes) in `<out_dir>/<key>=<value>/` like `moe run`; the sweep
+report gives, per domain, every arm's gain over the compute-matched monolith (paired by seed,
+mean ± 95% CI) against the swept value, and names the crossover where the sign changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from moe.config import ConfigError, Recipe, load_recipe, to_dict
+from moe.eval.stats import verdict
+from moe.experiments.study.context import log
+from moe.io.checkpoint import write_json
+from moe.io.output import claim, recipe_inputs
+
+
+def split_sweep_override(overrides: list[str]) -> tuple[list[str], tuple[str, list[str]] | None]:
+    """Pick the one `key=v1,v2,...` override (a comma outside brackets) from plain overrides."""
+    plain, sweep = [], None
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        depth, comma = 0, False
+        for ch in value:
+            depth += ch in "[{("
+            depth -= ch in "]})"
+            comma |= ch == "," and depth == 0
+        if not comma:
+            plain.append(ov)
+            continue
+        if sweep is not None:
+            raise ConfigError(f"moe sweep takes one swept key; got {sweep[0]} and {key}")
+        sweep = (key, [v.strip() for v in value.split(",")])
+    return plain, sweep
+
+
+def _value_dir(key: str, value: Any) -> str:
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+class Sweep:
+    def __init__(self, recipe_path: str | None, overrides: list[str], seeds: int | None = None,
+                 overwrite: bool = False):
+        plain, spec = split_sweep_override(list(overrides))
+        base = load_recipe(recipe_path, plain)
+        from moe.experiments import experiment_of
+
+        exp = experiment_of(base)
+        if exp is not None:  # its section would be ignored: each value would run a study
+            raise ConfigError(
+                f"moe sweep runs the specialization study; {recipe_path or 'this recipe'} is a "
+                f"{exp.section} experiment: run `moe run` once per value with its own out_dir"
+            )
+        if spec is None:
+            if base.sweep.key is None or not base.sweep.values:
+                raise ConfigError(
+                    "nothing to sweep: give key=v1,v2,... or a `sweep:` block (key, values) in "
+                    "the recipe"
+                )
+            spec = (base.sweep.key, [_as_override(v) for v in base.sweep.values])
+        key, values = spec
+        if len(values) < 2:
+            raise ConfigError(f"sweep {key}: give at least two values")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"sweep {key}: a value is listed twice")
+        self.key, self.values = key, values
+        self.seeds = base.study.seeds if seeds is None else seeds
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {self.seeds}")
+        self.base = base
+        self.run_dir = Path(base.out_dir)
+        self.recipe_path = recipe_path
+        self.overwrite = overwrite or base.overwrite
+        # every value's recipe loads (and its study plans) before anything trains
+        self.recipes: list[Recipe] = []
+        for v in values:
+            where = f"sweep {key}={v}"
+            try:
+                r = load_recipe(recipe_path, [*plain, f"{key}={v}", "sweep.key=null",
+                                              "sweep.values=[]"])
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            if key not in _flat_keys(to_dict(r)):
+                raise ConfigError(f"{where}: {key!r} is not a recipe key")
+            r = _with_out_dir(r, str(self.run_dir / _value_dir(key, v)), self.overwrite)
+            from moe.experiments.study import check_study
+
+            try:
+                check_study(r, seeds=self.seeds)  # what each value's run_study checks first
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            self.recipes.append(r)
+
+    def identity(self) -> dict:
+        rec = to_dict(self.base)
+        for k in ("overwrite", "out_dir", "name", "sweep"):
+            rec.pop(k, None)
+        rec.get("trainer", {}).pop("enable_progress_bar", None)
+        rec.get("study", {}).pop("seeds", None)
+        return {"key": self.key, "values": self.values, "recipe": rec}
+
+    def plan(self) -> str:
+        from moe.experiments.study.runner import Study
+
+        lines = [f"sweep {self.key} over {', '.join(self.values)} ({self.seeds} seed(s) each) "
+                 f"into {self.run_dir}"]
+        for r in self.recipes:
+            lines.append(Study(r, Path(r.out_dir)).describe_plan())
+        return "\n".join(lines)
+
+    def run(self) -> Path:
+        from moe.experiments.study import run_study
+
+        # the sweep's claim is held to its report: a second sweep into the same directory is
+        # refused, not run alongside (each value's study also claims its own directory)
+        with claim(self.run_dir, recipe_inputs(self.base)):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            marker = self.run_dir / "sweep.json"
+            ident = self.identity()
+            if marker.is_file() and not self.overwrite:
+                old = json.loads(marker.read_text())
+                if json.dumps(old, sort_keys=True) != json.dumps(ident, sort_keys=True):
+                    raise ConfigError(
+                        f"{self.run_dir} holds a different sweep; pass --overwrite to replace "
+                        "it or choose another out_dir"
+                    )
+            write_json(marker, ident)
+            per_value = []
+            for i, (v, r) in enumerate(zip(self.values, self.recipes), 1):
+                log(f"=== sweep {self.key}={v} ({i}/{len(self.values)})")
+                run_study(r, seeds=self.seeds, recipe_path=self.recipe_path)
+                per_value.append(self._seed_results(Path(r.out_dir)))
+            from moe.experiments.study.report import aggregate
+
+            aggs = [aggregate(res) for res in per_value]
+            summary = summarize(self.key, self.values, aggs)
+            summary["command"] = (
+                f"moe sweep {self.recipe_path or ''} {self.key}={','.join(self.values)} "
+                f"--seeds {self.seeds}"
+            )
+            write_json(self.run_dir / "results.json", summary)
+            from moe.experiments.study.report.sweep import write_sweep_report
+
+            path = write_sweep_report(summary, self.run_dir)
+            log(f"wrote {path}")
+            return path
+
+    def _seed_results(self, value_dir: Path) -> list[dict]:
+        if self.seeds == 1:
+            return [json.loads((value_dir / "results.json").read_text())]
+        seeds = [self.base.seed + k for k in range(self.seeds)]
+        return [json.loads((value_dir / f"seed-{s}" / "results.json").read_text()) for s in seeds]
+
+
+def _as_override(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _flat_keys(v, prefix + k + ".")
+    return out
+
+
+def _with_out_dir(r: Recipe, out_dir: str, overwrite: bool) -> Recipe:
+    import dataclasses
+
+    return dataclasses.replace(r, out_dir=out_dir, overwrite=overwrite)
+
+
+def summarize(key: str, values: list[str], aggs: list[dict]) -> dict:
+    """Per arm and domain: the gain over the reference at each value, and any crossover."""
+    doms = aggs[0]["domains"]
+    labels: list[str] = []
+    for a in aggs:
+        labels += [lb for lb in a.get("gains", {}) if lb not in labels]
+    points = []
+    for v, a in zip(values, aggs):
+        ref = a.get("reference_arm")
+        ref_model = (a.get("arms") or {}).get(ref)
+        m = (a.get("models") or {}).get(ref_model) or {}
+        points.append({"value": v, "monolith_flops": m.get("train_flops"),
+                       "budget": a.get("budget"), "n": a.get("n"),
+                       "gains": a.get("gains", {}),
+                       "epochs": {lb: (a["models"].get(name) or {}).get("epochs_by_domain")
+                                  for lb, name in (a.get("arms") or {}).items()}})
+    crossovers: dict[str, dict[str, Any]] = {}
+    for lb in labels:
+        crossovers[lb] = {}
+        for d in [*doms, "mean"]:
+            series = []
+            for p in points:
+                g = (p["gains"].get(lb) or {}).get(d) or {}
+                delta = g.get("delta") or {}
+                series.append((p["value"], delta.get("mean"), delta.get("half")))
+            crossovers[lb][d] = crossover(series)
+    return {"key": key, "values": values, "domains": doms, "arms": labels,
+            "reference_arm": aggs[0].get("reference_arm"),
+            "experts_arm": aggs[0].get("experts_arm"), "points": points,
+            "crossovers": crossovers, "level": aggs[0].get("level", 0.95)}
+
+
+def crossover(series: list[tuple[str, float | None, float | None]]) -> dict[str, Any]:
+    """Where an arm's gain (arm − reference; negative = the arm is better) changes sign.
+
+    Returns {"between": [v_i, v_j] or None, "verdicts": [...], "summary": text}. A crossover is
+    named only between consecutive values whose mean gains have opposite signs; it is called
+    "significant" when both ends are distinguishable from zero at the interval's level.
+    """
+    verdicts = [verdict(m, h) if m is not None and not math.isnan(m) else None
+                for _, m, h in series]
+    signs = [None if m is None else (m < 0) for _, m, _ in series]
+    out: dict[str, Any] = {"between": None, "significant": False, "verdicts": verdicts}
+    for i in range(len(series) - 1):
+        a, b = signs[i], signs[i + 1]
+        if a is None or b is None or a == b:
+            continue
+        sig = verdicts[i] in ("beats", "loses") and verdicts[i + 1] in ("beats", "loses")
+        out.update(between=[series[i][0], series[i + 1][0]], significant=sig,
+                   direction="the arm starts winning" if b else "the arm stops winning")
+        break
+    if out["between"] is None:
+        known = [s for s in signs if s is not None]
+        if known and all(known):
+            out["summary"] = "no crossover in range: the arm is ahead at every value"
+        elif known and not any(known):
+            out["summary"] = "no crossover in range: the arm is behind at every value"
+        else:
+            out["summary"] = "no crossover in range"
+    else:
+        lo, hi = out["between"]
+        out["summary"] = (f"crossover between {lo} and {hi} ({out['direction']}; "
+                          + ("both ends distinguishable at 95%)" if out["significant"]
+                             else "not distinguishable at 95% at both ends)"))
+    return out
+
+
+def run_sweep(recipe_path: str | None, overrides: list[str], seeds: int | None = None,
+              overwrite: bool = False, dry_run: bool = False) -> Path | str:
+    sw = Sweep(recipe_path, overrides, seeds=seeds, overwrite=overwrite)
+    if dry_run:
+        return sw.plan()
+    return sw.run()
