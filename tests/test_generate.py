@@ -15,10 +15,10 @@ from generate_fixtures import (
 )
 
 import moe
-from moe import routing_view
 from moe.cli import main
 from moe.config import ConfigError
 from moe.data.tokenizer import ByteTokenizer, HFTokenizer
+from moe.generate import routing_view
 from moe.generate.generation import generate, samples_markdown, token_pieces
 
 EXPERTS = ("text", "code", "dna")

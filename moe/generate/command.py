@@ -100,7 +100,7 @@ def generate_command(
 ) -> Generation:
     """`moe generate`: everything checked before any output is written; then the text (or the
     routing view) through `out`, notes through `err`, and the --html / --json files."""
-    from moe import routing_view
+    from moe.generate import routing_view
     from moe.io.checkpoint import atomic_write_text, write_json
     from moe.io.output import claim
 

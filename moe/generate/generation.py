@@ -496,7 +496,7 @@ def samples_markdown(
     domain_of maps a prompt's domain to the domain given to domain-routed MoEs (default: the
     domain itself); a domain-routed MoE without an expert for it is noted, not run.
     """
-    from moe import routing_view
+    from moe.generate import routing_view
 
     domain_of = domain_of or (lambda d: d)
     h = "#" * level

@@ -7,8 +7,8 @@ import pytest
 from helpers import REPO
 
 from moe.config import ConfigError, load_recipe
-from moe.delta import study
 from moe.experiments import experiment_of
+from moe.experiments.fleet import study
 
 TINY = ["fleet.base_steps=4", "fleet.steps=4", "fleet.seeds=2", "fleet.eval_batches=1",
         "fleet.eval_every=2", "data.bytes_per_domain=30000", "data.seq_len=32",

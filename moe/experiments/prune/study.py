@@ -311,7 +311,7 @@ def run(r: Recipe, seeds: int | None = None, recipe_path: str | None = None) -> 
     dm.setup()
     heldout = HeldOut(dm, list(r.data.domains), p.eval_batches, r.eval.batch_size)
     runs = []
-    from moe.surgery import prune_report
+    from moe.experiments.prune import report as prune_report
 
     if p.kind == "curves":
         for i in range(n):

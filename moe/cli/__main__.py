@@ -1,0 +1,7 @@
+"""`python -m moe.cli ...` is the `moe` command."""
+
+import sys
+
+from moe.cli import main
+
+sys.exit(main())

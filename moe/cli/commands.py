@@ -1,0 +1,312 @@
+"""The subcommands' handlers: each parses nothing and decides nothing, it calls the library
+function that does the work and prints where the result went (moe/cli/__init__.py wires them
+to argparse)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from moe.config import ConfigError
+
+
+def _recipe(args) -> object:
+    from moe.config import load_recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_train(args) -> int:
+    from moe.train.stages import train
+
+    out = train(_recipe(args))
+    print(out)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from moe.experiments import experiment_of
+    from moe.experiments.study import dry_run, run_study
+
+    if args.list_arms:
+        from moe.experiments.study.arms import ARMS
+
+        for name, arm in sorted(ARMS.items()):
+            print(f"{name:14s} {arm.description}")
+        return 0
+    if args.recipe is None:
+        raise ConfigError("moe run needs a recipe file (or --list-arms)")
+    recipe = _recipe(args)
+    experiment = experiment_of(recipe)  # init_study, ... (moe/experiments/); else the study
+    if experiment is not None:
+        if args.dry_run:
+            print(experiment.plan(recipe, args.seeds))
+        else:
+            print(experiment.run(recipe, args.seeds, args.recipe))
+        return 0
+    if args.dry_run:  # the run's own checks, then its plan
+        print(dry_run(recipe, only=args.stage, seeds=args.seeds))
+        return 0
+    report = run_study(recipe, only=args.stage, seeds=args.seeds, recipe_path=args.recipe)
+    print(report)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from moe.experiments.study.sweep import run_sweep
+
+    out = run_sweep(args.recipe, list(args.overrides), seeds=args.seeds,
+                    overwrite=args.overwrite, dry_run=args.dry_run)
+    print(out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from moe.eval.evaluate import evaluate_checkpoint, format_table, resolve_checkpoint
+    from moe.io.checkpoint import write_json
+    from moe.io.output import claim
+
+    doms = args.domains.split(",") if args.domains else None
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(f"--json {args.json} is a directory; give a file name")
+    data = None
+    if args.data:
+        from moe.eval.data_spec import parse_data_spec
+
+        data = parse_data_spec(args.data)  # every mistake in it stops here, before any work
+    max_batches = args.max_batches
+    if max_batches is None:  # an explicit evaluation set is evaluated whole
+        max_batches = 0 if data is not None else 16
+    # results on other data never replace the checkpoint's own eval.json
+    name = "eval-data.json" if data is not None else "eval.json"
+    for path in args.checkpoints:
+        resolve_checkpoint(path)  # a missing checkpoint is named before anything else
+    targets = [args.json] if args.json else [Path(p) / name for p in args.checkpoints]
+    inputs = [*args.checkpoints, args.tokenizer, *(data.input_paths() if data else [])]
+    with claim(targets, inputs):  # before evaluating: a refused output costs no work
+        reports = []
+        for path in args.checkpoints:
+            rep = evaluate_checkpoint(
+                path,
+                doms,
+                max_batches=max_batches,
+                batch_size=args.batch_size,
+                progress=sys.stderr.isatty(),
+                data=data,
+                tokenizer=args.tokenizer,
+            )
+            reports.append(rep)
+        print(format_table(reports))
+        if args.json:
+            write_json(args.json, reports if len(reports) > 1 else reports[0])
+        else:
+            for target, rep in zip(targets, reports):
+                write_json(target, rep)
+                print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from moe.data.datamodule import DomainDataModule
+
+    r = _recipe(args)
+    dm = DomainDataModule(r.data, seed=r.seed)
+    rows = dm.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    cols = [
+        "domain",
+        "documents",
+        "bytes",
+        "train_documents",
+        "heldout_documents",
+        "train_sequences",
+        "heldout_sequences",
+    ]
+    print("| " + " | ".join(cols) + " | origin |")
+    print("|" + "---|" * (len(cols) + 1))
+    for row in rows:
+        cells = [
+            f"{row.get(c):,}" if isinstance(row.get(c), int) else str(row.get(c)) for c in cols
+        ]
+        print("| " + " | ".join(cells) + f" | {row.get('origin', '')} |")
+    return 0
+
+
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_split(args) -> int:
+    from moe.surgery.experts import split_checkpoint
+
+    out = split_checkpoint(
+        args.checkpoint, args.out, _names(args.experts), method=args.method, router=args.router,
+        top_k=args.top_k, shared_dim=args.shared_dim, seed=args.seed,
+        calib_batches=args.calib_batches, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_init(args) -> int:
+    from moe.surgery.init import init_checkpoint
+
+    out = init_checkpoint(
+        args.source, args.method, args.out, seed=args.seed, keep_norms=args.keep_norms,
+        keep_embeddings=args.keep_embeddings, overrides=list(args.overrides),
+        overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_importance(args) -> int:
+    from moe.surgery.importance import importance_checkpoint
+
+    out = importance_checkpoint(
+        args.checkpoint, _names(args.domains), args.out, batches=args.batches,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from moe.surgery.prune import prune_checkpoint
+
+    out = prune_checkpoint(
+        args.checkpoint, args.out, heads=args.heads, ffn=args.ffn, layers=args.layers,
+        by=args.by, method=args.method, scores_path=args.scores,
+        domains=_names(args.domains) if args.domains else None, calib_batches=args.batches,
+        heal_steps=args.heal_steps, heal_lr=args.heal_lr, unstructured=args.unstructured,
+        bits=args.bits, group=args.group, seed=args.seed, allow_empty=args.allow_empty,
+        overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_grow(args) -> int:
+    from moe.surgery.grow import GrowSpec, grow_checkpoint, parse_ints, parse_range
+
+    spec = GrowSpec(
+        ffn_dim=args.ffn_dim, dim=args.dim, kv_heads=args.kv_heads, method=args.method,
+        noise=args.noise, identity_after=parse_ints(args.identity_after, "--identity-after"),
+        duplicate=parse_range(args.duplicate, "--duplicate"),
+        layers=parse_ints(args.layers, "--layers"), seed=args.seed,
+    )
+    print(grow_checkpoint(args.checkpoint, args.out, spec, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_shrink(args) -> int:
+    from moe.surgery.grow import parse_ints
+    from moe.surgery.shrink import ShrinkSpec, shrink_checkpoint
+
+    spec = ShrinkSpec(
+        drop_layers=parse_ints(args.drop_layers, "--drop-layers"), bi_layers=args.bi_layers,
+        by=args.by, calib_batches=args.calib_batches, ffn=args.ffn, heads=args.heads,
+        channels=args.channels, select=args.select, seed=args.seed,
+    )
+    print(shrink_checkpoint(args.checkpoint, args.out, spec, heal_steps=args.heal_steps,
+                            overrides=list(args.overrides), overwrite=args.overwrite))
+    return 0
+
+
+def cmd_retokenize(args) -> int:
+    from moe.surgery.retokenize import retokenize_checkpoint
+
+    print(retokenize_checkpoint(
+        args.checkpoint, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        init=args.init, steps=args.steps, freeze_body=args.freeze_body,
+        overrides=list(args.overrides), seed=args.seed, overwrite=args.overwrite,
+    ))  # fmt: skip
+    return 0
+
+
+def cmd_assemble(args) -> int:
+    from moe.surgery.experts import assemble_checkpoints
+
+    out = assemble_checkpoints(
+        args.branches, args.out, experts=_names(args.experts) if args.experts else None,
+        shared=args.shared, base=args.base, router=args.router, top_k=args.top_k,
+        router_init=args.router_init, seed=args.seed, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from moe.merge import merge
+
+    out = merge(args.config, out=args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(out)
+    return 0
+
+
+def cmd_delta(args) -> int:
+    from moe.delta import ops
+
+    if args.action == "extract":
+        info = ops.extract(args.base, args.finetune, args.out, overwrite=args.overwrite,
+                           allow_cross_family=args.allow_cross_family)
+    elif args.action == "compress":
+        info = ops.compress(args.delta, args.method, args.out, seed=args.seed,
+                            overwrite=args.overwrite)
+    elif args.action == "apply":
+        print(ops.apply_delta(args.base, args.delta, args.out, overwrite=args.overwrite,
+                              scale=args.scale))
+        return 0
+    else:
+        info = ops.info(args.delta)
+    if getattr(args, "json", False):
+        print(json.dumps(info, indent=2))
+    else:
+        out = f"{args.out}: " if getattr(args, "out", None) else ""
+        ranks = f", lowrank rank {info['lowrank_ranks']}" if info["lowrank_ranks"] else ""
+        print(f"{out}{info['bytes']} bytes ({info['bytes_per_parameter']:.3f} per parameter, "
+              f"{info['parameters']} parameters), method {info['method']}, density "
+              f"{info['density']:.4f}{ranks}, base {info['base_id']}, family {info['family']}, "
+              f"exact {info['exact']}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from moe.io.hf import import_hf
+
+    out = import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+    print(out)
+    from moe.data.tokenizer import TOKENIZER_DIR
+
+    if not (Path(out) / TOKENIZER_DIR).is_dir():
+        print(f"note: {args.hf_dir} has no tokenizer files; pass the model's tokenizer to train "
+              "(data.tokenizer=PATH) and evaluate (moe eval --tokenizer PATH)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from moe.eval.evaluate import resolve_checkpoint
+    from moe.io.hf_export import export_hf
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    print(export_hf(ckpt, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from moe.generate.command import generate_command
+
+    generate_command(
+        args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, domain=args.domain, show_routing=args.show_routing,
+        layer=args.layer, html=args.html, json_path=args.json, color=args.color,
+        device=args.device, tokenizer=args.tokenizer,
+    )  # fmt: skip
+    return 0
