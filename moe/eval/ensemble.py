@@ -10,7 +10,6 @@ averaging over the branches, using only the context (no peeking at x_t).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from moe.config import DataConfig
 from moe.data.datamodule import DomainDataModule
+from moe.model.loss import bits_per_byte
 from moe.model.transformer import IGNORE_INDEX, Transformer
 
 
@@ -71,7 +71,7 @@ def evaluate_ensemble(
             nbytes += int(batch["target_bytes"].sum())
         results[dom] = {
             "loss": nats / max(toks, 1),
-            "bpb": nats / max(nbytes, 1) / math.log(2),
+            "bpb": bits_per_byte(nats, nbytes),
             "tokens": toks,
             "bytes": nbytes,
         }

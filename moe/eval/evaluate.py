@@ -13,7 +13,6 @@ the data given with `--data` (moe.eval.data_spec).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
@@ -26,8 +25,9 @@ from moe.data.datamodule import DomainDataModule
 from moe.data.tokenizer import check_vocab, checkpoint_tokenizer
 from moe.eval.data_spec import EvalData
 from moe.io.checkpoint import load_model, resolve_checkpoint  # noqa: F401 (re-exported)
+from moe.model.loss import bits_per_byte
+from moe.model.moe_layer import domain_to_expert
 from moe.model.transformer import IGNORE_INDEX, Transformer
-from moe.train.module import domain_to_expert
 
 DEAD_SHARE = 0.01  # an expert receiving under 1% of a layer's assignments on every domain is "dead"
 
@@ -116,7 +116,7 @@ def evaluate_model(
             raise ConfigError(f"domain {dom!r} has no held-out sequences to evaluate")
         results[dom] = {
             "loss": nats / toks,
-            "bpb": nats / max(nbytes, 1) / math.log(2),
+            "bpb": bits_per_byte(nats, nbytes),
             "tokens": toks,
             "bytes": nbytes,
         }

@@ -13,11 +13,21 @@ Legend: N positions (B*T), C model dim, V vocabulary, K positions per chunk.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 1024  # positions per chunk: K x V fp32 logits (196 MiB at V=49152, K=1024)
 VOCAB_BLOCK = 8192  # rows of the head's gradient computed at once in a low dtype (bf16-mixed)
+
+
+def bits_per_byte(nats: float, nbytes: int) -> float:
+    """Bits per UTF-8 byte: total negative log-likelihood (nats) over the bytes its targets cover.
+
+    The one place the conversion is made (training's validation, `moe eval`, the ensemble and
+    every experiment's held-out scores), so models with different tokenizers compare."""
+    return nats / max(nbytes, 1) / math.log(2)
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:

@@ -27,6 +27,12 @@ import torch.nn.functional as F
 from moe.config import ModelConfig
 
 
+def domain_to_expert(domain_names: list[str], experts: list[str]) -> torch.Tensor:
+    """Map global domain ids to expert indices (-1 where a domain has no expert): what the
+    `domain` router takes, from a batch's domain ids."""
+    return torch.tensor([experts.index(d) if d in experts else -1 for d in domain_names])
+
+
 class MoEFFN(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()

@@ -64,7 +64,7 @@ def _hint(model: Transformer, batch: dict, domain_names: list[str] | None) -> to
     m = model.config.moe
     if not m.experts or m.router != "domain":
         return None
-    from moe.train.module import domain_to_expert
+    from moe.model.moe_layer import domain_to_expert
 
     hint = domain_to_expert(list(domain_names or DOMAINS), list(m.experts))[batch["domain"]]
     if (hint < 0).any():

@@ -13,17 +13,13 @@ import torch
 
 from moe.config import ModelConfig, OptimConfig
 from moe.model.flops import train_flops_per_token
-from moe.model.loss import linear_cross_entropy
+from moe.model.loss import bits_per_byte, linear_cross_entropy
+from moe.model.moe_layer import domain_to_expert
 from moe.model.transformer import IGNORE_INDEX, Transformer
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss (message names the step and the domains in the batch)."""
-
-
-def domain_to_expert(domain_names: list[str], experts: list[str]) -> torch.Tensor:
-    """Map global domain ids to expert indices (-1 where a domain has no expert)."""
-    return torch.tensor([experts.index(d) if d in experts else -1 for d in domain_names])
 
 
 class LitLM(pl.LightningModule):
@@ -199,7 +195,7 @@ class LitLM(pl.LightningModule):
             )
             self.log(
                 f"val/bpb_{name}",
-                nats / max(nbytes, 1) / math.log(2),
+                bits_per_byte(nats, nbytes),
                 add_dataloader_idx=False,
                 sync_dist=True,
             )
