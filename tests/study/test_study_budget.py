@@ -41,10 +41,14 @@ def test_every_arm_is_registered_with_a_description_and_known_requirements():
     assert with_requirements(["btx"]) == ["seed", "branches", "btx"]
 
 
-def test_named_choices_are_checked_at_load():
+def test_named_choices_are_checked_before_the_study_runs():
+    """Names the layers above config register (merge and split methods, arms) are checked by
+    the study's own check, before anything is written; the rest at load."""
+    from moe.experiments.study.check import check_recipe
+
     for over, word in (("study.merge_method=tiess", "tiess"), ("study.split_method=knn", "knn"),
                        ("study.arms=[seed,nonsense]", "nonsense"), ("study.shared=both", "both"),
                        ("study.protocol=branch", "branch"), ("optim.schedule=linear", "linear"),
                        ("study.router_init=zero", "zero")):
         with pytest.raises(ConfigError, match=word):
-            load_recipe(DEBUG / "study.yaml", [over])
+            check_recipe(load_recipe(DEBUG / "study.yaml", [over]))
