@@ -1,7 +1,9 @@
 """Grouped GEMM: rows offsets[e]:offsets[e+1] of x times w[e], forward and backward.
 
-Shape legend: N rows of the grouped operand (T*K for the MoE layer), D input dim, F output
-dim, E experts (groups), E1 = E + 1, S split factor of the dW reduction, T tokens.
+Shapes follow the legend in moe_kernels/__init__.py: N rows of the grouped operand (T*K for
+the MoE layer), M rows of a gathered input, D input dim, F output dim (the model and hidden
+dims for h = x @ w1, the other way round for o = a @ w2), E experts (groups), E1 = E + 1,
+S ways the dW reduction is split, T tokens.
 
 Layers: @triton.jit kernels -> launchers (grouped_mm_triton, grouped_dw_triton) -> torch
 fallbacks beside them (grouped_mm_torch, grouped_dw_torch; also the CPU implementation) ->
@@ -181,8 +183,9 @@ if HAS_TRITON:
 
 # Tile configs, chosen from shapes, dtype and architecture only (see _launch: no autotuning).
 # Checked offline by tools/gpu_compile_report.py (compiles, registers, spills, shared memory,
-# tensor cores per architecture) and tests/kernels/test_gpu_compile.py. Names: M rows of the
-# grouped operand, N output columns, K the reduced dim; for dW, M is the reduced dim (rows).
+# tensor cores per architecture) and tests/kernels/test_gpu_compile.py. Tile names are GEMM's,
+# not the shape legend's: BLOCK_M rows of the grouped operand, BLOCK_N output columns, BLOCK_K
+# the reduced dim; for dW, BLOCK_M is the reduced dim (rows).
 # 16-bit inputs run on tensor cores (HMMA on sm_80, wgmma on sm_90, tcgen05 on sm_100);
 # wgmma needs BLOCK_M >= 64 per warpgroup, so no tile here is shorter than 64 rows.
 # fp32 inputs use input_precision="ieee" (full fp32, no tf32): FMA, not tensor cores, so their

@@ -3,8 +3,8 @@
 These are the slow, obviously-correct definitions the fast paths are tested against. They
 run in whatever dtype they are given (tests pass float64) and make no attempt at speed.
 
-Shape legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token,
-N rows of a grouped operand (N = T*K for the MoE layer).
+Shapes follow the legend in moe_kernels/__init__.py: T tokens, D model dim, F expert hidden
+dim, E experts, K experts per token, N rows of a grouped operand (N = T*K for the MoE layer).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Routing: fused softmax + top-k, and the token permutation plan (counts, offsets, order).
 
-Shape legend: T tokens, E experts, K experts per token, N = T*K assignments,
-C chunks of assignments (one triton program each), E1 = E + 1.
+Shapes follow the legend in moe_kernels/__init__.py: T tokens, E experts, K experts per
+token, N = T*K assignments, C chunks of assignments (one triton program each), E1 = E + 1.
 
 Layers: @triton.jit kernel -> launcher (checks, allocates, launches) -> public function,
 with the torch reference path beside each (also the CPU implementation).

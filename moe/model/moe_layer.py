@@ -1,13 +1,14 @@
 """Mixture-of-experts FFN: a router picks experts per token, `moe_kernels.moe_mlp` runs them.
 
-Legend: B batch, T sequence length, N = B*T tokens, C model dim, E experts, K experts per token,
-Fe expert hidden dim, Fs shared-expert hidden dim.
+Shape legend: the one stated in moe_kernels/__init__.py, shared by the kernels and moe.model.
+Here: B batch, L sequence length, T = B*L tokens, D model dim, E experts, K experts per token,
+F expert hidden dim, Fs shared-expert hidden dim.
 
 Parameters (names are part of the checkpoint format):
-    w1  (E, C, Fe)  gate projections, kernel layout (x @ w1[e])
-    w3  (E, C, Fe)  up projections
-    w2  (E, Fe, C)  down projections
-    router.weight (E, C)           learned router only
+    w1  (E, D, F)  gate projections, kernel layout (x @ w1[e])
+    w3  (E, D, F)  up projections
+    w2  (E, F, D)  down projections
+    router.weight (E, D)           learned router only
     shared.{w1,w3,w2}.weight       optional always-on shared expert (a dense SwiGLU)
 
 Routers:
@@ -22,7 +23,7 @@ from __future__ import annotations
 import moe_kernels
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 
 from moe.config import ModelConfig
 
@@ -45,15 +46,15 @@ class MoEFFN(nn.Module):
         self.normalize = m.normalize_weights
         self.lb_coef, self.z_coef, self.jitter = m.load_balance_coef, m.z_loss_coef, m.jitter
         self.backend = m.backend
-        C, Fe = cfg.dim, m.expert_ffn_dim or cfg.ffn_dim
-        self.w1 = nn.Parameter(torch.empty(E, C, Fe))
-        self.w3 = nn.Parameter(torch.empty(E, C, Fe))
-        self.w2 = nn.Parameter(torch.empty(E, Fe, C))
-        self.router = nn.Linear(C, E, bias=False) if m.router == "learned" else None
+        D, F = cfg.dim, m.expert_ffn_dim or cfg.ffn_dim
+        self.w1 = nn.Parameter(torch.empty(E, D, F))
+        self.w3 = nn.Parameter(torch.empty(E, D, F))
+        self.w2 = nn.Parameter(torch.empty(E, F, D))
+        self.router = nn.Linear(D, E, bias=False) if m.router == "learned" else None
         if m.shared_expert_ffn_dim > 0:
             from moe.model.transformer import SwiGLU
 
-            self.shared: nn.Module | None = SwiGLU(C, m.shared_expert_ffn_dim)
+            self.shared: nn.Module | None = SwiGLU(D, m.shared_expert_ffn_dim)
         else:
             self.shared = None
         self.last_aux_loss: torch.Tensor | None = None
@@ -63,60 +64,60 @@ class MoEFFN(nn.Module):
         self.force_all_experts = False
 
     def route(
-        self, x_NC: torch.Tensor, domain_N: torch.Tensor | None
+        self, x_TD: torch.Tensor, domain_T: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(weights_NK, expert_ids_NK, router_logits_NE or None)."""
-        N, E = x_NC.shape[0], self.num_experts
+        """(weights_TK, expert_ids_TK, router_logits_TE or None)."""
+        T, E = x_TD.shape[0], self.num_experts
         if self.force_all_experts:
-            ids = torch.arange(E, device=x_NC.device).expand(N, E).contiguous()
-            return torch.ones(N, E, dtype=x_NC.dtype, device=x_NC.device), ids, None
+            ids = torch.arange(E, device=x_TD.device).expand(T, E).contiguous()
+            return torch.ones(T, E, dtype=x_TD.dtype, device=x_TD.device), ids, None
         if self.router_kind == "domain":
-            if domain_N is None:
+            if domain_T is None:
                 raise ValueError("router=domain needs the domain of every sequence")
-            ids = domain_N.view(N, 1).long()
-            return torch.ones(N, 1, dtype=x_NC.dtype, device=x_NC.device), ids, None
-        h = x_NC
+            ids = domain_T.view(T, 1).long()
+            return torch.ones(T, 1, dtype=x_TD.dtype, device=x_TD.device), ids, None
+        h = x_TD
         if self.training and self.jitter > 0:
             h = h * torch.empty_like(h).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits_NE = self.router(h).float()
-        weights_NK, ids_NK = moe_kernels.topk_route(logits_NE, self.top_k, normalize=self.normalize)
-        return weights_NK.to(x_NC.dtype), ids_NK, logits_NE
+        logits_TE = self.router(h).float()
+        weights_TK, ids_TK = moe_kernels.topk_route(logits_TE, self.top_k, normalize=self.normalize)
+        return weights_TK.to(x_TD.dtype), ids_TK, logits_TE
 
-    def aux_loss(self, logits_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    def aux_loss(self, logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         E = self.num_experts
-        probs_NE = logits_NE.softmax(-1)
+        probs_TE = logits_TE.softmax(-1)
         # Switch Transformer load balance: E * sum_e (fraction of assignments to e) * (mean prob e)
-        frac_E = torch.bincount(ids_NK.reshape(-1), minlength=E).float() / ids_NK.numel()
-        lb = E * (frac_E * probs_NE.mean(0)).sum()
-        z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()  # ST-MoE router z-loss
+        frac_E = torch.bincount(ids_TK.reshape(-1), minlength=E).float() / ids_TK.numel()
+        lb = E * (frac_E * probs_TE.mean(0)).sum()
+        z = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()  # ST-MoE router z-loss
         return self.lb_coef * lb + self.z_coef * z
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        x_NC = x.reshape(B * T, C)
-        domain_N = None
+        B, L, D = x.shape
+        x_TD = x.reshape(B * L, D)
+        domain_T = None
         if domain is not None:
-            domain_N = domain.view(B, 1).expand(B, T).reshape(-1)  # (N,)
-        weights_NK, ids_NK, logits_NE = self.route(x_NC, domain_N)
+            domain_T = domain.view(B, 1).expand(B, L).reshape(-1)  # (T,)
+        weights_TK, ids_TK, logits_TE = self.route(x_TD, domain_T)
         if self.router_kind == "domain" and not self.force_all_experts:
-            if (ids_NK < 0).any() or (ids_NK >= self.num_experts).any():
+            if (ids_TK < 0).any() or (ids_TK >= self.num_experts).any():
                 raise ValueError("a sequence's domain has no expert in this model")
-        y_NC = moe_kernels.moe_mlp(
-            x_NC, self.w1, self.w3, self.w2, ids_NK, weights_NK, backend=self.backend
+        y_TD = moe_kernels.moe_mlp(
+            x_TD, self.w1, self.w3, self.w2, ids_TK, weights_TK, backend=self.backend
         )
         if self.shared is not None:
-            y_NC = y_NC + self.shared(x_NC)
+            y_TD = y_TD + self.shared(x_TD)
         self.last_aux_loss = (
-            self.aux_loss(logits_NE, ids_NK) if logits_NE is not None and self.training else None
+            self.aux_loss(logits_TE, ids_TK) if logits_TE is not None and self.training else None
         )
         self.last_stats = {
-            "expert_ids": ids_NK.detach(),  # (N, K), largest weight first
-            "weights": weights_NK.detach(),  # (N, K)
+            "expert_ids": ids_TK.detach(),  # (T, K), largest weight first
+            "weights": weights_TK.detach(),  # (T, K)
             "num_experts": self.num_experts,
         }
-        return y_NC.view(B, T, C)
+        return y_TD.view(B, L, D)
 
 
 def dense_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
-    """One expert in kernel layout (reference): x (N, C), w1/w3 (C, F), w2 (F, C)."""
-    return (F.silu(x @ w1) * (x @ w3)) @ w2
+    """One expert in kernel layout (reference): x (T, D), w1/w3 (D, F), w2 (F, D)."""
+    return (nnf.silu(x @ w1) * (x @ w3)) @ w2

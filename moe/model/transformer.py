@@ -4,24 +4,26 @@ One model with a switch: each block's FFN is a dense SwiGLU, or a mixture of Swi
 (`moe.model.moe_layer.MoEFFN`) when `config.moe.experts` is non-empty. A plain `nn.Module`: it runs
 without Lightning.
 
-Legend: B batch, T sequence length, C model dim, H heads, Hkv key/value heads, Dh head dim,
-F FFN hidden dim, V vocabulary, S positions in the KV cache (past + current), P past positions.
+Shape legend: the one stated in moe_kernels/__init__.py, shared by the kernels and moe.model.
+Here: B batch, L sequence length (positions of this call), T = B*L tokens, D model dim, H heads,
+Hkv key/value heads, Dh head dim, F FFN hidden dim, V vocabulary, P past positions in the KV
+cache (a call attends to P + L positions).
 
 Incremental decoding: pass a `KVCache` (from `Transformer.new_cache`) to `forward`; each call
 appends its tokens' keys/values and its positions continue where the cache left off (RoPE offset
 by P), so generating one more token costs one position. Without a cache `forward` is unchanged.
 
 Parameter names are stable (checkpoints, merges and the Hugging Face adapters rely on them):
-    tok_emb.weight                      (V, C)
-    layers.{i}.attn_norm.weight         (C,)
+    tok_emb.weight                      (V, D)
+    layers.{i}.attn_norm.weight         (D,)
     layers.{i}.attn.{wq,wk,wv,wo}.weight
     layers.{i}.attn.{wq,wk,wv}.bias     only with qkv_bias (Qwen2)
-    layers.{i}.ffn_norm.weight          (C,)
-    layers.{i}.ffn.{w1,w3}.weight       (F, C)   dense FFN (w1 gate, w3 up)
-    layers.{i}.ffn.w2.weight            (C, F)   dense FFN (down)
+    layers.{i}.ffn_norm.weight          (D,)
+    layers.{i}.ffn.{w1,w3}.weight       (F, D)   dense FFN (w1 gate, w3 up)
+    layers.{i}.ffn.w2.weight            (D, F)   dense FFN (down)
     layers.{i}.ffn.{...}                MoE FFN: see moe_layer.py
-    norm.weight                         (C,)
-    lm_head.weight                      (V, C)   absent when embeddings are tied
+    norm.weight                         (D,)
+    lm_head.weight                      (V, D)   absent when embeddings are tied
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def rope_tables(
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if scaling is not None:
         inv = llama3_frequencies(inv, scaling)
-    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)  # (T, Dh/2)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)  # (max_len, Dh/2)
     return ang.cos().float(), ang.sin().float()
 
 
@@ -77,11 +79,11 @@ def llama3_frequencies(inv: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, Dh); rotate the two halves of the head dim (same layout as HF Llama)
+    # x: (B, H, L, Dh); rotate the two halves of the head dim (same layout as HF Llama)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     if cos.dtype != x.dtype:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, Dh/2)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (L, Dh/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -99,7 +101,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (batch, n_kv_heads, max_len, head_dim)  # (B, Hkv, S_max, Dh)
+        shape = (batch, n_kv_heads, max_len, head_dim)  # (B, Hkv, max_len, Dh)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
@@ -108,12 +110,13 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's k/v (B, Hkv, T, Dh) after the past ones; return all (B, Hkv, S, Dh).
-        `length` advances once per forward (in `Transformer.forward`), not per layer."""
-        P, T = self.length, k.shape[2]
-        self.k[layer][:, :, P : P + T] = k
-        self.v[layer][:, :, P : P + T] = v
-        return self.k[layer][:, :, : P + T], self.v[layer][:, :, : P + T]
+        """Store this call's k/v (B, Hkv, L, Dh) after the past ones; return all
+        (B, Hkv, P + L, Dh). `length` advances once per forward (in `Transformer.forward`), not
+        per layer."""
+        P, L = self.length, k.shape[2]
+        self.k[layer][:, :, P : P + L] = k
+        self.v[layer][:, :, P : P + L] = v
+        return self.k[layer][:, :, : P + L], self.v[layer][:, :, : P + L]
 
 
 class Attention(nn.Module):
@@ -134,13 +137,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, L, _ = x.shape
         if self.n_heads == 0:
             # every head pruned (moe prune --allow-empty): the block adds nothing here
-            return torch.zeros_like(x)  # (B, T, C)
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            return torch.zeros_like(x)  # (B, L, D)
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             gqa = self.n_kv_heads != self.n_heads
@@ -148,7 +151,7 @@ class Attention(nn.Module):
                 # CUDA: not every SDPA backend shares k/v heads itself (enable_gqa), and one
                 # that cannot falls back to the slow math kernel; copies keep flash eligible
                 rep = self.n_heads // self.n_kv_heads
-                k = k.repeat_interleave(rep, dim=1)  # (B, H, T, Dh)
+                k = k.repeat_interleave(rep, dim=1)  # (B, H, L, Dh)
                 v = v.repeat_interleave(rep, dim=1)
                 gqa = False
             # CPU: the flash kernel reads each k/v head for its query heads, saving the copies
@@ -158,21 +161,20 @@ class Attention(nn.Module):
             # decoding: SDPA shares each k/v head among its query heads itself (enable_gqa)
             # instead of copying the whole cache once per token as repeat_interleave would
             P = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh), S = P + T
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, P + L, Dh)
             gqa = self.n_kv_heads != self.n_heads
             if P == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1:
+            elif L == 1:
                 # one new token attends to every cached position and itself: no mask
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             else:
                 # query i sits at position P + i and sees keys 0..P + i (is_causal would align
                 # the mask to the top-left corner, as if there were no past)
-                S = k.shape[2]
-                rows = torch.arange(P, P + T, device=x.device).unsqueeze(1)  # (T, 1)
-                mask = torch.arange(S, device=x.device).unsqueeze(0) <= rows  # (T, S)
+                rows = torch.arange(P, P + L, device=x.device).unsqueeze(1)  # (L, 1)
+                mask = torch.arange(k.shape[2], device=x.device).unsqueeze(0) <= rows  # (L, P + L)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+        return self.wo(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
 
 
 class SwiGLU(nn.Module):
@@ -208,11 +210,11 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None  # (B, T, V); None with return_hidden=True
+    logits: torch.Tensor | None  # (B, L, V); None with return_hidden=True
     loss: torch.Tensor | None = None  # mean cross-entropy over non-ignored targets (nats/token)
     aux_loss: torch.Tensor | None = None  # router losses (load balance + z), already weighted
     router_stats: list = field(default_factory=list)  # per MoE layer, see MoEFFN.last_stats
-    hidden: torch.Tensor | None = None  # (B, T, C) final normed states, with return_hidden=True
+    hidden: torch.Tensor | None = None  # (B, L, D) final normed states, with return_hidden=True
 
 
 class Transformer(nn.Module):
@@ -266,26 +268,26 @@ class Transformer(nn.Module):
         last_logits_only: bool = False,
         return_hidden: bool = False,
     ) -> ModelOutput:
-        """input_ids (B, T); targets (B, T) with IGNORE_INDEX for no target; domain (B,) ids.
+        """input_ids (B, L); targets (B, L) with IGNORE_INDEX for no target; domain (B,) ids.
 
         cache: the tokens continue the cached positions (incremental decoding); the cache is
         extended in place. last_logits_only: logits (B, 1, V) for the last position only (a
         decoding step needs no more; saves the head's matmul over the prompt). return_hidden:
         no logits; `hidden` holds the final normed states for a chunked loss (training).
         """
-        B, T = input_ids.shape
+        B, L = input_ids.shape
         P = 0 if cache is None else cache.length
-        if P + T > self.config.max_seq_len:
+        if P + L > self.config.max_seq_len:
             raise ValueError(
-                f"sequence length {P + T} exceeds the model's context max_seq_len="
+                f"sequence length {P + L} exceeds the model's context max_seq_len="
                 f"{self.config.max_seq_len}"
             )
         if last_logits_only and targets is not None:
             raise ValueError("last_logits_only=True has no logits to score targets against")
-        if cache is not None and P + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions, {P + T} needed")
-        x = self.tok_emb(input_ids)  # (B, T, C)
-        cos, sin = self.rope_cos[P : P + T], self.rope_sin[P : P + T]
+        if cache is not None and P + L > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, {P + L} needed")
+        x = self.tok_emb(input_ids)  # (B, L, D)
+        cos, sin = self.rope_cos[P : P + L], self.rope_sin[P : P + L]
         recompute = (
             self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         )
@@ -296,15 +298,15 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, domain=domain, cache=cache)
         if cache is not None:
-            cache.length = P + T
+            cache.length = P + L
         if last_logits_only:
-            x = x[:, -1:]  # (B, 1, C)
+            x = x[:, -1:]  # (B, 1, D)
         x = self.norm(x)
         if return_hidden:
             # the caller applies the head itself (moe.model.loss.linear_cross_entropy, chunked)
             out = ModelOutput(logits=None, hidden=x)
         else:
-            out = ModelOutput(logits=F.linear(x, self.head_weight))  # (B, T, V)
+            out = ModelOutput(logits=F.linear(x, self.head_weight))  # (B, L, V)
         moe_layers = [lay.ffn for lay in self.layers if hasattr(lay.ffn, "last_stats")]
         if moe_layers:
             auxes = [m.last_aux_loss for m in moe_layers if m.last_aux_loss is not None]
@@ -323,7 +325,7 @@ class Transformer(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """The output projection (V, C): the embedding when tied."""
+        """The output projection (V, D): the embedding when tied."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
