@@ -182,20 +182,16 @@ def plan_masks(cfg: ModelConfig, plan: PrunePlan) -> dict[str, torch.Tensor]:
     return {"head_mask": head, "ffn_mask": ffn, "layer_mask": layer}
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- healing
 
 
 def heal(model, data, seed: int, steps: int, lr: float, domain: str | None, tokenizer,
          progress: bool = True) -> dict:  # fmt: skip
     """Fine-tune a pruned model `steps` steps (the domain's stream, or the mixed one for None)
     with AdamW, a short warm-up and a linear decay; the train split only."""
-    import sys
-
-    from tqdm import tqdm
-
     from moe.config import OptimConfig
     from moe.data.datamodule import DomainDataModule
-    from moe.train.module import LitLM
+    from moe.train.loop import make_optimizer, train_steps
 
     cfg = data if domain is None else dataclasses.replace(
         data, domains=[domain], stream="separate", weights={})  # fmt: skip
@@ -203,29 +199,20 @@ def heal(model, data, seed: int, steps: int, lr: float, domain: str | None, toke
     dm.setup("fit")
     optim = OptimConfig(lr=lr, schedule="cosine", warmup_steps=max(1, steps // 10),
                         min_lr_ratio=0.0)  # fmt: skip
-    lit = LitLM(model, optim, dm.domain_names, max_steps=steps, seq_len=cfg.seq_len)
-    conf = lit.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    batches = dm.train_batches(0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    losses = []
-    for step in tqdm(range(steps), desc="heal", leave=False, disable=not progress,
-                     file=sys.stderr):  # fmt: skip
-        loss_sum, _, mask, _ = lit(batches.batch(step))
-        loss = loss_sum / mask.sum().clamp(min=1)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"heal: the loss is not finite at step {step}; lower --heal-lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+    opt, sched = make_optimizer(model, optim, steps)
+    done = train_steps(model, opt, dm.train_batches(0), steps, sched=sched,
+                       domain_names=dm.domain_names, grad_clip=1.0,
+                       progress="heal" if progress else None)  # fmt: skip
+    if done.diverged_at is not None:
+        raise ConfigError(f"heal: the loss is not finite at step {done.diverged_at}; lower "
+                          "--heal-lr")  # fmt: skip
     model.eval()
     tokens = steps * cfg.batch_size * cfg.seq_len
-    return {"steps": steps, "tokens": tokens, "final_loss": losses[-1] if losses else None,
-            "domain": domain or "all"}  # fmt: skip
+    return {"steps": steps, "tokens": tokens,
+            "final_loss": done.losses[-1] if done.losses else None, "domain": domain or "all"}
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def prune_checkpoint(

@@ -55,7 +55,7 @@ from moe.data.streams import PackedSequences, draw_index, make_batch
 from moe.delta.format import Delta, compress_tensors, decode, lossless_tensors, to_bytes
 from moe.delta.registry import parse_spec
 from moe.model.transformer import Transformer
-from moe.train.module import LitLM
+from moe.train.loop import make_optimizer, train_steps
 
 OUTERS = ("average", "nesterov")
 EXCHANGES = ("within", "cross")
@@ -169,7 +169,7 @@ class Member:
     """A trained model with its own optimizer (a replica, or the synchronous model)."""
 
     model: Transformer
-    lit: LitLM
+    domain_names: list[str]  # the data's domain ids' names (a domain router's experts)
     opt: torch.optim.Optimizer
     sched: object
     family: str
@@ -188,20 +188,22 @@ class Member:
             self.residual = {n: delta[n] - dec[n] for n in delta}
         return dec, nbytes
 
-    def step(self, i: int, B: int, grad_clip: float) -> float:
-        batch = self.shards[0].batch(i, B) if len(self.shards) == 1 else _concat(
-            [s.batch(i, B) for s in self.shards])  # fmt: skip
-        loss_sum, _, mask, _ = self.lit(batch)
-        loss = loss_sum / mask.sum().clamp(min=1)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"fleet: the training loss became {float(loss)} at step {i}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters()], grad_clip)
-        self.opt.step()
-        self.sched.step()
-        return float(loss.detach())
+    def batch(self, i: int, B: int) -> dict[str, torch.Tensor]:
+        """Batch i: each shard's batch i (the synchronous model: all of them, concatenated)."""
+        if len(self.shards) == 1:
+            return self.shards[0].batch(i, B)
+        return _concat([s.batch(i, B) for s in self.shards])
+
+    def local_steps(self, start: int, steps: int, B: int, grad_clip: float,
+                    on_step: Callable[[int], None] | None) -> list[float]:  # fmt: skip
+        """Local steps start .. start + steps - 1 (moe.train.loop); their losses."""
+        done = train_steps(self.model, self.opt, lambda i: self.batch(i, B), steps,
+                           sched=self.sched, domain_names=self.domain_names, grad_clip=grad_clip,
+                           start=start, on_step=on_step)  # fmt: skip
+        if done.diverged_at is not None:
+            raise ConfigError(f"fleet: the training loss became {done.bad_loss} at step "
+                              f"{done.diverged_at}")  # fmt: skip
+        return done.losses
 
 
 def _concat(batches: list[dict]) -> dict[str, torch.Tensor]:
@@ -213,10 +215,8 @@ def _member(init: dict[str, torch.Tensor], config, optim: OptimConfig, steps: in
     model = Transformer(config)
     model.load_state_dict(init)
     model.train()
-    lit = LitLM(model, optim, dm.domain_names, max_steps=steps, seq_len=dm.cfg.seq_len)
-    conf = lit.configure_optimizers()
-    return Member(model, lit, conf["optimizer"], conf["lr_scheduler"]["scheduler"], family,
-                  shards)
+    opt, sched = make_optimizer(model, optim, steps)
+    return Member(model, list(dm.domain_names), opt, sched, family, shards)
 
 
 def _state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -339,10 +339,7 @@ def run_fleet(arm: Arm, spec: FleetSpec, dm: DomainDataModule, evaluate: Callabl
     while rnd < rounds:
         losses = []
         for m in members:
-            for s in range(H):
-                if on_step is not None:
-                    on_step(rnd * H + s)
-                losses.append(m.step(rnd * H + s, B, spec.optim.grad_clip))
+            losses += m.local_steps(rnd * H, H, B, spec.optim.grad_clip, on_step)
         rec["train_loss"].append(sum(losses) / len(losses))
         if arm.sync:
             for g in groups:  # the one model of each family is the coordinator's model

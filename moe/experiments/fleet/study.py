@@ -38,9 +38,10 @@ from moe.data.datamodule import DomainDataModule
 from moe.delta import ops
 from moe.delta.format import read_delta
 from moe.delta.registry import parse_spec
+from moe.eval.heldout import HeldOut
 from moe.experiments import cached_run
 from moe.experiments.fleet.fleet import FleetSpec, parse_arm, run_fleet
-from moe.experiments.init.study import HeldOut, train_loop
+from moe.experiments.init.study import train_loop
 from moe.io.checkpoint import load_checkpoint, make_meta, save_checkpoint, write_json
 from moe.model.flops import train_flops_per_token
 from moe.model.transformer import Transformer

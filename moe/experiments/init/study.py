@@ -13,9 +13,10 @@
    run, as paired ratios to `standard`; paired bpb gains at equal steps early, midway and at the
    end (does the gain fade?); the warm-up ablation; the diagnostics.
 
-Training is a plain loop around `LitLM` (the same model, chunked loss, AdamW groups, schedule and
-gradient clipping as `moe train`), without the Lightning Trainer: these runs are a few hundred
-steps of a 30K-parameter model, where the Trainer's per-run start-up would dominate.
+Training is moe/train/loop.py's plain step loop (the same model, chunked loss, AdamW groups,
+schedule and gradient clipping as `moe train`), without the Lightning Trainer: these runs are a
+few hundred steps of a 30K-parameter model, where the Trainer's per-run start-up would dominate.
+Held-out bpb is moe/eval/heldout.py's `HeldOut`.
 Each finished run is saved as JSON under `<out_dir>/runs/`, so an interrupted study resumes.
 """
 
@@ -23,21 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from moe.config import ConfigError, Recipe
 from moe.data.datamodule import DomainDataModule
+from moe.eval.heldout import HeldOut
 from moe.experiments import cached_run
 from moe.io.checkpoint import load_checkpoint, make_meta, save_checkpoint, write_json
 from moe.model.flops import train_flops_per_token
 from moe.model.init_dist import METHODS, init_state
-from moe.model.transformer import IGNORE_INDEX, Transformer
-from moe.train.module import LitLM
+from moe.model.transformer import Transformer
+from moe.train.loop import make_optimizer, train_steps
 
 SOURCE_SEED_OFFSET = 10_000  # the source's init and data order differ from every target's
 
@@ -86,45 +86,15 @@ def diagnostics(model: Transformer, ref: dict[str, torch.Tensor]) -> dict[str, d
 # ----------------------------------------------------------------------------- training
 
 
-class HeldOut:
-    """The held-out batches of every domain, read once and reused at every evaluation."""
-
-    def __init__(self, dm: DomainDataModule, domains: list[str], batches: int, batch_size: int):
-        self.domains = list(domains)
-        self.batches = {d: list(dm.heldout_loader(d, batch_size, batches)) for d in domains}
-
-    @torch.no_grad()
-    def bpb(self, model: Transformer) -> dict[str, float]:
-        was = model.training
-        model.eval()
-        out = {}
-        for d, bs in self.batches.items():
-            nats, nbytes = 0.0, 0
-            for b in bs:
-                logits = model(b["input_ids"]).logits  # (B, T, V)
-                nats += float(F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum"))
-                nbytes += int(b["target_bytes"].sum())
-            out[d] = nats / max(nbytes, 1) / math.log(2)
-        out["mean"] = sum(out[d] for d in self.domains) / len(self.domains)
-        model.train(was)
-        return out
-
-
 def train_loop(model: Transformer, r: Recipe, optim, steps: int, dm: DomainDataModule,
                heldout: HeldOut | None, eval_every: int, diag_at: list[int],
                ref: dict[str, torch.Tensor] | None, trainable: str = "all") -> dict:  # fmt: skip
-    """Train `model` for `steps` steps; the curve of held-out bpb, train losses, diagnostics.
-    trainable: which parameters train (model.trainable's choices)."""
-    lit = LitLM(model, optim, dm.domain_names, max_steps=steps, seq_len=r.data.seq_len,
-                trainable=trainable)  # fmt: skip
-    conf = lit.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    batches = dm.train_batches(0)
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Train `model` for `steps` steps (moe.train.loop); the curve of held-out bpb, train losses,
+    diagnostics. trainable: which parameters train (moe.train.loop.set_trainable's choices).
+    A non-finite loss stops the run: `diverged_at` is its step."""
+    opt, sched = make_optimizer(model, optim, steps, trainable=trainable)
     rec: dict = {"eval_steps": [], "bpb": [], "train_loss": [], "diagnostics": {},
                  "diverged_at": None}  # fmt: skip
-    model.train()
 
     def observe(step: int) -> None:
         if heldout is not None and (step % eval_every == 0 or step == steps):
@@ -133,21 +103,11 @@ def train_loop(model: Transformer, r: Recipe, optim, steps: int, dm: DomainDataM
         if ref is not None and step in diag_at:
             rec["diagnostics"][str(step)] = diagnostics(model, ref)
 
-    for step in range(steps):
-        observe(step)
-        loss_sum, _, mask, _ = lit(batches.batch(step))
-        loss = loss_sum / mask.sum().clamp(min=1)
-        if not torch.isfinite(loss):
-            rec["diverged_at"] = step
-            return rec
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-        opt.step()
-        sched.step()
-        rec["train_loss"].append(float(loss.detach()))
-    observe(steps)
+    done = train_steps(model, opt, dm.train_batches(0), steps, sched=sched,
+                       domain_names=dm.domain_names, grad_clip=optim.grad_clip, on_step=observe)
+    rec["train_loss"], rec["diverged_at"] = done.losses, done.diverged_at
+    if done.diverged_at is None:
+        observe(steps)
     return rec
 
 

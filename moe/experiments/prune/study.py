@@ -36,8 +36,9 @@ import torch
 
 from moe.config import ConfigError, ModelConfig, Recipe
 from moe.data.datamodule import DomainDataModule
+from moe.eval.heldout import HeldOut
 from moe.experiments import cached_run
-from moe.experiments.init.study import HeldOut, train_loop
+from moe.experiments.init.study import train_loop
 from moe.io.checkpoint import make_meta, save_checkpoint, write_json
 from moe.model.flops import count_params, train_flops_per_token
 from moe.model.transformer import Transformer

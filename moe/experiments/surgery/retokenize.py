@@ -60,7 +60,7 @@ def train_arm(model, r: Recipe, steps: int, warmup: int, dm, heldout, eval_every
 def run_retokenize(ctx, seeds: list[int]) -> dict:
     from moe.data.datamodule import DomainDataModule
     from moe.data.tokenizer import ByteTokenizer, load_tokenizer
-    from moe.experiments.init.study import HeldOut
+    from moe.eval.heldout import HeldOut
     from moe.experiments.surgery.study import load_model
     from moe.model.transformer import Transformer
     from moe.surgery.retokenize import check_covers_bytes, retokenize_state, train_bpe

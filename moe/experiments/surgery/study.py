@@ -29,8 +29,9 @@ import torch
 
 from moe.config import ConfigError, ModelConfig, Recipe
 from moe.data.datamodule import DomainDataModule
+from moe.eval.heldout import HeldOut
 from moe.experiments import cached_run
-from moe.experiments.init.study import HeldOut, train_loop
+from moe.experiments.init.study import train_loop
 from moe.model.flops import train_flops_per_token
 from moe.model.transformer import Transformer
 from moe.surgery.structure import grow_ffn, grow_width, insert_identity, select_layers
