@@ -28,6 +28,7 @@ from moe.config import OptimConfig
 from moe.model.loss import linear_cross_entropy
 from moe.model.moe_layer import domain_to_expert
 from moe.model.transformer import IGNORE_INDEX, Transformer
+from moe.train.schedule import adamw_with_schedule
 
 TRAINABLE = ("all", "router", "ffn", "experts", "embeddings")
 
@@ -58,22 +59,9 @@ def make_optimizer(model: Transformer, optim: OptimConfig, total_steps: int, sta
                    trainable: str = "all"
                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:  # fmt: skip
     """Set which parameters train (`set_trainable`), then AdamW and its LR schedule as
-    `LitLM.configure_optimizers` makes them: norms (1-D) and embeddings undecayed, the schedule
-    `lr_lambda(optim, total_steps, start)` stepped once per step. Frozen parameters stay in the
-    groups (they get no gradient, so AdamW skips them)."""
-    from moe.train.module import lr_lambda  # here, so module.py may import this file
-
+    `moe train` makes them (moe.train.schedule.adamw_with_schedule)."""
     set_trainable(model, trainable)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "tok_emb" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-    )  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps, start))
-    return opt, sched
+    return adamw_with_schedule(model, optim, total_steps, start)
 
 
 def expert_table(model: Transformer, domain_names: Sequence[str] | None) -> torch.Tensor | None:

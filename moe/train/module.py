@@ -6,16 +6,16 @@ needs. Lightning's Trainer owns the loop, precision, devices and strategy.
 
 from __future__ import annotations
 
-import math
-
 import pytorch_lightning as pl
 import torch
 
 from moe.config import ModelConfig, OptimConfig
 from moe.model.flops import train_flops_per_token
-from moe.model.loss import bits_per_byte, linear_cross_entropy
+from moe.model.loss import bits_per_byte
 from moe.model.moe_layer import domain_to_expert
-from moe.model.transformer import IGNORE_INDEX, Transformer
+from moe.model.transformer import Transformer
+from moe.train.loop import lm_loss, set_trainable
+from moe.train.schedule import adamw_with_schedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,47 +69,18 @@ class LitLM(pl.LightningModule):
     # ------------------------------------------------------------------ parameters
 
     def set_trainable(self, which: str) -> None:
-        """all | router (only routers) | ffn (FFN and expert weights, shared expert included,
-        no router) | experts (only the routed experts of MoE layers) | embeddings (the token
-        embedding and the output head)."""
-        for name, p in self.model.named_parameters():
-            if which == "all":
-                p.requires_grad_(True)
-            elif which == "router":
-                p.requires_grad_(".router." in name)
-            elif which == "ffn":
-                p.requires_grad_(".ffn." in name and ".router." not in name)
-            elif which == "experts":
-                # MoEFFN keeps its experts as (E, ...) tensors named ffn.w1/w3/w2 (no .weight)
-                p.requires_grad_(name.endswith((".ffn.w1", ".ffn.w3", ".ffn.w2")))
-            elif which == "embeddings":  # a retokenized model's new embeddings, body frozen
-                p.requires_grad_(name in ("tok_emb.weight", "lm_head.weight"))
-            else:
-                raise ValueError(f"unknown trainable set {which!r}")
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError(f"trainable={which!r} leaves no parameter to train in this model")
+        """Which parameters train: moe.train.loop.set_trainable's choices."""
+        set_trainable(self.model, which)
 
     # ------------------------------------------------------------------ forward
 
-    def _expert_hint(self, domain: torch.Tensor) -> torch.Tensor | None:
-        if not self.model.config.moe.experts or self.model.config.moe.router != "domain":
-            return None
-        hint = self.expert_of_domain[domain]
-        if (hint < 0).any():
-            missing = sorted({self.domain_names[int(d)] for d in domain[hint < 0]})
-            raise ValueError(f"domain(s) {', '.join(missing)} have no expert in this model")
-        return hint
-
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
-        """Summed loss (carries the gradient), per-token losses (B, T) (no gradient), the target
-        mask (B, T) and the model output. The head and the loss run chunked over positions
-        (moe.model.loss): the (B, T, V) logits never exist at once."""
-        out = self.model(
-            batch["input_ids"], domain=self._expert_hint(batch["domain"]), return_hidden=True
-        )
-        tgt = batch["targets"]
-        total, loss_BT = linear_cross_entropy(out.hidden, self.model.head_weight, tgt)
-        return total, loss_BT, (tgt != IGNORE_INDEX), out
+        """Summed loss (carries the gradient), per-token losses (B, L) (no gradient), the target
+        mask (B, L) and the model output (moe.train.loop.lm_loss: the head and the loss run
+        chunked over positions, so the (B, L, V) logits never exist at once)."""
+        c = self.model.config
+        table = self.expert_of_domain if c.moe.experts and c.moe.router == "domain" else None
+        return lm_loss(self.model, batch, table, self.domain_names)
 
     def training_step(self, batch: dict, batch_idx: int):
         loss_sum, loss_BT, mask_BT, out = self(batch)
@@ -204,26 +175,8 @@ class LitLM(pl.LightningModule):
     # ------------------------------------------------------------------ optimizer
 
     def configure_optimizers(self):
-        o = self.optim
-        decay, no_decay = [], []
-        # frozen parameters stay in the groups (they get no gradient, so AdamW skips them): the
-        # optimizer state then has the same layout whatever is trained, and a run that freezes
-        # part of the model can fork from one that trained all of it
-        for name, p in self.model.named_parameters():
-            # norms (1-D) and embeddings are not decayed
-            (no_decay if p.ndim < 2 or "tok_emb" in name else decay).append(p)
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": o.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            eps=o.eps,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(o, self.schedule_steps, self.schedule_start)
-        )
+        opt, sched = adamw_with_schedule(self.model, self.optim, self.schedule_steps,
+                                         self.schedule_start)  # fmt: skip
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ resume state
@@ -267,39 +220,3 @@ class LitLM(pl.LightningModule):
             for k, v in sorted(self.tokens_by_domain.items())
             if v - self.start_tokens_by_domain.get(k, 0) > 0
         }
-
-
-def wsd_decay_start(o: OptimConfig, total: int, start: int = 0) -> int:
-    """First step of a wsd cool-down: the last decay_fraction of the schedule's `total` steps.
-
-    Steps count from the start of the lineage, so a run continued from a fork point cools down
-    exactly as if it had never been forked. A run forked at `start` late enough that its share
-    would begin earlier cools down over all of its own steps.
-    """
-    return max(start, total - max(1, round(o.decay_fraction * total)))
-
-
-def lr_lambda(o: OptimConfig, total: int, start: int = 0):
-    """LR multiplier at each step: linear warm-up to lr, then the schedule (see OptimConfig).
-
-    cosine decays to lr * min_lr_ratio at `total`; wsd stays at lr until its cool-down, then
-    falls linearly to lr * min_lr_ratio at its last step (total - 1); constant stays at lr.
-    `start` is where a forked run began (see wsd_decay_start).
-    """
-    decay_start = wsd_decay_start(o, total, start)
-
-    def f(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / max(1, o.warmup_steps)
-        if o.schedule == "constant":
-            return 1.0
-        if o.schedule == "wsd":
-            if step < decay_start:
-                return 1.0
-            progress = min(1.0, (step - decay_start + 1) / (total - decay_start))
-            return 1.0 - (1.0 - o.min_lr_ratio) * progress
-        span = max(1, total - o.warmup_steps)
-        progress = min(1.0, (step - o.warmup_steps) / span)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from moe.config import OptimConfig
-from moe.train.module import lr_lambda, wsd_decay_start
+from moe.train.schedule import lr_lambda, wsd_decay_start
 
 
 def curve(o, total, start=0):

@@ -41,7 +41,7 @@ def fmt_s(s: float) -> str:
 
 
 def check_fork_point(recipe: Recipe, seed_steps: int, total: int) -> None:
-    from moe.train.module import wsd_decay_start
+    from moe.train.schedule import wsd_decay_start
 
     o = recipe.optim
     if recipe.study.protocol != "fork" or o.schedule != "wsd":
