@@ -5,6 +5,10 @@ with no traceback. Set MOE_DEBUG=1 to see tracebacks. SIGTERM and SIGINT print o
 `moe: interrupted by SIGTERM ...` and exit 143 (SIGINT: 130); training stops at the end of the
 step in progress, writes its resume file there, and the line says how to resume
 (moe/train/signals.py).
+
+Every list of names in the help and in argparse's choices (split, init and merge methods, delta
+compression steps, experiments) is read from its registry, when it is first shown or checked:
+`moe --help` imports none of them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from moe.cli.commands import (  # noqa: F401 (re-exported)
@@ -48,11 +53,83 @@ from moe.config import ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
-    """Argument mistakes print one line `moe: error: ...` and exit 2, like every other mistake."""
+    """Argument mistakes print one line `moe: error: ...` and exit 2, like every other mistake.
+    A description may be a function: it is called when the help is first shown."""
 
     def error(self, message: str):
         cmd = self.prog.removeprefix("moe").strip()
         self.exit(2, f"moe: error: {cmd + ': ' if cmd else ''}{message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        if callable(self.description):
+            self.description = self.description()
+        return super().format_help()
+
+
+class Names(Sequence[str]):
+    """A registry's names, read the first time argparse needs them (to show the help or check a
+    value), so building the parser imports no registry. As `choices=` it is what argparse checks;
+    `str()` joins the names for a help text."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load, self._names = load, None
+
+    def _get(self) -> list[str]:
+        if self._names is None:
+            self._names = list(self._load())
+        return self._names
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __str__(self) -> str:
+        return ", ".join(self._get())
+
+
+def _listing(action: argparse.Action, **lists: Names) -> argparse.Action:
+    """`%(NAME)s` in the action's help text shows lists[NAME] (argparse expands the action's
+    attributes in its help)."""
+    for key, names in lists.items():
+        setattr(action, key, names)
+    return action
+
+
+def _split_methods() -> list[str]:
+    from moe.model.split import SPLITS
+
+    return SPLITS.names()
+
+
+def _init_methods() -> list[str]:
+    from moe.model.init_dist import METHODS
+
+    return METHODS.names()
+
+
+def _merge_methods() -> list[str]:
+    from moe.merge.registry import METHODS
+
+    return METHODS.names()
+
+
+def _compression_steps(kind: str) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        from moe.delta.registry import usage
+
+        return usage(kind)
+
+    return load
+
+
+def _run_description() -> str:
+    from moe.experiments import EXPERIMENTS
+
+    listed = "; ".join(f"{name}: {e.description}" for name, e in EXPERIMENTS.items())
+    return ("Run a recipe: the specialization study (its arms: moe run --list-arms), or the "
+            f"experiment a section of the recipe switches on ({listed}).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def recipe_cmd(name: str, help: str, func, optional: bool = False):
-        sp = sub.add_parser(name, help=help, description=help)
+    def recipe_cmd(name: str, help: str, func, optional: bool = False, description=None):
+        sp = sub.add_parser(name, help=help, description=description or help)
         sp.add_argument("recipe", nargs="?" if optional else None, help="recipe YAML file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
         sp.set_defaults(func=func)
@@ -72,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = recipe_cmd("train", "run one training stage from a recipe", cmd_train)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
 
-    sp = recipe_cmd("run", "run a recipe's experiment: the specialization study, or the init, "
-                    "surgery, prune or fleet experiment its section switches on", cmd_run,
-                    optional=True)
+    sp = recipe_cmd("run", "run a recipe: the specialization study, or the experiment a section "
+                    "of it switches on (see moe run --help)", cmd_run, optional=True,
+                    description=_run_description)
     sp.add_argument("--overwrite", action="store_true", help="start the study again from scratch")
     sp.add_argument("--stage", help="re-run or resume this one stage (e.g. branch-code, eval)")
     sp.add_argument("--seeds", type=COUNT1, default=None,
@@ -112,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint", help="dense checkpoint or run directory")
     sp.add_argument("--experts", required=True, help="comma-separated expert names (domains)")
     sp.add_argument(
-        "--method", default="copy", choices=["copy", "random", "kmeans", "activation"],
-        help="copy the FFN (upcycling) or partition its neurons",
+        # a metavar: without one argparse reads the choices as the option is added
+        "--method", default="copy", choices=Names(_split_methods), metavar="METHOD",
+        help="copy the FFN (upcycling) or partition its neurons: %(choices)s (default copy)",
     )
     sp.add_argument("--router", default="learned", choices=["learned", "domain"])
     sp.add_argument(
@@ -134,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("init", help="a fresh model from a trained model's weight distribution")
     sp.add_argument("overrides", nargs="*", help="model.FIELD=VALUE: the target's shape (select)")
     sp.add_argument("--from", dest="source", required=True, help="trained checkpoint")
-    sp.add_argument("--method", required=True, help="standard | gaussian | histogram | shuffle | "
-                    "spectrum | select | trained (see moe/model/init_dist.py)")
+    _listing(sp.add_argument("--method", required=True, help="one of %(names)s "
+                             "(see moe/model/init_dist.py)"), names=Names(_init_methods))
     sp.add_argument("--out", required=True, help="output checkpoint directory")
     sp.add_argument("--seed", type=SEED, default=0)
     sp.add_argument("--keep-norms", action="store_true", help="copy the trained norm gains")
@@ -263,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_assemble)
 
     sp = sub.add_parser("merge", help="merge fine-tunes of one expert family (MERGE.yaml)")
-    sp.add_argument("config", help="merge config YAML (models:, merge_method:, base_model: ...)")
+    _listing(sp.add_argument("config", help="merge config YAML (models:, merge_method: one of "
+                             "%(names)s, base_model: ...)"), names=Names(_merge_methods))
     sp.add_argument("--out", help="output directory (default: the config's out:)")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_merge)
@@ -278,10 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extract even when the base belongs to another expert family")
     dp.add_argument("--overwrite", action="store_true")
     dp.add_argument("--json", action="store_true", help="print the delta's info as JSON")
-    dp = dsub.add_parser("compress", help="re-encode a delta: topk:D, dare:D, lowrank:R, then "
-                         "int8, int4, bitdelta or fp16, joined by + (e.g. topk:0.05+int8)")
+    dp = dsub.add_parser("compress", help="re-encode a delta by a compression spec (e.g. "
+                         "topk:0.05+int8)")
     dp.add_argument("delta", help="input delta file")
-    dp.add_argument("method", help="compression spec, e.g. topk:0.05+int8, dare:0.1, lowrank:4")
+    _listing(dp.add_argument("method", help="compression spec STEP[+STEP]: a structure step "
+                             "(%(structure)s), then a values step (%(values)s); e.g. "
+                             "topk:0.05+int8, dare:0.1, lowrank:4; none: lossless"),
+             structure=Names(_compression_steps("structure")),
+             values=Names(_compression_steps("values")))
     dp.add_argument("-o", "--out", required=True, help="output delta file")
     dp.add_argument("--seed", type=SEED, default=0, help="seed of DARE's random mask")
     dp.add_argument("--overwrite", action="store_true")

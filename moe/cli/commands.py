@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
     if args.list_arms:
         from moe.experiments.study.arms import ARMS
 
-        for name, arm in sorted(ARMS.items()):
+        for name, arm in ARMS.items():  # in the report's order
             print(f"{name:14s} {arm.description}")
         return 0
     if args.recipe is None:

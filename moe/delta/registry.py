@@ -1,4 +1,5 @@
-"""Delta compression methods, registered by name (one file each), and the spec that chains them.
+"""Delta compression methods, registered by name (one file each in moe/delta/, found by discovery:
+a new step is one new file whose `@register(...)` runs on import), and the spec that chains them.
 
 A compression spec is `STEP[+STEP]`, e.g. `topk:0.05+int8`, `dare:0.1`, `lowrank:4+int4`,
 `topk:0.1+bitdelta`, `none` (float32 values, the dense reference). Steps are of two kinds:
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe.config import ConfigError
+from moe.config.registry import Registry
 
 
 @dataclass
@@ -49,27 +51,32 @@ class Step:
     decode: Callable | None = None  # values steps: ({suffix: tensor}, numel) -> float64 (numel,)
 
 
-_STEPS: dict[str, Step] = {}
+STEPS: Registry[Step] = Registry("delta compression step", discover="moe.delta")
 
 
 def register(name: str, kind: str, arg: str, paper: str,
              decode: Callable | None = None) -> Callable[[Callable], Callable]:  # fmt: skip
     def deco(fn: Callable) -> Callable:
-        if name in _STEPS:
-            raise ValueError(f"delta compression step {name!r} registered twice")
-        _STEPS[name] = Step(name, kind, arg, fn, paper, decode)
+        STEPS.register(name, Step(name, kind, arg, fn, paper, decode))
         return fn
 
     return deco
 
 
-def _load_builtin() -> None:
-    from moe.delta import bitdelta, dare, lowrank, quant, topk  # noqa: F401
-
-
 def steps() -> dict[str, Step]:
-    _load_builtin()
-    return dict(_STEPS)
+    return dict(STEPS.items())
+
+
+def listed(kind: str) -> str:
+    """The registered steps of one kind ("structure" | "values") as words: 'dare, topk or int8'."""
+    names = [n for n, s in STEPS.items() if s.kind == kind]
+    return " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
+def usage(kind: str) -> list[str]:
+    """How each registered step of one kind is written in a spec: topk:DENSITY, lowrank:RANK."""
+    args = {"float": ":DENSITY", "int": ":RANK", "": ""}
+    return [f"{n}{args[s.arg]}" for n, s in STEPS.items() if s.kind == kind]
 
 
 @dataclass(frozen=True)
@@ -87,21 +94,20 @@ class Spec:
 
 def parse_spec(text: str) -> Spec:
     """'topk:0.1+int8' -> Spec. Errors name the bad part."""
-    _load_builtin()
     text = str(text).strip()
     if text in ("none", "fp32", "float32"):
         return Spec("none", None, None)
     structure, values = None, None
     for part in text.split("+"):
         name, _, arg = part.partition(":")
-        step = _STEPS.get(name)
+        step = STEPS.get(name, None)
         if step is None:
             raise ConfigError(f"compression {text!r}: unknown step {name!r}; steps are "
-                              f"{', '.join(sorted(_STEPS))} (joined with +, e.g. topk:0.1+int8)")
+                              f"{', '.join(STEPS.names())} (joined with +, e.g. topk:0.1+int8)")
         if step.kind == "structure":
             if structure is not None:
                 raise ConfigError(f"compression {text!r}: one structure step at most "
-                                  "(topk, dare or lowrank)")
+                                  f"({listed('structure')})")
             if values is not None:
                 raise ConfigError(f"compression {text!r}: the structure step ({name}) comes "
                                   "before the values step")
@@ -109,7 +115,7 @@ def parse_spec(text: str) -> Spec:
         else:
             if values is not None:
                 raise ConfigError(f"compression {text!r}: one values step at most "
-                                  "(int8, int4, bitdelta or fp16)")
+                                  f"({listed('values')})")
             if arg:
                 raise ConfigError(f"compression {text!r}: {name} takes no argument")
             values = step

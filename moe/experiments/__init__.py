@@ -1,9 +1,11 @@
 """Experiments that `moe run` runs besides the branch-train-mix study (moe/experiments/study/).
 
 Each is switched on by its own recipe section (`init_study:`, ...) and implemented in its own
-module as two functions: `plan(recipe, seeds) -> str` (what `--dry-run` prints) and
-`run(recipe, seeds, recipe_path) -> Path` (the report it writes). A recipe switches on at most
-one. A new experiment adds one entry here and its section in moe/config/.
+package: its `__init__.py` registers an `Experiment` in `EXPERIMENTS` (every package here is
+imported the first time the registry is read), and its module defines two functions:
+`plan(recipe, seeds) -> str` (what `--dry-run` prints) and `run(recipe, seeds, recipe_path) ->
+Path` (the report it writes). A recipe switches on at most one. A new experiment is one new
+package here and its section in moe/config/.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe.config import ConfigError, Recipe, to_dict, to_yaml
+from moe.config.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -58,22 +61,12 @@ class Experiment:
                                    recipe_path)
 
 
-EXPERIMENTS: dict[str, Experiment] = {
-    e.section: e
-    for e in (
-        Experiment("init_study", lambda r: bool(r.init_study.arms), "moe.experiments.init.study",
-                   "initialise from a trained model's weight distribution (issue 15)",
-                   extends=("init_study.arms",)),
-        Experiment("surgery", lambda r: r.surgery.kind is not None, "moe.experiments.surgery.study",
-                   "grow, depth probe, shrink, retokenize: measured (issue 13)"),
-        Experiment("fleet", lambda r: r.fleet.kind is not None, "moe.experiments.fleet.study",
-                   "fine-tune deltas: size vs bpb per compression, a simulated fleet (issue 16)",
-                   extends=("fleet.arms",)),
-        Experiment("prune", lambda r: r.prune.kind is not None, "moe.experiments.prune.study",
-                   "pruning per domain (curves, 3x3 matrix, overlap); train large then compress "
-                   "(issue 14)"),
-    )
-}
+# section -> experiment; the study (moe/experiments/study/) is what runs when none is on
+EXPERIMENTS: Registry[Experiment] = Registry("experiment", discover=__name__)
+
+
+def register(e: Experiment) -> Experiment:
+    return EXPERIMENTS.register(e.section, e)
 
 
 def experiment_of(recipe: Recipe) -> Experiment | None:

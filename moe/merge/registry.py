@@ -1,4 +1,5 @@
-"""Merge methods, registered by name.
+"""Merge methods, registered by name: one file each in moe/merge/, found by discovery (a new
+method is one new file whose `@register(...)` runs on import).
 
 A method is a pure function on one tensor's values across the inputs:
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moe.config import ConfigError
+from moe.config.registry import Registry
 from moe.delta.primitives import tensor_generator  # noqa: F401 (the merge methods' generator)
 
 
@@ -48,7 +50,9 @@ class MethodSpec:
     exactly_one: bool = False  # passthrough
 
 
-_METHODS: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry(
+    "merge method", discover="moe.merge", field="merge_method", noun="method"
+)
 
 
 def register(
@@ -61,33 +65,20 @@ def register(
     exactly_one: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     def deco(fn: MergeFn) -> MergeFn:
-        if name in _METHODS:
-            raise ValueError(f"merge method {name!r} registered twice")
-        _METHODS[name] = MethodSpec(
+        METHODS.register(name, MethodSpec(
             name, fn, needs_base, normalize_default, uses_density, exactly_two, exactly_one
-        )
+        ))  # fmt: skip
         return fn
 
     return deco
 
 
-def _load_builtin() -> None:
-    # importing the modules runs their @register decorators
-    from moe.merge import dare, linear, passthrough, slerp, task_arithmetic, ties  # noqa: F401
-
-
 def get(name: str) -> MethodSpec:
-    _load_builtin()
-    if name not in _METHODS:
-        raise ConfigError(
-            f"merge_method: unknown method {name!r}; choose one of {', '.join(names())}"
-        )
-    return _METHODS[name]
+    return METHODS[name]
 
 
 def names() -> list[str]:
-    _load_builtin()
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def task_vectors(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

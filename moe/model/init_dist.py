@@ -4,7 +4,9 @@ The question (moe-forge issue 15): trained transformer weights have characterist
 distributions. Does a model started from those distributions (without the trained weights'
 structure) train faster than one started from the default init, train at the same speed, or not
 train at all? Each method below maps one trained tensor to one fresh tensor; methods are
-registered by name.
+registered by name in `METHODS` (a new one is one more `@register` function here: the CLI's help
+and every "choose one of" message read the registry). Every method but `select` keeps the
+source's shape.
 
     standard   the model's own default init (`Transformer.reset_parameters`): the control
     gaussian   N(mean, std²) with the trained tensor's mean and std
@@ -36,21 +38,17 @@ from dataclasses import dataclass
 import torch
 
 from moe.config import ConfigError, ModelConfig
+from moe.config.registry import Registry
 from moe.model.transformer import Transformer
 
 # name -> function(trained tensor, fresh standard-init tensor, generator) -> new tensor
 Method = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
-METHODS: dict[str, Method] = {}
-SAME_SHAPE = {"standard", "gaussian", "histogram", "shuffle", "spectrum", "trained"}
+METHODS: Registry[Method] = Registry("init method", field="init method", noun="method")
 EMBEDDINGS = ("tok_emb.weight", "lm_head.weight")
 
 
-def register(name: str):
-    def deco(fn: Method) -> Method:
-        METHODS[name] = fn
-        return fn
-
-    return deco
+def register(name: str) -> Callable[[Method], Method]:
+    return METHODS.register(name)
 
 
 def is_norm(name: str) -> bool:
@@ -161,14 +159,11 @@ def init_state(
 
     Every tensor gets its own stream of the generator seeded by `seed`; the `standard` tensors
     are those of `Transformer(target_config)` under `torch.manual_seed(seed)`."""
-    if method not in METHODS:
-        raise ConfigError(
-            f"init method: unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}"
-        )
+    fn = METHODS[method]  # an unknown method: "choose one of ..."
     src_cfg = source_config.resolved()
     tgt_cfg = (target_config or source_config).resolved()
     src_shape, tgt_shape = _shape_fields(src_cfg), _shape_fields(tgt_cfg)
-    if method in SAME_SHAPE and src_shape != tgt_shape:
+    if method != "select" and src_shape != tgt_shape:
         diff = ", ".join(f"{k} {src_shape[k]} -> {tgt_shape[k]}" for k in src_shape
                          if src_shape[k] != tgt_shape[k])  # fmt: skip
         raise ConfigError(
@@ -210,5 +205,5 @@ def init_state(
         if (keep_norms and is_norm(name)) or (keep_embeddings and is_embedding(name)):
             out[name] = w.clone()
         else:
-            out[name] = METHODS[method](w, f, gen).contiguous()
+            out[name] = fn(w, f, gen).contiguous()
     return InitResult(out, tgt_cfg)

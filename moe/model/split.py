@@ -1,6 +1,7 @@
 """Dense ⇄ experts: split a dense model into an MoE, extract one expert's branch, assemble branches.
 
-Split methods (each keeps the attention, embeddings and norms of the dense model):
+Split methods, registered by name in `SPLITS` (each keeps the attention, embeddings and norms of
+the dense model; each is one function below, from one layer's FFN to its experts' neurons):
     copy        every expert is a copy of the dense FFN (sparse upcycling, Komatsuzaki et al. 2022;
                 Branch-Train-Mix, Sukhbaatar et al. 2024). With normalised top-k weights the MoE
                 computes exactly the dense function.
@@ -23,14 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from moe.config import ConfigError, MoEConfig
+from moe.config.registry import Registry
 from moe.model.transformer import SwiGLU, Transformer
-
-SPLIT_METHODS = ("copy", "random", "kmeans", "activation")
 
 
 def default_top_k(num_experts: int) -> int:
@@ -168,6 +169,79 @@ def _activation_groups(
     return shared, [rest_ids[g].sort().values for g in _groups_from_assignment(assign, D)]
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitLayer:
+    """What a split method sees of one layer's dense FFN."""
+
+    index: int  # the layer
+    w1: torch.Tensor  # (F, C) gate projection: each hidden neuron's input weights
+    experts: list[str]
+    expert_dim: int  # neurons per expert
+    shared_dim: int  # neurons of the always-on shared expert (0: none)
+    seed: int
+    gen: torch.Generator  # one stream across the layers
+    importance: dict[str, list[torch.Tensor]] | None  # {domain: [(F,) per layer]}
+
+
+# (shared neuron ids, each expert's neuron ids), both (n,) long tensors
+Groups = tuple[torch.Tensor, list[torch.Tensor]]
+SplitFn = Callable[[SplitLayer], Groups]
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitMethod:
+    groups: SplitFn
+    partition: bool = True  # the experts partition the neurons (else each is the whole FFN)
+    shared: bool = False  # --shared-dim: neurons every expert needs form a shared expert
+    needs_data: bool = False  # scores neurons on each expert's domain data (`importance`)
+
+
+SPLITS: Registry[SplitMethod] = Registry("split method", order="registered")
+
+
+def split_method(name: str, *, partition: bool = True, shared: bool = False,
+                 needs_data: bool = False) -> Callable[[SplitFn], SplitFn]:  # fmt: skip
+    def deco(fn: SplitFn) -> SplitFn:
+        SPLITS.register(name, SplitMethod(fn, partition, shared, needs_data))
+        return fn
+
+    return deco
+
+
+def _no_shared() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
+
+
+@split_method("copy", partition=False)
+def _copy_split(x: SplitLayer) -> Groups:
+    return _no_shared(), [torch.arange(x.w1.shape[0])] * len(x.experts)
+
+
+@split_method("random")
+def _random_split(x: SplitLayer) -> Groups:
+    perm, fe = torch.randperm(x.w1.shape[0], generator=x.gen), x.expert_dim
+    return _no_shared(), [perm[e * fe : (e + 1) * fe].sort().values for e in range(len(x.experts))]
+
+
+@split_method("kmeans")
+def _kmeans_split(x: SplitLayer) -> Groups:
+    return _no_shared(), _kmeans_groups(x.w1, len(x.experts), x.seed + x.index)
+
+
+@split_method("activation", shared=True, needs_data=True)
+def _activation_split(x: SplitLayer) -> Groups:
+    if x.importance is None:
+        raise ConfigError("activation split needs domain data (importance) to score neurons")
+    missing = [e for e in x.experts if e not in x.importance]
+    if missing:
+        raise ConfigError(f"activation split: no data for expert domain(s) {missing}")
+    imp = torch.stack([x.importance[e][x.index] for e in x.experts])  # (E, F)
+    return _activation_groups(imp, x.shared_dim)
+
+
+SPLIT_METHODS = tuple(SPLITS.names())  # the built-in ones, in registration order
+
+
 def split_model(
     dense: Transformer,
     experts: list[str],
@@ -181,10 +255,7 @@ def split_model(
     backend: str = "auto",
 ) -> tuple[Transformer, dict]:
     """Turn a dense model into an MoE with experts named `experts`. Returns (model, split info)."""
-    if method not in SPLIT_METHODS:
-        raise ConfigError(
-            f"unknown split method {method!r}; choose one of {', '.join(SPLIT_METHODS)}"
-        )
+    spec = SPLITS[method]
     E = len(experts)
     if E < 1 or len(set(experts)) != E:
         raise ConfigError("split needs one or more distinct expert names")
@@ -194,14 +265,12 @@ def split_model(
     ffns = _dense_ffns(dense)
     cfg = dense.config
     Fh = cfg.ffn_dim
-    if shared_dim and method != "activation":
-        raise ConfigError("--shared-dim applies to the activation split only")
+    if shared_dim and not spec.shared:
+        with_shared = ", ".join(n for n, m in SPLITS.items() if m.shared)
+        raise ConfigError(f"--shared-dim applies to the {with_shared} split only")
     if not 0 <= shared_dim < Fh:
         raise ConfigError(f"--shared-dim must be in [0, {Fh}) for this model (ffn_dim={Fh})")
-    if method == "copy":
-        fe = Fh
-    else:
-        fe = math.ceil((Fh - shared_dim) / E)
+    fe = math.ceil((Fh - shared_dim) / E) if spec.partition else Fh
     moe_cfg = _moe_config(experts, fe, router, top_k, shared_dim, backend)
     new_cfg = dataclasses.replace(cfg, moe=moe_cfg)
     torch.manual_seed(seed)
@@ -217,26 +286,8 @@ def split_model(
     g = torch.Generator().manual_seed(seed)
     for li, (ffn, layer) in enumerate(zip(ffns, moe.layers)):
         w1, w3, w2 = ffn.w1.weight.data, ffn.w3.weight.data, ffn.w2.weight.data  # (F,C),(F,C),(C,F)
-        if method == "copy":
-            groups = [torch.arange(Fh)] * E
-            shared = torch.zeros(0, dtype=torch.long)
-        elif method == "random":
-            perm = torch.randperm(Fh, generator=g)
-            groups = [perm[e * fe : (e + 1) * fe].sort().values for e in range(E)]
-            shared = torch.zeros(0, dtype=torch.long)
-        elif method == "kmeans":
-            groups = _kmeans_groups(w1, E, seed + li)
-            shared = torch.zeros(0, dtype=torch.long)
-        else:
-            if importance is None:
-                raise ConfigError(
-                    "activation split needs domain data (importance) to score neurons"
-                )
-            missing = [e for e in experts if e not in importance]
-            if missing:
-                raise ConfigError(f"activation split: no data for expert domain(s) {missing}")
-            imp = torch.stack([importance[e][li] for e in experts])  # (E, F)
-            shared, groups = _activation_groups(imp, shared_dim)
+        layer_in = SplitLayer(li, w1, list(experts), fe, shared_dim, seed, g, importance)
+        shared, groups = spec.groups(layer_in)
         ffn_moe = layer.ffn
         ffn_moe.w1.data.zero_()
         ffn_moe.w3.data.zero_()

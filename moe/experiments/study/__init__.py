@@ -5,6 +5,9 @@
 - `budget`: how the compute budget is shared between stages;
 - `records`: typed results shared with the report;
 - `sweep`: one study per value of a recipe key, one report across them.
+
+Importing this package is cheap (the experiment and arm registries import it to find their
+members); the runner and what it needs load with the first call.
 """
 
 from __future__ import annotations
@@ -12,15 +15,23 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moe.config import ConfigError, Recipe, to_yaml
 from moe.experiments import recipe_changed
-from moe.experiments.study.context import log
-from moe.experiments.study.runner import Study
-from moe.io.checkpoint import atomic_write_text, write_json
-from moe.io.output import claim, recipe_inputs
+
+if TYPE_CHECKING:
+    from moe.experiments.study.runner import Study
 
 __all__ = ["Study", "run_study", "dry_run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Study":
+        from moe.experiments.study.runner import Study
+
+        return Study
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dry_run(recipe: Recipe, only: str | None = None, seeds: int | None = None) -> str:
@@ -32,6 +43,7 @@ def dry_run(recipe: Recipe, only: str | None = None, seeds: int | None = None) -
 def check_study(recipe: Recipe, only: str | None = None, seeds: int | None = None) -> Study:
     """Every mistake `run_study` refuses before it writes anything: seeds, --stage, the budget
     and plan, a model too large to train here (the seed's; with init= its stage checks)."""
+    from moe.experiments.study.runner import Study
     from moe.train.stages import check_fits
 
     seeds = recipe.study.seeds if seeds is None else seeds
@@ -54,6 +66,11 @@ def run_study(
 
     and the report gives every number as mean ± 95% CI with paired differences per seed.
     """
+    from moe.experiments.study.context import log
+    from moe.experiments.study.runner import Study
+    from moe.io.checkpoint import atomic_write_text, write_json
+    from moe.io.output import claim, recipe_inputs
+
     seeds = recipe.study.seeds if seeds is None else seeds
     run_dir = Path(recipe.out_dir)
     check_study(recipe, only, seeds)  # before anything is written

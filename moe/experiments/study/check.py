@@ -10,8 +10,8 @@ from typing import Any
 
 from moe.config import DOMAINS, SHARED_MODES, STUDY_PROTOCOLS, ConfigError, Recipe, StudyConfig
 from moe.experiments.study.arms import ARMS
-from moe.merge.registry import names as merge_methods
-from moe.model.split import SPLIT_METHODS
+from moe.merge.registry import METHODS as MERGE_METHODS
+from moe.model.split import SPLITS
 
 
 def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
@@ -21,11 +21,11 @@ def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
 
     choice("study.protocol", s.protocol, STUDY_PROTOCOLS)
     choice("study.shared", s.shared, SHARED_MODES)
-    choice("study.split_method", s.split_method, SPLIT_METHODS)
-    choice("study.merge_method", s.merge_method, merge_methods())
+    choice("study.split_method", s.split_method, SPLITS.names())
+    choice("study.merge_method", s.merge_method, MERGE_METHODS.names())
     choice("study.router_init", s.router_init, ("random", "domain_mean"))
     for a in s.arms:
-        choice("study.arms", a, sorted(ARMS))
+        choice("study.arms", a, ARMS.names())
     if len(set(s.arms)) != len(s.arms):
         raise bad("study.arms: an arm is listed twice")
     if not s.experts or len(set(s.experts)) != len(s.experts):
@@ -72,8 +72,10 @@ def check_recipe(r: Recipe, where: str = "recipe") -> None:
                 "study.protocol=fork needs a schedule with a stable phase to fork from; set "
                 "optim.schedule=wsd (or constant), or use study.protocol=rewarm"
             )
-        if s.split_method != "copy":
+        if SPLITS[s.split_method].partition:
+            copies = ", ".join(n for n, m in SPLITS.items() if not m.partition)
             raise bad(
                 f"study.split_method={s.split_method} partitions the FFN, so a branch is not the "
-                "seed run and cannot fork from it; use split_method=copy or study.protocol=rewarm"
+                f"seed run and cannot fork from it; use split_method={copies} or "
+                "study.protocol=rewarm"
             )

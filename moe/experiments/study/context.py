@@ -126,6 +126,7 @@ class StudyContext:
         self, out_stage: str, inputs: list[str], base: str | None, method: str, **extra
     ) -> None:
         from moe.merge import merge
+        from moe.merge.registry import METHODS
 
         s = self.study
         cfg: dict = {
@@ -138,7 +139,7 @@ class StudyContext:
         }
         if base is not None:
             cfg["base_model"] = str(self.model_dir(base))
-        if method in ("ties", "dare_ties", "dare_linear"):
+        if METHODS[method].uses_density:
             for m in cfg["models"]:
                 m["parameters"]["density"] = s.merge_density
             cfg["parameters"]["seed"] = self.recipe.seed

@@ -24,7 +24,7 @@ import torch
 from moe.config import ConfigError, Recipe
 from moe.data.datamodule import DomainDataModule
 from moe.eval.evaluate import evaluate_model
-from moe.experiments.study.arms import ModelSpec, StageSpec, get_arm, with_requirements
+from moe.experiments.study.arms import ARMS, ModelSpec, StageSpec, get_arm, with_requirements
 from moe.experiments.study.arms.monolith import REFERENCE_LABEL
 from moe.experiments.study.budget import plan_budget
 from moe.experiments.study.check import check_recipe
@@ -99,6 +99,11 @@ class Study:
         for arm in self.arms:
             out += arm.models(self.ctx)
         return out
+
+    def arm_order(self) -> dict[str, int]:
+        """Each row label of the report's answer table with its arm's `order`: the experts
+        first, the reference next, the controls, the seed last."""
+        return {m.label: arm.order for arm in self.arms for m in arm.models(self.ctx) if m.label}
 
     def upstream(self, name: str) -> set[str]:
         specs = {s.name: s for s in self.plan()}
@@ -352,6 +357,7 @@ class Study:
                 family=fam_spec.extra["family"], method=fam_spec.extra["method"],
                 inputs=list(fam_spec.extra["inputs"]), output=fam_spec.name,
             )
+        rank = self.arm_order()
         return StudyResult(
             name=r.name,
             seed=r.seed,
@@ -369,7 +375,7 @@ class Study:
             train_tokens_by_domain=train_tokens,
             stages=list(records.values()),
             models=models,
-            arms=_ordered_arms(arms),
+            arms=dict(sorted(arms.items(), key=lambda kv: rank[kv[0]])),
             reference_arm=REFERENCE_LABEL if REFERENCE_LABEL in arms else "",
             curves=self.curves(records),
             merge=merge,
@@ -382,7 +388,7 @@ class Study:
         from moe.experiments.study.samples import study_samples
 
         want = [("seed", "seed")] + [(f"branch-{e}", f"branch-{e}") for e in self.r.study.experts]
-        want.append(("moe", "experts (BTX MoE)"))
+        want.append(("moe", ARMS["btx"].label))
         return study_samples(self.ctx, want, results["domains"])
 
     # ------------------------------------------------------------------ curves
@@ -411,7 +417,7 @@ class Study:
         f_seed = records["seed"].flops
         out = {}
         for name, label in (("dense-compute", REFERENCE_LABEL),
-                            ("dense-data", "monolithic, data-matched")):
+                            ("dense-data", ARMS["monolith_data"].label)):
             if name in records:
                 out[label] = seed + self._val_points(name, f_seed, records[name])
         if "moe" in records:
@@ -419,18 +425,10 @@ class Study:
                 rec.flops for n, rec in records.items()
                 if n.startswith(("branch-", "ft-")) and n != "moe"
             )
-            out["experts (BTX MoE)"] = seed + self._val_points(
+            out[ARMS["btx"].label] = seed + self._val_points(
                 "moe", f_seed + before, records["moe"]
             )
         return out
-
-
-def _ordered_arms(arms: dict[str, str]) -> dict[str, str]:
-    """The answer table's order: the experts first, the reference next, controls, the seed last."""
-    order = ["experts (BTX MoE)", REFERENCE_LABEL, "monolithic, data-matched", "BTM ensemble",
-             "random-split ensemble (control)", "parameter average", "seed"]
-    rank = {label: i for i, label in enumerate(order)}
-    return dict(sorted(arms.items(), key=lambda kv: rank.get(kv[0], len(order) - 1)))
 
 
 def parse_eval_sets(specs: list[str]):

@@ -7,8 +7,10 @@ An arm declares
   derives tokens, FLOPs and in-domain tokens; and
 - the label the report shows.
 
-`moe run --list-arms` prints the registry. A recipe names arms in `study.arms`; the runner
-orders all stages of the chosen arms by their dependencies.
+Every module of this package is imported the first time the registry is read (discovery), so a
+new arm is one new file here. `moe run --list-arms` prints the registry, in the arms' `order`
+(the report's answer table's). A recipe names arms in `study.arms`; the runner orders all stages
+of the chosen arms by their dependencies.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from moe.config.registry import Registry
 
 if TYPE_CHECKING:
     from moe.experiments.study.context import StudyContext
@@ -47,12 +51,15 @@ class ModelSpec:
 
 
 class Arm:
-    """Base class: subclasses set `name`, `label` and `description`, and build specs."""
+    """Base class: subclasses set `name`, `label`, `description` and `order`, and build specs."""
 
     name: str = ""
     label: str = ""
     description: str = ""
     requires: tuple[str, ...] = ()  # arms whose stages this one uses
+    # its row in the report's answer table and in `moe run --list-arms`: the experts first, the
+    # reference next, the controls, the seed last
+    order: int = 90
 
     def stages(self, ctx: StudyContext) -> list[StageSpec]:
         return []
@@ -61,22 +68,16 @@ class Arm:
         return []
 
 
-ARMS: dict[str, type[Arm]] = {}
+ARMS: Registry[type[Arm]] = Registry(
+    "study arm", discover=__name__, order="attribute", field="study.arms", noun="arm"
+)
 
 
 def register(cls: type[Arm]) -> type[Arm]:
-    if not cls.name or cls.name in ARMS:
-        raise ValueError(f"arm {cls.name!r}: empty or registered twice")
-    ARMS[cls.name] = cls
-    return cls
+    return ARMS.register(cls.name, cls)
 
 
 def get_arm(name: str) -> Arm:
-    from moe.config import ConfigError
-
-    if name not in ARMS:
-        choices = ", ".join(sorted(ARMS))
-        raise ConfigError(f"study.arms: unknown arm {name!r}; choose from {choices}")
     return ARMS[name]()
 
 
@@ -94,16 +95,3 @@ def with_requirements(names: list[str]) -> list[str]:
         add(n)
     return out
 
-
-# the built-in arms register themselves on import
-from moe.experiments.study.arms import (  # noqa: E402, F401
-    average,
-    branches,
-    btm,
-    btx,
-    family,
-    monolith,
-    random_split,
-    seed,
-    trimmed,
-)

@@ -11,6 +11,7 @@ class ParameterAverage(Arm):
     name = "average"
     label = "parameter average"
     description = "uniform parameter average of the domain branches"
+    order = 70
     requires = ("branches",)
 
     def stages(self, ctx):

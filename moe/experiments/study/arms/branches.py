@@ -22,6 +22,7 @@ class Branches(Arm):
     name = "branches"
     label = ""  # each branch is a row of the specialization matrix, not an arm of the answer
     description = "one branch per expert, trained on its own domain's stream"
+    order = 85
     requires = ("seed",)
 
     def stages(self, ctx):

@@ -11,6 +11,7 @@ class BTMEnsemble(Arm):
     name = "btm"
     label = "BTM ensemble"
     description = "posterior-weighted ensemble of the domain branches (Branch-Train-Merge)"
+    order = 50
     requires = ("branches",)
 
     def models(self, ctx):

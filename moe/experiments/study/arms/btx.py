@@ -42,6 +42,7 @@ class BTX(Arm):
     name = "btx"
     label = "experts (BTX MoE)"
     description = "branches assembled into one MoE, then fine-tuned whole on the mixed stream"
+    order = 10
     requires = ("branches",)
 
     def stages(self, ctx):

@@ -12,6 +12,7 @@ class Family(Arm):
     name = "family"
     label = ""
     description = "fine-tunes of one expert merged back into it (merge_method)"
+    order = 80
     requires = ("branches",)
 
     def stages(self, ctx):

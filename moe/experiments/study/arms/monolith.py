@@ -35,6 +35,7 @@ class Monolith(Arm):
     name = "monolith"
     label = REFERENCE_LABEL
     description = "the seed continued on the mixed stream to the experts' FLOPs (reference)"
+    order = 30
     requires = ("seed",)
 
     def stages(self, ctx):
@@ -54,6 +55,7 @@ class MonolithData(Arm):
     name = "monolith_data"
     label = "monolithic, data-matched"
     description = "the seed continued on the mixed stream for the experts' training tokens"
+    order = 40
     requires = ("seed",)
 
     def stages(self, ctx):

@@ -19,6 +19,7 @@ class RandomSplit(Arm):
     name = "random_split"
     label = "random-split ensemble (control)"
     description = "control: branches on random shards of the mixed stream, ensembled"
+    order = 60
     requires = ("seed",)
 
     def stages(self, ctx):

@@ -19,6 +19,7 @@ class Seed(Arm):
     name = "seed"
     label = "seed"
     description = "the dense seed model every arm starts from (mixed stream)"
+    order = 100
 
     def stages(self, ctx):
         b, r = ctx.budget, ctx.recipe
