@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from moe.delta.primitives import dare_keep_mask
 from moe.delta.registry import Coded, register
 
 
 @register("dare", "structure", "float", "Yu et al. 2024, arXiv:2311.03099")
 def dare(delta: torch.Tensor, density: float, gen: torch.Generator | None = None) -> Coded:
     flat = delta.reshape(-1)
-    keep = torch.rand(flat.shape, generator=gen, dtype=torch.float64) < density  # (numel,)
+    keep = dare_keep_mask(flat.shape, density, gen, torch.float64)  # (numel,) float64 draws
     idx = keep.nonzero().reshape(-1)  # (k,) ascending
     return Coded("sparse", tuple(delta.shape), {"v": flat[idx] / density}, idx,
                  {"density": density})

@@ -155,3 +155,113 @@ def verdict(mean: float, half: float | None, level: float = 0.95, tie: float = 1
     if mean - half > tie:
         return "loses"
     return f"not distinguishable at {100 * level:g}%"
+
+
+# ----------------------------------------------------------------------------- summaries and text
+# One summary of a list of per-seed values, and one way to write it, for every report. The
+# reports differ in their conventions (digits, a "+" on differences, the minus sign, the mark of
+# a missing value, what a single seed or an undefined interval reads as); those are parameters
+# here, so every report's text stays what it was.
+
+
+def sample_std(xs: Sequence[float]) -> float | None:
+    """Sample standard deviation; None with fewer than two values, NaN if one is not finite."""
+    if len(xs) < 2:
+        return None
+    return statistics.stdev(xs) if all(math.isfinite(x) for x in xs) else math.nan
+
+
+def _summary(mean, half, n, values, detail: bool) -> dict:
+    if detail:
+        return {"mean": mean, "std": sample_std(values), "half": half, "n": n,
+                "values": values}  # fmt: skip
+    return {"mean": mean, "half": half, "n": n}
+
+
+def summarize(xs: Sequence[float | None], level: float = 0.95, *, detail: bool = False) -> dict:
+    """{"mean", "half", "n"} of per-seed values (`mean_ci`), missing values (None) left out.
+
+    No value at all: mean and half None, n 0. `detail` adds the sample std ("std", between mean
+    and half) and the values themselves ("values", last).
+    """
+    vals = [x for x in xs if x is not None]
+    if not vals:
+        return _summary(None, None, 0, [], detail)
+    mean, half, n = mean_ci(vals, level)
+    return _summary(mean, half, n, vals, detail)
+
+
+def summarize_paired(a: Sequence[float], b: Sequence[float], level: float = 0.95, *,
+                     detail: bool = False, with_verdict: bool = False) -> dict:  # fmt: skip
+    """`summarize` of the paired differences a[i] − b[i] (`paired_diff_ci`).
+
+    `with_verdict` adds "verdict" (`verdict` at `level`); `detail` adds "std" and "values" (the
+    differences). No pair at all: mean and half None, n 0.
+    """
+    if not a:
+        return _summary(None, None, 0, [], detail)
+    mean, half, n = paired_diff_ci(a, b, level)
+    out = _summary(mean, half, n, [x - y for x, y in zip(a, b)], detail)
+    if with_verdict:
+        out["verdict"] = verdict(mean, half, level)
+    return out
+
+
+def format_number(x: float, digits: int = 3, *, signed: bool = False, minus: str = "-",
+                  tie: float = 0.0) -> str:  # fmt: skip
+    """Fixed point with `digits` decimals ("1.234"); non-finite values as Python writes them.
+
+    signed: a "+" on values ≥ 0 ("+0.050"), and |x| < `tie` reads as +0 (float noise from
+    subtracting equal numbers must not read as a gain or a loss); minus: the character written
+    for "-" (the reports of the study use the typographic minus, U+2212).
+    """
+    if signed:
+        if abs(x) < tie:
+            x = 0.0
+        text = f"{x:+.{digits}f}"
+    else:
+        text = f"{x:.{digits}f}"
+    return text.replace("-", minus) if minus != "-" else text
+
+
+def format_mean_ci(mean: float | None, half: float | None, digits: int = 3, *,
+                   signed: bool = False, scale: float = 1.0, unit: str = "", minus: str = "-",
+                   tie: float = 0.0, missing: str = "n/a", single: str = "",
+                   undefined: str | None = None, drop_nan_half: bool = True) -> str:  # fmt: skip
+    """A mean and its interval's half-width as "1.234 ± 0.010".
+
+    digits, signed, minus, tie   how each number is written (`format_number`; the half-width is
+                                 never signed)
+    scale, unit                  both numbers times `scale`, then `unit` ("12.5 ± 1.0%")
+    missing                      the whole text when there is no mean (None)
+    single                       appended to the mean when there is no interval (half None: one
+                                 seed), e.g. " (n=1, no CI)"
+    drop_nan_half                a NaN half-width (a seed's value was not finite) means no
+                                 interval either, as with one seed; False writes it
+    undefined                    the text of a number that is not finite; a mean that is not
+                                 finite then makes the whole text `undefined`. None: Python's
+                                 own ("nan", "inf")
+    """
+    if mean is None:
+        return missing
+    if undefined is not None and not math.isfinite(mean):
+        return undefined
+
+    def num(x: float, sign: bool) -> str:
+        if undefined is not None and not math.isfinite(x):
+            return undefined
+        return format_number(scale * x if scale != 1.0 else x, digits, signed=sign, minus=minus,
+                             tie=tie)  # fmt: skip
+
+    text = num(mean, signed)
+    if half is None or (drop_nan_half and isinstance(half, float) and math.isnan(half)):
+        return f"{text}{unit}{single}"
+    return f"{text} ± {num(half, False)}{unit}"
+
+
+def format_summary(s: dict | None, digits: int = 3, **style) -> str:
+    """`format_mean_ci` of a `summarize` dict (or any dict with "mean" and "half"); no dict, or
+    one without a mean, reads `missing`."""
+    if s is None or s.get("mean") is None:
+        return style.get("missing", "n/a")
+    return format_mean_ci(s["mean"], s.get("half"), digits, **style)

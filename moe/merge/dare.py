@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from moe.delta.primitives import dare_keep_mask
 from moe.merge.registry import (
     MethodParams,
     register,
@@ -28,7 +29,7 @@ from moe.merge.ties import elect_and_merge
 def drop_and_rescale(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
     if density >= 1.0:
         return delta.clone()
-    keep = torch.rand(delta.shape, generator=gen) < density
+    keep = dare_keep_mask(delta.shape, density, gen)  # default float dtype, the tensor's shape
     return torch.where(keep, delta / density, torch.zeros_like(delta))
 
 

@@ -15,25 +15,19 @@ from __future__ import annotations
 
 import torch
 
+from moe.delta.primitives import topk_keep
 from moe.merge.registry import MethodParams, register, task_vectors
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ⌊density · numel⌋ largest-magnitude entries of `delta`, zero the others."""
     n = delta.numel()
-    k = int(density * n)
+    k = int(density * n)  # floor, possibly 0 (mergekit's); a delta's top-k rounds up instead
     if k >= n:
         return delta.clone()
     if k == 0:
         return torch.zeros_like(delta)
-    mag = delta.abs().reshape(-1)
-    # selection, not a sort: O(n) and no index tensor, which matters on 100M+ parameter models
-    thr = torch.kthvalue(mag, n - k + 1).values  # the k-th largest magnitude
-    keep = mag > thr
-    short = k - int(keep.sum())
-    if short > 0:
-        # magnitudes equal to the threshold: keep the earliest ones, so the result is deterministic
-        keep[torch.nonzero(mag == thr).flatten()[:short]] = True
+    keep = topk_keep(delta.abs().reshape(-1), k, keep_nan=False)  # ties: the earliest positions
     return torch.where(keep.view_as(delta), delta, torch.zeros_like(delta))
 
 

@@ -29,6 +29,7 @@ import math
 import torch
 
 from moe.config import ConfigError, ModelConfig
+from moe.delta.primitives import absmax_scale, dequantize, quantize_symmetric
 
 SCALE_BYTES = 2  # an fp16 scale per group
 
@@ -52,7 +53,9 @@ def magnitude_prune(t: torch.Tensor, frac: float) -> torch.Tensor:
 
 def quantize_dequantize(t: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Symmetric per-group round-to-nearest; returns the dequantized tensor (same shape/dtype).
-    The last axis is padded to a multiple of `group` (pad values are never read back)."""
+    The last axis is padded to a multiple of `group` (pad values are never read back). The
+    arithmetic is moe/delta/primitives.py's (per group and fp16 scales here, where a delta's
+    values take one float32 scale per array)."""
     qmax = 2 ** (bits - 1) - 1
     shape, n = t.shape, t.shape[-1]
     pad = (-n) % group
@@ -60,10 +63,9 @@ def quantize_dequantize(t: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     if pad:
         x = torch.cat([x, x.new_zeros(x.shape[0], pad)], dim=1)
     g = x.view(x.shape[0], -1, group)  # (rows, groups, group)
-    scale = (g.abs().amax(-1, keepdim=True) / qmax).half().double()  # stored in fp16
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(g / safe), -qmax, qmax)
-    deq = (q * scale).view(x.shape[0], -1)[:, :n]
+    scale = absmax_scale(g, qmax, -1, torch.float16).double()  # (rows, groups, 1), stored in fp16
+    q = quantize_symmetric(g, scale, qmax)  # an all-zero group: scale 0, q 0
+    deq = dequantize(q, scale).view(x.shape[0], -1)[:, :n]
     return deq.reshape(shape).to(t.dtype)
 
 

@@ -5,7 +5,20 @@ import statistics
 
 import pytest
 
-from moe.eval.stats import betainc, mean_ci, paired_diff_ci, t_cdf, t_quantile, verdict
+from moe.eval.stats import (
+    betainc,
+    format_mean_ci,
+    format_number,
+    format_summary,
+    mean_ci,
+    paired_diff_ci,
+    sample_std,
+    summarize,
+    summarize_paired,
+    t_cdf,
+    t_quantile,
+    verdict,
+)
 
 # two-sided 95% multipliers from a printed t table (to the table's precision)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045}
@@ -114,3 +127,90 @@ def test_verdict():
                                    [1.10, 2.10, 3.10, 4.10, 5.10])[:2]) == "beats"
     assert verdict(*paired_diff_ci([2.30, 2.40, 2.50], [2.25, 2.30, 2.35])[:2]) == (
         "not distinguishable at 95%")
+
+
+def test_summarize_by_hand():
+    # [1, 2, 3]: mean 2, half 2.484138 (test_mean_ci_by_hand), n 3
+    s = summarize([1.0, 2.0, 3.0])
+    assert list(s) == ["mean", "half", "n"]
+    assert s["mean"] == 2.0 and s["n"] == 3 and s["half"] == pytest.approx(2.484138, abs=1e-6)
+    # a seed without a value (None) is left out; nothing at all: no mean, n 0
+    assert summarize([None, 2.0, 4.0]) == summarize([2.0, 4.0])
+    assert summarize([]) == {"mean": None, "half": None, "n": 0}
+    assert summarize([None]) == {"mean": None, "half": None, "n": 0}
+    assert summarize([2.5]) == {"mean": 2.5, "half": None, "n": 1}
+    # detail: the sample std between mean and half, the values last; s of [1, 2, 3] is 1
+    d = summarize([1, 2, 3], detail=True)
+    assert list(d) == ["mean", "std", "half", "n", "values"]
+    assert d["std"] == 1.0 and d["values"] == [1, 2, 3]
+    assert summarize([], detail=True) == {"mean": None, "std": None, "half": None, "n": 0,
+                                          "values": []}
+    # 90%: [2, 4] with t(0.95, 1) = 6.313752
+    assert summarize([2.0, 4.0], 0.90)["half"] == pytest.approx(6.313752, abs=1e-6)
+
+
+def test_sample_std_by_hand():
+    assert sample_std([1.0, 2.0, 3.0]) == 1.0
+    assert sample_std([2.0, 4.0]) == pytest.approx(math.sqrt(2.0), rel=1e-15)
+    assert sample_std([1.0]) is None and sample_std([]) is None
+    assert math.isnan(sample_std([1.0, math.inf]))
+
+
+def test_summarize_paired_by_hand():
+    # differences 0.05, 0.10, 0.15: mean 0.1, half 0.124207 (test_paired_diff_ci_by_hand)
+    s = summarize_paired([2.30, 2.40, 2.50], [2.25, 2.30, 2.35], with_verdict=True)
+    assert list(s) == ["mean", "half", "n", "verdict"]
+    assert s["mean"] == pytest.approx(0.1, abs=1e-12) and s["n"] == 3
+    assert s["half"] == pytest.approx(0.124207, abs=1e-6)
+    assert s["verdict"] == "not distinguishable at 95%"
+    d = summarize_paired([3.0, 5.0], [1.0, 2.0], detail=True)
+    assert d["values"] == [2.0, 3.0] and d["std"] == pytest.approx(math.sqrt(0.5), rel=1e-15)
+    assert summarize_paired([], []) == {"mean": None, "half": None, "n": 0}
+    assert summarize_paired([3.0], [2.0], with_verdict=True)["verdict"] == "one seed: not tested"
+    with pytest.raises(ValueError):
+        summarize_paired([1.0, 2.0], [1.0])
+
+
+def test_format_number():
+    assert format_number(1.23456) == "1.235" and format_number(1.23456, 1) == "1.2"
+    assert format_number(2) == "2.000"
+    assert format_number(0.05, signed=True) == "+0.050"
+    assert format_number(-0.3124, signed=True, minus="\u2212") == "\u22120.312"
+    assert format_number(-0.0001) == "-0.000"  # a tiny loss keeps its sign
+    assert format_number(-1e-12, signed=True) == "-0.000"
+    assert format_number(-1e-12, signed=True, tie=1e-9) == "+0.000"  # float noise: no sign
+    assert format_number(-1e-12, tie=1e-9) == "-0.000"  # tie only applies to differences
+    assert format_number(math.nan) == "nan" and format_number(math.inf, signed=True) == "+inf"
+
+
+def test_format_mean_ci_styles():
+    assert format_mean_ci(1.23456, 0.0104) == "1.235 ± 0.010"
+    assert format_mean_ci(1.23456, 0.0104, 4) == "1.2346 ± 0.0104"
+    assert format_mean_ci(None, 0.1) == "n/a"
+    assert format_mean_ci(None, 0.1, missing="—") == "—"
+    # one seed: the mean alone, or with a note
+    assert format_mean_ci(2.0, None) == "2.000"
+    assert format_mean_ci(2.0, None, single=" (n=1, no CI)") == "2.000 (n=1, no CI)"
+    # an undefined (NaN) half-width: left out, written as Python does, or as a mark
+    assert format_mean_ci(2.0, math.nan) == "2.000"
+    assert format_mean_ci(2.0, math.nan, drop_nan_half=False) == "2.000 ± nan"
+    assert format_mean_ci(2.0, math.nan, drop_nan_half=False, undefined="-") == "2.000 ± -"
+    assert format_mean_ci(2.0, math.inf, undefined="-") == "2.000 ± -"
+    assert format_mean_ci(math.nan, math.nan) == "nan"
+    assert format_mean_ci(math.nan, 0.1, undefined="-") == "-"
+    # differences: signed mean, unsigned half-width
+    assert format_mean_ci(-0.1, 0.02, signed=True) == "-0.100 ± 0.020"
+    assert format_mean_ci(0.1, 0.02, signed=True, minus="\u2212") == "+0.100 ± 0.020"
+    assert format_mean_ci(-1e-12, 0.02, signed=True, tie=1e-9) == "+0.000 ± 0.020"
+    # percentages: both numbers scaled, the unit once at the end
+    assert format_mean_ci(0.125, 0.01, 1, scale=100.0, unit="%") == "12.5 ± 1.0%"
+    assert format_mean_ci(0.125, None, 1, scale=100.0, unit="%") == "12.5%"
+
+
+def test_format_summary():
+    s = summarize([1.0, 2.0, 3.0])
+    assert format_summary(s) == "2.000 ± 2.484"
+    assert format_summary(s, 2, signed=True) == "+2.00 ± 2.48"
+    assert format_summary(None) == "n/a" and format_summary(summarize([])) == "n/a"
+    assert format_summary(None, missing="—") == "—"
+    assert format_summary({"mean": 0.5}) == "0.500"  # no half-width: the mean alone

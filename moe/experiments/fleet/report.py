@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from moe.config import Recipe
-from moe.eval.stats import mean_ci, paired_diff_ci
+from moe.eval.stats import format_summary, summarize, summarize_paired
 from moe.experiments.fleet.fleet import downlink_bytes
 from moe.io.checkpoint import atomic_write_text, write_json
 
@@ -23,26 +23,17 @@ TOLERANCE = 0.02  # bpb: "within 0.02 bpb of the full fine-tune" (the issue's cl
 KEEP = 0.9
 
 
-def _ci(xs: list[float]) -> dict:
-    m, h, n = mean_ci(xs)
-    return {"mean": m, "half": h, "n": n}
-
-
-def _pci(a: list[float], b: list[float]) -> dict:
-    m, h, n = paired_diff_ci(a, b)
-    return {"mean": m, "half": h, "n": n}
+# this report's style: 4 decimals, "—" for a missing value, an undefined (NaN) half-width written
+STYLE = {"missing": "—", "drop_nan_half": False}
 
 
 def _fmt(d: dict | None, digits: int = 4) -> str:
-    if d is None:
-        return "—"
-    h = d.get("half")
-    return f"{d['mean']:.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
+    return format_summary(d, digits, **STYLE)
 
 
-def _sign(d: dict, digits: int = 4) -> str:
-    h = d.get("half")
-    return f"{d['mean']:+.{digits}f}" + (f" ± {h:.{digits}f}" if h is not None else "")
+def _sign(d: dict | None, digits: int = 4) -> str:
+    """A difference: "+0.0123 ± 0.0040"."""
+    return format_summary(d, digits, signed=True, **STYLE)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -66,12 +57,14 @@ def summarise_sizes(runs: list[dict], domains: list[str], all_domains: list[str]
             gain = [(x["base_bpb"][d] - o) / (x["base_bpb"][d] - f["bpb"][d])
                     for x, o, f in zip(rs, own, fulls)]  # fmt: skip
             rows.append({
-                "method": m, "bytes": _ci([p["bytes"] for p in per]), "gain_kept": _ci(gain),
-                "payload_bytes": _ci([p["payload_bytes"] for p in per]),
-                "density": _ci([p["density"] for p in per]),
-                "own_bpb": _ci(own), "own_vs_full": _pci(own, [p["bpb"][d] for p in fulls]),
-                "other_bpb": _ci(oth) if oth else None,
-                "other_vs_full": _pci(oth, oth_full) if oth else None,
+                "method": m, "bytes": summarize([p["bytes"] for p in per]),
+                "gain_kept": summarize(gain),
+                "payload_bytes": summarize([p["payload_bytes"] for p in per]),
+                "density": summarize([p["density"] for p in per]),
+                "own_bpb": summarize(own),
+                "own_vs_full": summarize_paired(own, [p["bpb"][d] for p in fulls]),
+                "other_bpb": summarize(oth) if oth else None,
+                "other_vs_full": summarize_paired(oth, oth_full) if oth else None,
             })  # fmt: skip
         base_own = rs[0]["base_bpb"][d]
         ok = [row for row in rows if row["own_vs_full"]["mean"] <= TOLERANCE]
@@ -81,7 +74,7 @@ def summarise_sizes(runs: list[dict], domains: list[str], all_domains: list[str]
         out["domains"][d] = {
             "smallest_keeping": (min(kept, key=lambda r: r["bytes"]["mean"])["method"]
                                  if kept else None),
-            "full_gain": _ci([x["base_bpb"][d] - f["bpb"][d] for x, f in
+            "full_gain": summarize([x["base_bpb"][d] - f["bpb"][d] for x, f in
                               zip(rs, [{r_["method"]: r_ for r_ in x["rows"]}["lossless"]
                                        for x in rs])]),
             "rows": rows, "base_own_bpb": base_own, "full_bytes": full["bytes"],
@@ -205,13 +198,13 @@ def summarise_fleet(runs: list[dict], arms: list[str]) -> dict:
         row = {"arm": a, "replicas": rs[0]["replicas"], "H": rs[0]["H"], "S": rs[0]["S"],
                "compression": rs[0]["compression"], "outer": rs[0]["outer"],
                "families": fams, "exchange": rs[0]["exchange"], "sync": rs[0]["sync"],
-               "bytes": _ci([x["bytes_total"] for x in rs]), "own_bpb": _ci(own),
-               "bytes_down": _ci([downlink_bytes(x["sync"], x["replicas"], x["S"], x["rounds"],
-                                                 x["params"]) for x in rs]),
-               "bytes_both": _ci([x["bytes_total"] + downlink_bytes(
+               "bytes": summarize([x["bytes_total"] for x in rs]), "own_bpb": summarize(own),
+               "bytes_down": summarize([downlink_bytes(x["sync"], x["replicas"], x["S"],
+                                                       x["rounds"], x["params"]) for x in rs]),
+               "bytes_both": summarize([x["bytes_total"] + downlink_bytes(
                    x["sync"], x["replicas"], x["S"], x["rounds"], x["params"]) for x in rs]),
                "wall_s": sum(x["wall_s"] for x in rs), "seeds": [x["seed"] for x in rs],
-               "final_by_group": {g: {k: _ci([x["bpb"][-1][g][k] for x in rs])
+               "final_by_group": {g: {k: summarize([x["bpb"][-1][g][k] for x in rs])
                                       for k in rs[0]["bpb"][-1][g]} for g in rs[0]["bpb"][-1]},
                "train_flops": rs[0]["train_flops"]}  # fmt: skip
         if sync is not None and a != sync:
@@ -219,7 +212,7 @@ def summarise_fleet(runs: list[dict], arms: list[str]) -> dict:
             pairs = [(o, _own(srs[x["seed"]]["bpb"][-1], fams)) for o, x in zip(own, rs)
                      if x["seed"] in srs and set(srs[x["seed"]]["families"]) >= set(fams)]
             if pairs:
-                row["vs_sync"] = _pci([p[0] for p in pairs], [p[1] for p in pairs])
+                row["vs_sync"] = summarize_paired([p[0] for p in pairs], [p[1] for p in pairs])
         rows.append(row)
     return {"rows": rows, "sync": sync, "frontier": _frontier(rows, "bytes"),
             "frontier_both": _frontier(rows, "bytes_both"),

@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 from moe.config import Recipe
-from moe.eval.stats import mean_ci, paired_diff_ci, verdict
+from moe.eval.stats import format_summary as _fmt  # this report writes the default style
+from moe.eval.stats import paired_diff_ci, summarize, verdict
 from moe.io.checkpoint import atomic_write_text
 
 CONTROL = "standard"
@@ -26,19 +27,6 @@ def steps_to(steps: list[int], values: list[float], thr: float) -> float | None:
             s0, v0 = steps[i - 1], values[i - 1]
             return s0 + (s - s0) * (v0 - thr) / (v0 - v) if v0 != v else float(s)
     return None
-
-
-def _ci(xs: list[float]) -> dict:
-    m, h, n = mean_ci(xs)
-    return {"mean": m, "half": h, "n": n}
-
-
-def _fmt(d: dict | None, digits: int = 3) -> str:
-    if d is None or d.get("mean") is None:
-        return "n/a"
-    if d["half"] is None or (isinstance(d["half"], float) and math.isnan(d["half"])):
-        return f"{d['mean']:.{digits}f}"
-    return f"{d['mean']:.{digits}f} ± {d['half']:.{digits}f}"
 
 
 def summarise(runs: list[dict], r: Recipe, arms: list[str], source: dict, flops_step: float,
@@ -76,15 +64,15 @@ def summarise(runs: list[dict], r: Recipe, arms: list[str], source: dict, flops_
             if any(x["diverged_at"] is not None for x in rs):
                 continue
             curve = [[x["bpb"][k]["mean"] for x in rs] for k in range(len(steps))]
-            out["curves"][key] = [_ci(v) for v in curve]
-            out["final_bpb"][key] = _ci(curve[-1])
+            out["curves"][key] = [summarize(v) for v in curve]
+            out["final_bpb"][key] = summarize(curve[-1])
             st, ratio = [], []
             for t in thresholds:
                 a = [steps_to(x["eval_steps"], [b["mean"] for b in x["bpb"]], t["bpb"]) for x in rs]
                 c = [steps_to(x["eval_steps"], [b["mean"] for b in x["bpb"]], t["bpb"]) for x in cs]
                 st.append({"threshold": t["bpb"], "steps": a, "standard_steps": c})
                 ok = all(v is not None for v in a + c) and all(v > 0 for v in c)
-                ratio.append(_ci([u / v for u, v in zip(a, c)]) if ok else
+                ratio.append(summarize([u / v for u, v in zip(a, c)]) if ok else
                              {"mean": None, "half": None,
                               "note": f"not reached: {sum(v is None for v in a)}/{len(a)} "
                                       f"seeds (standard {sum(v is None for v in c)}/{len(c)})"})

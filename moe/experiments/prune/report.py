@@ -6,25 +6,11 @@ pruned model's held-out bpb minus the unpruned model's of the same seed (paired)
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from moe.config import Recipe
-from moe.eval.stats import mean_ci, paired_diff_ci
-
-
-def _ci(xs: list[float]) -> dict:
-    m, h, n = mean_ci(xs)
-    return {"mean": m, "half": h, "n": n}
-
-
-def _fmt(d: dict | None, digits: int = 3) -> str:
-    if d is None or d.get("mean") is None:
-        return "n/a"
-    h = d.get("half")
-    if h is None or (isinstance(h, float) and math.isnan(h)):
-        return f"{d['mean']:.{digits}f}"
-    return f"{d['mean']:.{digits}f} ± {h:.{digits}f}"
+from moe.eval.stats import format_summary as _fmt  # this report writes the default style
+from moe.eval.stats import summarize, summarize_paired
 
 
 def _key(row: dict) -> str:
@@ -44,7 +30,7 @@ def summarise_curves(runs: list[dict], r: Recipe) -> dict:
     p = r.prune
     domains = list(r.data.domains)
     seeds = [x["seed"] for x in runs]
-    base = {d: _ci([x["base"][d] for x in runs]) for d in domains + ["mean"]}
+    base = {d: summarize([x["base"][d] for x in runs]) for d in domains + ["mean"]}
     # loss per point: {key: {eval domain: ci of bpb - base}}, only where every seed has it
     points: dict[str, dict] = {}
     keys = sorted({_key(row) for x in runs for row in x["rows"]})
@@ -61,7 +47,7 @@ def summarise_curves(runs: list[dict], r: Recipe) -> dict:
             "unit": row0["unit"], "method": row0["method"], "by": row0["by"],
             "frac": row0["frac"], "healed": row0["healed"],
             "params": row0["params"],
-            "loss": {d: _ci([row["bpb"][d] - _ref(x, row)[d] for x, row in per_seed])
+            "loss": {d: summarize([row["bpb"][d] - _ref(x, row)[d] for x, row in per_seed])
                      for d in domains + ["mean"]},
         }  # fmt: skip
     # where each domain's own curve breaks: the largest fraction whose loss (and every smaller
@@ -118,12 +104,11 @@ def summarise_curves(runs: list[dict], r: Recipe) -> dict:
                         own.append(get[b])
                         other.append(sum(get[a] for a in domains if a != b) / (len(domains) - 1))
                 if own:
-                    m, h, n = paired_diff_ci(own, other)
-                    adv[b] = {"mean": m, "half": h, "n": n}
+                    adv[b] = summarize_paired(own, other)
             matrices[f"{unit}|{method}"] = {"frac": fr, "matrix": mat, "own_minus_other": adv}
     jac = {}
     for name in runs[0]["jaccard"]:
-        jac[name] = {pair: _ci([x["jaccard"][name][pair] for x in runs])
+        jac[name] = {pair: summarize([x["jaccard"][name][pair] for x in runs])
                      for pair in runs[0]["jaccard"][name]}  # fmt: skip
     keep = 1.0 - p.matrix_fraction
     return {
@@ -133,7 +118,7 @@ def summarise_curves(runs: list[dict], r: Recipe) -> dict:
         "tolerance": p.tolerance, "influence": {x["seed"]: x["influence"] for x in runs},
         "train": [x["train"] for x in runs], "units": list(p.units), "methods": list(p.methods),
         "heal_steps": p.heal_steps,
-        "base_healed": {by: {d: _ci([x["base_healed"][by][d] for x in runs])
+        "base_healed": {by: {d: summarize([x["base_healed"][by][d] for x in runs])
                              for d in domains + ["mean"]}
                         for by in runs[0].get("base_healed", {})},
     }  # fmt: skip
@@ -254,7 +239,7 @@ def summarise_compress(runs: list[dict], r: Recipe, budget: dict) -> dict:
                 params.append(pt["params"])
             if len(vals) != len(seeds):
                 continue
-            table[f"{size}|{level}"] = {"size": size, "level": level, "bpb": _ci(vals),
+            table[f"{size}|{level}"] = {"size": size, "level": level, "bpb": summarize(vals),
                                         "bpb_per_seed": vals, "bytes": sum(byts) / len(byts),
                                         "params": params[0]}  # fmt: skip
     pts = list(table.values())
@@ -276,10 +261,10 @@ def summarise_compress(runs: list[dict], r: Recipe, budget: dict) -> dict:
             duels.append({"small": small, "bytes": ref["bytes"], "best": None})
             continue
         best = min(cands, key=lambda v: v["bpb"]["mean"])
-        m, h, n = paired_diff_ci(best["bpb_per_seed"], ref["bpb_per_seed"])
+        diff = summarize_paired(best["bpb_per_seed"], ref["bpb_per_seed"])
         duels.append({"small": small, "bytes": ref["bytes"], "small_bpb": ref["bpb"],
                       "best": f"{best['size']}|{best['level']}", "best_bytes": best["bytes"],
-                      "best_bpb": best["bpb"], "diff": {"mean": m, "half": h, "n": n}})  # fmt: skip
+                      "best_bpb": best["bpb"], "diff": diff})  # fmt: skip
     return {"kind": "compress", "seeds": seeds, "budget": budget, "table": table,
             "frontier": [f"{v['size']}|{v['level']}" for v in
                          sorted(front, key=lambda v: v["bytes"])],

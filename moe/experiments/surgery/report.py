@@ -4,37 +4,24 @@ are paired by seed (same data order and held-out batches)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from moe.config import Recipe
-from moe.eval.stats import mean_ci, paired_diff_ci, verdict
+from moe.eval.stats import format_summary, summarize, summarize_paired
 from moe.experiments.init.report import steps_to
 from moe.io.checkpoint import atomic_write_text, write_json
 
-
-def ci(xs: list[float]) -> dict:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return {"mean": None, "half": None, "n": 0}
-    m, h, n = mean_ci(xs)
-    return {"mean": m, "half": h, "n": n}
+ci = summarize  # per-seed values (None: a seed without one) -> {"mean", "half", "n"}
 
 
 def pci(a: list[float], b: list[float]) -> dict:
-    m, h, n = paired_diff_ci(a, b)
-    return {"mean": m, "half": h, "n": n, "verdict": verdict(m, h)}
+    """Paired a − b over seeds: {"mean", "half", "n", "verdict"}."""
+    return summarize_paired(a, b, with_verdict=True)
 
 
 def fmt(d: dict | None, digits: int = 3, pct: bool = False) -> str:
-    if d is None or d.get("mean") is None:
-        return "n/a"
-    k = 100.0 if pct else 1.0
-    u = "%" if pct else ""
-    h = d.get("half")
-    if h is None or (isinstance(h, float) and math.isnan(h)):
-        return f"{k * d['mean']:.{digits}f}{u}"
-    return f"{k * d['mean']:.{digits}f} ± {k * h:.{digits}f}{u}"
+    """ "1.234 ± 0.010", or as a percentage ("12.5 ± 1.0%"); "n/a" when missing."""
+    return format_summary(d, digits, scale=100.0, unit="%") if pct else format_summary(d, digits)
 
 
 def _plt():

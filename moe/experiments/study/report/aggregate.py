@@ -10,12 +10,11 @@ is tested.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moe.eval.stats import mean_ci, paired_diff_ci, verdict
+from moe.eval.stats import summarize, summarize_paired, verdict
 from moe.experiments.study.report.format import (
     TIE,
     bold,
@@ -42,28 +41,14 @@ from moe.io.checkpoint import atomic_write_text
 LEVEL = 0.95  # confidence level of every interval in the aggregate report
 
 
-def _std(xs: Sequence[float]) -> float | None:
-    """Sample standard deviation; None with fewer than two values, NaN if one is not finite."""
-    if len(xs) < 2:
-        return None
-    return statistics.stdev(xs) if all(math.isfinite(x) for x in xs) else math.nan
-
-
 def _stats(xs: Sequence[float]) -> dict[str, Any]:
     """mean, sample std, CI half-width (both None with one value), n, and the values themselves."""
-    if not xs:
-        return {"mean": None, "std": None, "half": None, "n": 0, "values": []}
-    mean, half, n = mean_ci(xs, LEVEL)
-    return {"mean": mean, "std": _std(xs), "half": half, "n": n, "values": list(xs)}
+    return summarize(xs, LEVEL, detail=True)
 
 
 def _paired(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
     """`_stats` of the per-seed differences xs[i] − ys[i], interval from `paired_diff_ci`."""
-    if not xs:
-        return _stats([])
-    mean, half, n = paired_diff_ci(xs, ys, LEVEL)
-    deltas = [x - y for x, y in zip(xs, ys)]
-    return {"mean": mean, "std": _std(deltas), "half": half, "n": n, "values": deltas}
+    return summarize_paired(xs, ys, LEVEL, detail=True)
 
 
 def aggregate(results_list: list[dict]) -> dict:

@@ -11,6 +11,9 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from moe.eval.stats import format_mean_ci as stats_format_mean_ci
+from moe.eval.stats import format_number
+
 MINUS = "\u2212"
 TIE = 1e-9  # bpb differences below this are float noise: no arm "beats" another by them
 
@@ -22,16 +25,13 @@ def is_num(x: Any) -> bool:
 
 def format_num(x: Any, digits: int = 3) -> str:
     """A fixed-point number, or "-" when missing / not finite."""
-    return f"{x:.{digits}f}".replace("-", MINUS) if is_num(x) else "-"
+    return format_number(x, digits, minus=MINUS) if is_num(x) else "-"
 
 
 def format_delta(x: Any, digits: int = 3) -> str:
     """A signed difference: "+0.050", "−0.312"; a tiny loss keeps its sign ("−0.000")."""
-    if not is_num(x):
-        return "-"
-    if abs(x) < TIE:
-        x = 0.0  # float noise from subtracting equal numbers must not read as a gain
-    return f"{x:+.{digits}f}".replace("-", MINUS)
+    # |x| < TIE: float noise from subtracting equal numbers must not read as a gain
+    return format_number(x, digits, signed=True, minus=MINUS, tie=TIE) if is_num(x) else "-"
 
 
 def format_pct(x: Any, digits: int = 1) -> str:
@@ -67,23 +67,27 @@ def format_seconds(x: Any) -> str:
     return f"{h}h {m:02d}m"
 
 
-def format_mean_std(mean: Any, std: Any, digits: int = 3, signed: bool = False) -> str:
-    """ "2.104 ± 0.012"; the std reads "-" with a single seed."""
-    fmt = format_delta if signed else format_num
+def _mean_ci(mean: Any, half: Any, digits: int, signed: bool, single: str) -> str:
+    """`moe.eval.stats.format_mean_ci` in this report's style: typographic minus, "-" for a
+    missing or non-finite number (a non-finite mean: the whole text)."""
     if not is_num(mean):
         return "-"
-    return f"{fmt(mean, digits)} ± {format_num(std, digits)}"
+    if half is not None and not is_num(half):
+        half = math.nan  # written "-"
+    return stats_format_mean_ci(mean, half, digits, signed=signed, minus=MINUS, tie=TIE,
+                                missing="-", single=single, undefined="-",
+                                drop_nan_half=False)  # fmt: skip
+
+
+def format_mean_std(mean: Any, std: Any, digits: int = 3, signed: bool = False) -> str:
+    """ "2.104 ± 0.012"; the std reads "-" with a single seed."""
+    return _mean_ci(mean, std, digits, signed, " ± -")
 
 
 def format_mean_ci(mean: Any, half: Any, digits: int = 3, signed: bool = False) -> str:
     """ "2.104 ± 0.031" (mean ± confidence-interval half-width); "2.104 (n=1, no CI)" when `half`
     is None, i.e. a single seed; a half-width that is not finite reads "-"."""
-    fmt = format_delta if signed else format_num
-    if not is_num(mean):
-        return "-"
-    if half is None:
-        return f"{fmt(mean, digits)} (n=1, no CI)"
-    return f"{fmt(mean, digits)} ± {format_num(half, digits)}"
+    return _mean_ci(mean, half, digits, signed, " (n=1, no CI)")
 
 
 def bold(s: str) -> str:
