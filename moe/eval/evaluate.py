@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from moe.config import DOMAINS, ConfigError, DataConfig
 from moe.data.datamodule import DomainDataModule
-from moe.data.tokenizer import check_vocab, checkpoint_tokenizer
+from moe.data.tokenizer import check_vocab
 from moe.eval.data_spec import EvalData
 from moe.io.checkpoint import load_model, resolve_checkpoint  # noqa: F401 (re-exported)
 from moe.model.loss import bits_per_byte
@@ -150,10 +150,8 @@ def evaluate_checkpoint(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if max_batches < 0:
         raise ConfigError(f"--max-batches must be 0 (all) or more, got {max_batches}")
-    model, ck = load_model(path)
-    ckpt_dir = ck.path
-    tok = checkpoint_tokenizer(ckpt_dir, ck.config.vocab_size, tokenizer, "--tokenizer PATH")
-    cfg, seed = data_config_of(ck.meta)
+    model, meta, tok, ckpt_dir = load_model(path, tokenizer=tokenizer, require_tokenizer=True)
+    cfg, seed = data_config_of(meta)
     whole: frozenset[str] = frozenset()
     if data is not None:
         cfg, doms, whole = data.resolve(cfg, domains)
@@ -173,11 +171,11 @@ def evaluate_checkpoint(
     rep["tokenizer"] = tok.identity()
     rep.update(
         checkpoint=str(ckpt_dir),
-        id=ck.meta.get("id"),
-        kind=ck.meta.get("kind"),
-        family=ck.meta.get("family"),
-        tokens_seen=ck.meta.get("tokens_seen"),
-        train_flops=ck.meta.get("train_flops"),
+        id=meta.get("id"),
+        kind=meta.get("kind"),
+        family=meta.get("family"),
+        tokens_seen=meta.get("tokens_seen"),
+        train_flops=meta.get("train_flops"),
     )
     return rep
 

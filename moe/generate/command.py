@@ -9,7 +9,6 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -17,27 +16,6 @@ from moe.config import ConfigError
 from moe.generate.generation import Generation, check_options, generate
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def load_tokenizer(ckpt_dir: Path, vocab_size: int, override: str | None = None) -> Any:
-    """The checkpoint's own tokenizer (`moe.data.tokenizer.checkpoint_tokenizer`: the one it
-    carries, else the byte tokenizer for the byte vocabulary); `override` only for a checkpoint
-    imported without one. Refused, in one line, when there is none."""
-    from moe.data.tokenizer import checkpoint_tokenizer
-
-    return checkpoint_tokenizer(ckpt_dir, vocab_size, override, flag="--tokenizer PATH")
-
-
-def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | None = None
-) -> tuple[torch.nn.Module, Any, Path]:
-    """(model in eval mode on `device`, its tokenizer, the checkpoint directory). tokenizer: a
-    tokenizer directory or file for a checkpoint imported without its own."""
-    from moe.io.checkpoint import load_model as load_checked
-
-    model, ck = load_checked(path)
-    tok = load_tokenizer(ck.path, ck.config.vocab_size, tokenizer)
-    return model.to(device).eval(), tok, ck.path
 
 
 def check_device(device: str, flag: str = "--device") -> str:
@@ -101,7 +79,7 @@ def generate_command(
     """`moe generate`: everything checked before any output is written; then the text (or the
     routing view) through `out`, notes through `err`, and the --html / --json files."""
     from moe.generate import routing_view
-    from moe.io.checkpoint import atomic_write_text, write_json
+    from moe.io.checkpoint import atomic_write_text, load_model, write_json
     from moe.io.output import claim
 
     if err is None:
@@ -131,7 +109,9 @@ def generate_command(
 
     # the --html/--json files are claimed (moe/io/output.py) before the model is even loaded
     with claim([html, json_path], [checkpoint, prompt_file, tokenizer]):
-        model, tok, ckpt_dir = load_model(checkpoint, device, tokenizer)
+        model, _, tok, ckpt_dir = load_model(checkpoint, tokenizer=tokenizer, device=device,
+                                             require_tokenizer=True)  # fmt: skip
+        model.eval()
         m = model.config.moe
         if domain is not None and domain not in m.experts:
             what = f"experts: {', '.join(m.experts)}" if m.experts else "it is a dense model"

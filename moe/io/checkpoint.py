@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -313,15 +313,36 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True, check: bool = 
     return Checkpoint(path=path, state_dict=state_dict, config=config, meta=meta)
 
 
-def load_model(path: str | os.PathLike, verify: bool = True) -> tuple[Transformer, Checkpoint]:
-    """(Transformer with the checkpoint's weights, the checkpoint) for a checkpoint or run
-    directory (`resolve_checkpoint`); the weights are checked against config.json first."""
+class LoadedModel(NamedTuple):
+    """What `load_model` returns."""
+
+    model: Transformer  # the checkpoint's weights, in training mode (call .eval() to infer)
+    meta: dict  # meta.json: lineage, tokens seen, training FLOPs, recipe
+    tokenizer: Any  # the tokenizer it carries (ByteTokenizer | HFTokenizer), or None
+    path: Path  # the checkpoint directory (a run directory resolves to its model/)
+
+
+def load_model(path: str | os.PathLike, verify: bool = True, *, tokenizer: str | None = None,
+               require_tokenizer: bool = False, flag: str = "--tokenizer PATH",
+               device: str | torch.device | None = None) -> LoadedModel:  # fmt: skip
+    """The one way a checkpoint (or run) directory becomes a model: weights verified against
+    meta.json's sha256 and checked against config.json (names and shapes) before any is loaded.
+
+    tokenizer: a tokenizer spec for a checkpoint imported without one (refused when it differs
+    from the one the checkpoint carries). A checkpoint that carries none gives `tokenizer=None`,
+    or, with `require_tokenizer`, the one-line error naming `flag` (how the user passes one).
+    device: where the model goes (default: stays on the CPU)."""
+    from moe.data.tokenizer import carried_tokenizer, checkpoint_tokenizer
     from moe.model.transformer import Transformer
 
     ck = load_checkpoint(resolve_checkpoint(path), verify)
-    model = Transformer(ck.config)
-    model.load_state_dict(ck.state_dict)
-    return model, ck
+    model = Transformer.from_state(ck.config, ck.state_dict)
+    vocab = ck.config.vocab_size
+    tok = None
+    given = tokenizer not in (None, "")
+    if require_tokenizer or given or carried_tokenizer(ck.path, vocab) is not None:
+        tok = checkpoint_tokenizer(ck.path, vocab, tokenizer, flag)
+    return LoadedModel(model if device is None else model.to(device), ck.meta, tok, ck.path)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

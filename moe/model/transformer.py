@@ -236,6 +236,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    @classmethod
+    def from_state(cls, config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transformer:
+        """The model `config` describes, holding `state_dict` (strict: every tensor present, named
+        and shaped as the config says). How every checkpoint and in-memory state becomes a model;
+        a path becomes one through moe.io.checkpoint.load_model."""
+        model = cls(config)
+        model.load_state_dict(state_dict)
+        return model
+
     def reset_parameters(self) -> None:
         std = self.config.init_std
         for name, p in self.named_parameters():

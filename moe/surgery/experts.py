@@ -22,8 +22,8 @@ from moe.model.transformer import Transformer
 
 
 def _load(path: str | os.PathLike) -> tuple[Transformer, dict]:
-    model, ck = load_model(path)
-    return model, ck.meta
+    loaded = load_model(path)
+    return loaded.model, loaded.meta
 
 
 def _tokenizer(path: str | os.PathLike, model: Transformer):

@@ -403,7 +403,6 @@ def importance_checkpoint(ckpt: str | os.PathLike, domains: list[str], out: str 
     """`moe importance`: every score for each domain into `out` (.safetensors) + its .json."""
     import dataclasses
 
-    from moe.data.tokenizer import checkpoint_tokenizer
     from moe.eval.evaluate import data_config_of
     from moe.io.checkpoint import load_model
     from moe.io.output import claim
@@ -422,19 +421,18 @@ def importance_checkpoint(ckpt: str | os.PathLike, domains: list[str], out: str 
     if batches < 1 or batch_size < 1:
         raise ConfigError("--batches and --batch-size must be at least 1")
     with claim([out, summary_path(out)], [ckpt]):  # moe/io/output.py
-        model, ck = load_model(ckpt)
-        ckpt_dir = ck.path
-        data, seed = data_config_of(ck.meta)
-        seq_len = min(data.seq_len, ck.config.resolved().max_seq_len)
+        model, meta, tok, ckpt_dir = load_model(ckpt, require_tokenizer=True,
+                                                flag="data.tokenizer=PATH")  # fmt: skip
+        data, seed = data_config_of(meta)
+        seq_len = min(data.seq_len, model.config.max_seq_len)
         data = dataclasses.replace(data, seq_len=seq_len)
-        tok = checkpoint_tokenizer(ckpt_dir, ck.config.vocab_size)
         calib = {d: calibration_batches(data, seed, d, batches, batch_size, tok) for d in domains}
         from moe.data.datamodule import domain_names
 
         names = domain_names(data)
         scores = {d: compute_importance(model, calib[d], names, progress, f"importance {d}")
                   for d in domains}  # fmt: skip
-        info = {"checkpoint": str(ckpt_dir), "checkpoint_id": ck.meta.get("id"),
+        info = {"checkpoint": str(ckpt_dir), "checkpoint_id": meta.get("id"),
                 "checkpoint_sha256": checkpoint_hash(ckpt_dir), "domains": list(domains),
                 "batches": batches, "batch_size": batch_size, "seq_len": data.seq_len,
                 "split": "train",

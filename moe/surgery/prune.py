@@ -273,8 +273,7 @@ def prune_checkpoint(
         if not isinstance(layers, int) or not 0 <= layers < cfg.n_layers:
             raise ConfigError(f"--layers {layers}: remove 0 to {cfg.n_layers - 1} of the model's "
                               f"{cfg.n_layers} layers")  # fmt: skip
-        model = Transformer(cfg)
-        model.load_state_dict(ck.state_dict)
+        model = Transformer.from_state(cfg, ck.state_dict)
         scores = None
         needs_scores = method != "random" and (heads or ffn or layers)
         if needs_scores and scores_path is not None:
@@ -297,8 +296,7 @@ def prune_checkpoint(
         new_cfg, sd = apply_plan(cfg, ck.state_dict, plan, allow_empty)
         healed = None
         if heal_steps:
-            pruned = Transformer(new_cfg)
-            pruned.load_state_dict(sd)
+            pruned = Transformer.from_state(new_cfg, sd)
             healed = heal(pruned, data, dseed + 1, heal_steps, heal_lr, None if by == "all" else by,
                           tok, progress)  # fmt: skip
             sd = {k: v.detach().clone() for k, v in pruned.state_dict().items()}

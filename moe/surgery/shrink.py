@@ -263,8 +263,7 @@ def shrink_checkpoint(source: str | Path, out: str | Path, spec: ShrinkSpec,
                 if spec.by != "all" and spec.by not in data.domains:
                     raise ConfigError(f"shrink --by {spec.by}: not one of the checkpoint's domains "
                                       f"({', '.join(data.domains)})")  # fmt: skip
-                model = Transformer(ck.config)
-                model.load_state_dict(ck.state_dict)
+                model = Transformer.from_state(ck.config, ck.state_dict)
                 tok = checkpoint_tokenizer(src_dir, ck.config.vocab_size)
                 bi = block_influence_of(model, data, tok, seed, spec.by, spec.calib_batches)
             cfg, sd, removed = shrink_state(ck.config, ck.state_dict, spec, bi)

@@ -78,8 +78,8 @@ def _tokenizer(r: Recipe, model: Transformer, init_dir: Path | None):
 def _load_init(path: str) -> tuple[Transformer, dict]:
     from moe.io.checkpoint import load_model
 
-    model, ck = load_model(path)  # weights checked against config.json (names and shapes)
-    return model, ck.meta
+    loaded = load_model(path)  # weights checked against config.json (names and shapes)
+    return loaded.model, loaded.meta
 
 
 def _init_from_distribution(r: Recipe) -> tuple[Transformer, dict, dict]:
@@ -97,8 +97,7 @@ def _init_from_distribution(r: Recipe) -> tuple[Transformer, dict, dict]:
     ck = load_checkpoint(src)
     target = r.model.resolved() if r.init_method == "select" else None
     res = init_state(ck.state_dict, ck.config, r.init_method, target, seed=r.seed)
-    model = Transformer(res.config)
-    model.load_state_dict(res.state_dict)
+    model = Transformer.from_state(res.config, res.state_dict)
     carried = r.init_method in ("trained", "select")
     pmeta = dict(ck.meta)
     if not carried:

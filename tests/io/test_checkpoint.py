@@ -221,8 +221,9 @@ def test_load_model_builds_the_model_of_a_run_directory(tmp_path):
 
     m = Transformer(SMALL)
     save_checkpoint(tmp_path / "run" / "model", m.state_dict(), m.config, make_meta())
-    model, ck = load_model(tmp_path / "run")
-    assert ck.path == tmp_path / "run" / "model"
+    model, meta, tok, path = load_model(tmp_path / "run")
+    assert path == tmp_path / "run" / "model" and meta["id"]
+    assert tok.kind == "byte"  # the byte vocabulary: the byte tokenizer, though none was written
     for k, v in m.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
 

@@ -11,7 +11,8 @@ from helpers import REPO
 
 from moe.config import ConfigError, load_recipe
 from moe.experiments import experiment_of
-from moe.experiments.surgery.study import grow_to, load_model, small_config
+from moe.experiments.surgery.study import grow_to, small_config
+from moe.model.transformer import Transformer
 
 TINY = ["data.bytes_per_domain=30000", "surgery.eval_batches=1", "surgery.seeds=2",
         "eval.batch_size=4", "data.batch_size=4"]  # fmt: skip
@@ -27,12 +28,12 @@ def test_growth_methods_as_the_study_grows(tmp_path, method):
     r = recipe("growth", tmp_path)
     small, big = small_config(r)
     torch.manual_seed(0)
-    m = load_model(small, _random(small))
+    m = Transformer.from_state(small, _random(small))
     cfg, sd = grow_to(small, m.state_dict(), big, method, 0.01, 0)
     shape = (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.ffn_dim)
     assert shape == (big.dim, big.n_layers, big.n_heads, big.ffn_dim)
     ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(1))
-    grown = load_model(cfg, sd).eval()
+    grown = Transformer.from_state(cfg, sd).eval()
     with torch.no_grad():
         diff = (grown(ids).logits - m.eval()(ids).logits).abs().max()
     assert (diff < 1e-5) == (not method.endswith("stack"))  # stacking is not exact

@@ -212,8 +212,7 @@ def _concat(batches: list[dict]) -> dict[str, torch.Tensor]:
 
 def _member(init: dict[str, torch.Tensor], config, optim: OptimConfig, steps: int,
             dm: DomainDataModule, family: str, shards: list[Shard]) -> Member:  # fmt: skip
-    model = Transformer(config)
-    model.load_state_dict(init)
+    model = Transformer.from_state(config, init)
     model.train()
     opt, sched = make_optimizer(model, optim, steps)
     return Member(model, list(dm.domain_names), opt, sched, family, shards)

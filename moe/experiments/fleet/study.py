@@ -96,12 +96,6 @@ def _optim(r: Recipe):
     return dataclasses.replace(r.optim, lr=f.lr or r.optim.lr, warmup_steps=f.warmup_steps)
 
 
-def _model(state: dict[str, torch.Tensor], config) -> Transformer:
-    m = Transformer(config)
-    m.load_state_dict(state)
-    return m
-
-
 def base_model(r: Recipe, out: Path, dm: DomainDataModule) -> tuple[Path, dict]:
     """Train (or reload) the shared base on the mixed stream."""
     path = out / "base"
@@ -137,7 +131,7 @@ def finetune(r: Recipe, base, domain: str, seed: int, dm: DomainDataModule, path
     data = dataclasses.replace(r.data, domains=[domain], stream="separate", weights={})
     fdm = DomainDataModule(data, seed=seed, tokenizer=dm.tokenizer)
     fdm._tokens = {domain: dm.tokens(domain)}
-    model = _model(base.state_dict, base.config)
+    model = Transformer.from_state(base.config, base.state_dict)
     rec = train_loop(model, r, _optim(r), r.fleet.steps, fdm, None, 1, [], None)
     if rec["diverged_at"] is not None:
         raise ConfigError(f"fleet: the {domain} fine-tune diverged at step {rec['diverged_at']}")
@@ -156,7 +150,7 @@ def finetune(r: Recipe, base, domain: str, seed: int, dm: DomainDataModule, path
 def run_sizes(r: Recipe, seeds: int, out: Path, dm: DomainDataModule, heldout: HeldOut,
               base_path: Path) -> list[dict]:  # fmt: skip
     base = load_checkpoint(base_path)
-    base_bpb = heldout.bpb(_model(base.state_dict, base.config))
+    base_bpb = heldout.bpb(Transformer.from_state(base.config, base.state_dict))
     runs = []
     for d in r.fleet.domains:
         for i in range(seeds):
@@ -186,7 +180,8 @@ def run_sizes(r: Recipe, seeds: int, out: Path, dm: DomainDataModule, heldout: H
 def _row(method: str, info: dict, base, delta, heldout: HeldOut) -> dict:
     state = {n: ops.apply_tensor(t, delta.dense(n)) for n, t in base.state_dict.items()}
     return {"method": method, "bytes": info["bytes"], "payload_bytes": info["payload_bytes"],
-            "density": info["density"], "bpb": heldout.bpb(_model(state, base.config))}
+            "density": info["density"],
+            "bpb": heldout.bpb(Transformer.from_state(base.config, state))}
 
 
 # ----------------------------------------------------------------------------- kind: fleet
@@ -210,8 +205,11 @@ def run_fleets(r: Recipe, seeds: int, out: Path, dm: DomainDataModule, heldout: 
                                  outer_momentum=f.outer_momentum,
                                  checkpoint_every=f.checkpoint_every)  # fmt: skip
                 state = out / "state" / f"{name}.pt"
-                rec = run_fleet(arm, spec, dm, lambda th: heldout.bpb(_model(th, base.config)),
-                                state_path=state)  # fmt: skip
+
+                def score(th, base=base):
+                    return heldout.bpb(Transformer.from_state(base.config, th))
+
+                rec = run_fleet(arm, spec, dm, score, state_path=state)
                 rec.pop("final")
                 tokens = f.steps * arm.replicas * r.data.batch_size * r.data.seq_len
                 rec.update(seed=seed, replicas=arm.replicas, H=1 if arm.sync else arm.H, S=arm.S,

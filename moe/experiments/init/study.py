@@ -151,7 +151,7 @@ def run_init_study(r: Recipe, seeds: int | None = None, recipe_path: str | None 
     heldout = HeldOut(dm, list(r.data.domains), s.eval_batches, r.eval.batch_size)
     src_path, src_info = _source(r, out, dm)
     src = load_checkpoint(src_path)
-    src_info["heldout_bpb"] = heldout.bpb(_load(src.state_dict, src.config))
+    src_info["heldout_bpb"] = heldout.bpb(Transformer.from_state(src.config, src.state_dict))
     runs = []
     for arm in arms:
         method, keep_norms, keep_emb = parse_arm(arm)
@@ -163,7 +163,7 @@ def run_init_study(r: Recipe, seeds: int | None = None, recipe_path: str | None 
                         w=w, seed=seed) -> dict:  # fmt: skip
                     init = init_state(src.state_dict, src.config, method, seed=seed,
                                       keep_norms=keep_norms, keep_embeddings=keep_emb)  # fmt: skip
-                    model = _load(init.state_dict, init.config)
+                    model = Transformer.from_state(init.config, init.state_dict)
                     optim = dataclasses.replace(r.optim, warmup_steps=w,
                                                 lr=s.target_lr or r.optim.lr)  # fmt: skip
                     tdm = DomainDataModule(r.data, seed=seed, tokenizer=dm.tokenizer)
@@ -187,12 +187,6 @@ def run_init_study(r: Recipe, seeds: int | None = None, recipe_path: str | None 
     results["recipe"] = recipe_path
     write_json(out / "results.json", results)
     return write_report(results, out, runs)
-
-
-def _load(state: dict[str, torch.Tensor], config) -> Transformer:
-    model = Transformer(config)
-    model.load_state_dict(state)
-    return model
 
 
 # ----------------------------------------------------------------------------- `moe run` entry

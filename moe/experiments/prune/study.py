@@ -119,8 +119,8 @@ def _train(r: Recipe, cfg: ModelConfig, steps: int, seed: int, dm: DomainDataMod
     from moe.io.checkpoint import load_model
 
     if (path / "meta.json").is_file():
-        m, ck = load_model(path)
-        return m, ck.meta["train_info"]
+        loaded = load_model(path)
+        return loaded.model, loaded.meta["train_info"]
     torch.manual_seed(seed)
     model = Transformer(cfg)
     tdm = DomainDataModule(r.data, seed=seed, tokenizer=dm.tokenizer)
@@ -140,12 +140,6 @@ def _train(r: Recipe, cfg: ModelConfig, steps: int, seed: int, dm: DomainDataMod
     save_checkpoint(path, model.state_dict(), model.config, meta, overwrite=True,
                     tokenizer=dm.tokenizer)  # fmt: skip
     return model, info
-
-
-def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Transformer:
-    m = Transformer(cfg)
-    m.load_state_dict(sd)
-    return m.eval()
 
 
 def _scores(r: Recipe, model: Transformer, dm: DomainDataModule, seed: int) -> dict:
@@ -178,7 +172,7 @@ def _prune_eval(model, cfg, scores, unit, x, method, seed, heldout):
     except ConfigError:
         return None, None  # every unit of a layer would go: not a point of the curve
     c2, sd2 = apply_plan(cfg, model.state_dict(), plan)
-    pruned = _build(c2, sd2)
+    pruned = Transformer.from_state(c2, sd2).eval()
     return pruned, heldout.bpb(pruned)
 
 
@@ -197,7 +191,7 @@ def _curves_seed(r: Recipe, seed: int, dm: DomainDataModule, heldout: HeldOut, o
     base_healed = {}
     if p.heal_steps and "taylor" in p.methods:
         for by in ["all"] + domains:
-            ref = _build(cfg, model.state_dict())
+            ref = Transformer.from_state(cfg, model.state_dict()).eval()
             heal(ref, r.data, seed + 77, p.heal_steps, p.heal_lr, None if by == "all" else by,
                  dm.tokenizer, progress=False)  # fmt: skip
             base_healed[by] = heldout.bpb(ref)
@@ -272,7 +266,7 @@ def _compress_run(r: Recipe, size: str, cfg: ModelConfig, steps: int, seed: int,
                 continue
             c2, sd = apply_plan(model.config, sd, plan)
         sd, comp = compress_state(c2, sd, lv["unstructured"], lv["bits"])
-        m2 = _build(c2, sd)
+        m2 = Transformer.from_state(c2, sd).eval()
         points.append({"level": level, "bytes": comp["bytes"], "params": comp["params"],
                        "bpb": heldout.bpb(m2)})  # fmt: skip
     return {"size": size, "seed": seed, "steps": steps, "train": info, "points": points,

@@ -206,8 +206,8 @@ class Study:
     # ------------------------------------------------------------------ evaluation
 
     def _load(self, name: str) -> tuple[Transformer, dict]:
-        model, ck = load_model(self.ctx.model_dir(name))
-        return model, ck.meta
+        loaded = load_model(self.ctx.model_dir(name))
+        return loaded.model, loaded.meta
 
     def _tokenizer(self):
         """The study's one tokenizer: the one its checkpoints carry (the seed's init= model's,

@@ -23,8 +23,7 @@ def study_samples(ctx, stage_labels: list[tuple[str, str]], domains: list[str],
     for stage, label in stage_labels:
         if not ctx.done(stage):
             continue
-        model, _ = load_model(ctx.model_dir(stage))
-        entries.append((label, model.eval()))
+        entries.append((label, load_model(ctx.model_dir(stage)).model.eval()))
     if not prompts or not entries:
         return None
     return samples_markdown(entries, prompts, max_new_tokens=max_new_tokens, level=2)

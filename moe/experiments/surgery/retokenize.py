@@ -61,7 +61,6 @@ def run_retokenize(ctx, seeds: list[int]) -> dict:
     from moe.data.datamodule import DomainDataModule
     from moe.data.tokenizer import ByteTokenizer, load_tokenizer
     from moe.eval.heldout import HeldOut
-    from moe.experiments.surgery.study import load_model
     from moe.model.transformer import Transformer
     from moe.surgery.retokenize import check_covers_bytes, retokenize_state, train_bpe
 
@@ -92,7 +91,7 @@ def run_retokenize(ctx, seeds: list[int]) -> dict:
                 else:
                     c2, sd2 = retokenize_state(cfg, src.state_dict(), ByteTokenizer(), tok, init,
                                                seed)  # fmt: skip
-                    model = load_model(c2, sd2)
+                    model = Transformer.from_state(c2, sd2)
                 dm = DomainDataModule(r.data, seed=seed, tokenizer=tok)
                 dm._tokens = bdm._tokens  # the same corpora; the seed's data order
                 torch.manual_seed(seed)

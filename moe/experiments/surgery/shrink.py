@@ -46,8 +46,8 @@ def spec_of(axis: str, frac: float, n_layers: int) -> ShrinkSpec:
 
 
 def run_shrink(ctx, seeds: list[int]) -> dict:
-    from moe.experiments.surgery.study import load_model
     from moe.model.flops import count_params
+    from moe.model.transformer import Transformer
 
     s = ctx.s
     cfg = ctx.r.model.resolved()
@@ -63,7 +63,7 @@ def run_shrink(ctx, seeds: list[int]) -> dict:
 
         rec = {"base": ctx.cached(f"base-seed{seed}", lambda m=model: {"bpb": ctx.heldout.bpb(m)}),
                "control": ctx.cached(f"control-seed{seed}", lambda sd=sd: {
-                   "bpb": healed(load_model(cfg, sd))}), "cuts": {}}  # fmt: skip
+                   "bpb": healed(Transformer.from_state(cfg, sd))}), "cuts": {}}  # fmt: skip
         bi = None
         for axis in s.axes:
             for frac in s.fractions:
@@ -74,7 +74,7 @@ def run_shrink(ctx, seeds: list[int]) -> dict:
                         bi = block_influence_of(model, ctx.r.data, ctx.dm.tokenizer, seed, "all",
                                                 4, ctx.r.eval.batch_size)  # fmt: skip
                     c2, sd2, removed = shrink_state(cfg, sd, spec_of(axis, frac, cfg.n_layers), bi)
-                    m = load_model(c2, sd2)
+                    m = Transformer.from_state(c2, sd2)
                     kept = count_params(c2).total
                     return {"cut": ctx.heldout.bpb(m), "healed": healed(m), "params": kept,
                             "params_fraction": kept / total, "removed": removed}  # fmt: skip

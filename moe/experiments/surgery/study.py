@@ -92,7 +92,7 @@ class Ctx:
         path = self.out / "models" / name
         if is_checkpoint(path):
             ck = load_checkpoint(path)
-            return load_model(ck.config, ck.state_dict)
+            return Transformer.from_state(ck.config, ck.state_dict)
         torch.manual_seed(seed)
         model = Transformer(cfg)
         self.train(model, steps, seed, None)
@@ -101,12 +101,6 @@ class Ctx:
                          recipe=dataclasses.asdict(self.r))  # fmt: skip
         save_checkpoint(path, model.state_dict(), model.config, meta, overwrite=True)
         return model
-
-
-def load_model(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Transformer:
-    m = Transformer(cfg)
-    m.load_state_dict(sd)
-    return m
 
 
 def seeds_of(r: Recipe, seeds: int | None) -> list[int]:
@@ -180,7 +174,7 @@ def run_growth(ctx: Ctx, seeds: list[int]) -> dict:
 
             def go(m=m, sm=sm, seed=seed):
                 cfg, sd = grow_to(small, sm.state_dict(), big, m, s.noise, seed)
-                model = load_model(cfg, sd)
+                model = Transformer.from_state(cfg, sd)
                 return ctx.train(model, s.steps, seed, s.eval_every, warmup=s.warmup_steps)
 
             runs[m][str(seed)] = ctx.cached(f"{m}-seed{seed}", go)
@@ -220,9 +214,9 @@ def run_depth_probe(ctx: Ctx, seeds: list[int]) -> dict:
             L = cfg.n_layers
             for i in range(L):
                 c, d = select_layers(cfg, sd, [j for j in range(L) if j != i])
-                rec["delete"].append(ctx.heldout.bpb(load_model(c, d)))
+                rec["delete"].append(ctx.heldout.bpb(Transformer.from_state(c, d)))
                 c, d = select_layers(cfg, sd, list(range(i + 1)) + list(range(i, L)))
-                rec["duplicate"].append(ctx.heldout.bpb(load_model(c, d)))
+                rec["duplicate"].append(ctx.heldout.bpb(Transformer.from_state(c, d)))
             for dom in ctx.domains:
                 b = calibration_batches(ctx.r.data, ctx.dm.tokenizer, seed, dom, 4,
                                         ctx.r.eval.batch_size, [], "learned")  # fmt: skip
