@@ -65,7 +65,7 @@ class Trimmed(Arm):
     name = "trimmed"
     label = "trimmed specialists (MoE)"
     description = "the seed pruned per domain into experts, assembled, MoE fine-tuned"
-    order = 100  # with the seed, as it always sat: a tie keeps the order the arms ran in
+    order = 101  # right after the seed: where its row has always been
     requires = ("seed",)
 
     def stages(self, ctx):
