@@ -7,7 +7,7 @@
     dm.heldout_loader("dna", batch_size=8, max_batches=16)
     dm.describe()                                  # one dict per domain, for `moe data`
 
-Every batch is a dict: input_ids (B, T), targets (B, T) (IGNORE_INDEX = -100 where there is no
+Every batch is a dict: input_ids (B, L), targets (B, L) (IGNORE_INDEX = -100 where there is no
 target), domain (B,) global domain ids (`dm.domain_names`), target_bytes (B,) raw bytes covered by
 each row's targets (bits per byte = summed nats / summed target_bytes / ln 2).
 """

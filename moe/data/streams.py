@@ -119,8 +119,8 @@ def make_batch(seqs: list[tuple[torch.Tensor, ...]], domains: list[int],
                byte_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Stack (input, target[, target bytes]) rows; without per-target bytes, `byte_lengths`
     (the tokenizer's per-id table) gives them."""
-    x = torch.stack([s[0] for s in seqs])  # (B, T)
-    y = torch.stack([s[1] for s in seqs])  # (B, T)
+    x = torch.stack([s[0] for s in seqs])  # (B, L)
+    y = torch.stack([s[1] for s in seqs])  # (B, L)
     if all(len(s) > 2 for s in seqs):
         nbytes = torch.stack([s[2] for s in seqs]).sum(-1)  # (B,)
     else:

@@ -409,7 +409,7 @@ def write_tokenizer(tok: Any, ckpt_dir: Path) -> dict:
     return tok.identity()
 
 def target_bytes(targets: torch.Tensor, byte_lengths: np.ndarray) -> torch.Tensor:
-    """Raw bytes covered by each row's targets (B, T) -> (B,); IGNORE_INDEX counts zero."""
+    """Raw bytes covered by each row's targets (B, L) -> (B,); IGNORE_INDEX counts zero."""
     table = torch.as_tensor(byte_lengths, dtype=torch.long)
     valid = targets != IGNORE_INDEX
     return (table[targets.clamp(min=0)] * valid).sum(-1)

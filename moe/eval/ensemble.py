@@ -21,16 +21,16 @@ from moe.model.loss import bits_per_byte
 from moe.model.transformer import IGNORE_INDEX, Transformer
 
 
-def ensemble_logprobs(token_logprobs_EBT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probabilities of the posterior-weighted mixture: (B, T).
+def ensemble_logprobs(token_logprobs_EBL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities of the posterior-weighted mixture: (B, L).
 
-    token_logprobs_EBT: log p_e(target_t) for each branch e; masked positions carry no evidence.
+    token_logprobs_EBL: log p_e(target_t) for each branch e; masked positions carry no evidence.
     """
-    lp = token_logprobs_EBT.double().masked_fill(~mask_BT.unsqueeze(0), 0.0)  # (E, B, T)
+    lp = token_logprobs_EBL.double().masked_fill(~mask_BL.unsqueeze(0), 0.0)  # (E, B, L)
     # evidence before position t: exclusive cumulative sum over time
-    seen = torch.cumsum(lp, dim=-1) - lp  # (E, B, T)
-    log_w = seen - torch.logsumexp(seen, dim=0, keepdim=True)  # (E, B, T), uniform prior 1/E
-    return torch.logsumexp(log_w + lp, dim=0)  # (B, T)
+    seen = torch.cumsum(lp, dim=-1) - lp  # (E, B, L)
+    log_w = seen - torch.logsumexp(seen, dim=0, keepdim=True)  # (E, B, L), uniform prior 1/E
+    return torch.logsumexp(log_w + lp, dim=0)  # (B, L)
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def evaluate_ensemble(
             lps = []
             for m in models:
                 logp = F.log_softmax(m(batch["input_ids"]).logits.double(), dim=-1)
-                lps.append(logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1))  # (B, T)
+                lps.append(logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1))  # (B, L)
             mix = ensemble_logprobs(torch.stack(lps), mask)
             nats -= float(mix[mask].sum())
             toks += int(mask.sum())

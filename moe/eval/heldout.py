@@ -27,7 +27,7 @@ class HeldOut:
         for d, bs in self.batches.items():
             nats, nbytes = 0.0, 0
             for b in bs:
-                logits = model(b["input_ids"]).logits  # (B, T, V)
+                logits = model(b["input_ids"]).logits  # (B, L, V)
                 nats += float(F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten(),
                                               ignore_index=IGNORE_INDEX, reduction="sum"))
                 nbytes += int(b["target_bytes"].sum())

@@ -89,8 +89,8 @@ def _balanced_assign(score_NG: torch.Tensor, capacity: int) -> torch.Tensor:
     return group
 
 
-def _groups_from_assignment(assign_N: torch.Tensor, E: int) -> list[torch.Tensor]:
-    return [torch.nonzero(assign_N == e).flatten() for e in range(E)]
+def _groups_from_assignment(assign_F: torch.Tensor, E: int) -> list[torch.Tensor]:
+    return [torch.nonzero(assign_F == e).flatten() for e in range(E)]
 
 
 def _kmeans_groups(w1_FC: torch.Tensor, E: int, seed: int, iters: int = 25) -> list[torch.Tensor]:
@@ -137,7 +137,7 @@ def neuron_importance(
         sums = [torch.zeros(f.w1.out_features, dtype=torch.float64) for f in ffns]
 
         def add(li: int, mod, x: torch.Tensor, sums=sums) -> None:
-            h = F.silu(mod.w1(x)) * mod.w3(x)  # (B, T, F) hidden activations
+            h = F.silu(mod.w1(x)) * mod.w3(x)  # (B, L, F) hidden activations
             sums[li] += h.abs().double().sum(dim=(0, 1)).cpu()
 
         count = _run_with_ffn_inputs(model, ffns, add, batches)

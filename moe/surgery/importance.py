@@ -54,7 +54,7 @@ def _moe(model: Transformer) -> bool:
 def _loss(model: Transformer, batch: dict, hint: torch.Tensor | None) -> torch.Tensor:
     """Mean next-token cross-entropy (nats per target token) of one batch; no router losses."""
     out = model(batch["input_ids"], domain=hint)
-    logits = out.logits  # (B, T, V)
+    logits = out.logits  # (B, L, V)
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
                            ignore_index=IGNORE_INDEX)  # fmt: skip
 
@@ -125,11 +125,11 @@ class _Recorder:
 
     def _heads(self, i: int):
         def hook(mod, args):
-            y = args[0].detach()  # (B, T, H * Dh)
-            B, T = y.shape[:2]
-            self.head_norm[i] += y.view(B, T, self.H, self.Dh).norm(dim=-1).double().sum((0, 1))
+            y = args[0].detach()  # (B, L, H * Dh)
+            B, L = y.shape[:2]
+            self.head_norm[i] += y.view(B, L, self.H, self.Dh).norm(dim=-1).double().sum((0, 1))
             if i == 0:
-                self.tokens += B * T
+                self.tokens += B * L
 
         return hook
 
@@ -141,7 +141,7 @@ class _Recorder:
 
     def _experts(self, i: int):
         def hook(mod, args, out):
-            x = args[0].detach().flatten(0, 1)  # (N, C)
+            x = args[0].detach().flatten(0, 1)  # (T, D)
             ids = mod.last_stats["expert_ids"]  # (N, K)
             for e in range(mod.num_experts):
                 rows = (ids == e).any(-1)  # (N,)
@@ -232,10 +232,10 @@ def masked(model: Transformer, head_mask: torch.Tensor | None = None,
         for i, lay in enumerate(model.layers):
             if head_mask is not None:
                 def pre(mod, args, i=i):
-                    y = args[0]  # (B, T, H * Dh)
-                    B, T = y.shape[:2]
+                    y = args[0]  # (B, L, H * Dh)
+                    B, L = y.shape[:2]
                     m = head_mask[i].to(y.dtype).view(1, 1, H, 1)
-                    return ((y.view(B, T, H, Dh) * m).view(B, T, H * Dh),)
+                    return ((y.view(B, L, H, Dh) * m).view(B, L, H * Dh),)
 
                 handles.append(lay.attn.wo.register_forward_pre_hook(pre))
             if ffn_mask is not None and _moe(model):
@@ -246,7 +246,7 @@ def masked(model: Transformer, head_mask: torch.Tensor | None = None,
                     w2.mul_(ffn_mask[i].to(w2.dtype).unsqueeze(-1))  # (E, Fe, C) * (E, Fe, 1)
             elif ffn_mask is not None:
                 def pre_ffn(mod, args, i=i):
-                    return (args[0] * ffn_mask[i].to(args[0].dtype),)  # (B, T, F)
+                    return (args[0] * ffn_mask[i].to(args[0].dtype),)  # (B, L, F)
 
                 handles.append(lay.ffn.w2.register_forward_pre_hook(pre_ffn))
             if layer_mask is not None and float(layer_mask[i]) == 0.0:

@@ -20,7 +20,7 @@ from moe.model.transformer import Transformer
 def block_influence(model: Transformer, batches: Iterable) -> list[float]:
     """Per-layer BI over every token of `batches`.
 
-    Each batch is an input_ids tensor (B, T), or a dict with "input_ids" and optionally
+    Each batch is an input_ids tensor (B, L), or a dict with "input_ids" and optionally
     "domain": what `Transformer.forward` takes as `domain` (expert ids for a domain-routed MoE).
     """
     L = len(model.layers)
@@ -30,14 +30,14 @@ def block_influence(model: Transformer, batches: Iterable) -> list[float]:
 
     def pre_hook(i):
         def fn(module, args, kwargs):
-            pending[i] = args[0].detach()  # (B, T, C)
+            pending[i] = args[0].detach()  # (B, L, D)
 
         return fn
 
     def post_hook(i):
         def fn(module, args, kwargs, out):
             cos = F.cosine_similarity(pending.pop(i).double(), out.detach().double(), dim=-1)
-            sums[i] += cos.sum()  # (B, T) summed
+            sums[i] += cos.sum()  # (B, L) summed
 
         return fn
 

@@ -76,7 +76,7 @@ def expert_table(model: Transformer, domain_names: Sequence[str] | None) -> torc
 
 def lm_loss(model: Transformer, batch: dict, table: torch.Tensor | None = None,
             domain_names: Sequence[str] = ()) -> tuple:  # fmt: skip
-    """(summed loss with its gradient, per-token losses (B, T), target mask (B, T), the model's
+    """(summed loss with its gradient, per-token losses (B, L), target mask (B, L), the model's
     output): `LitLM.forward`. `table`: `expert_table`'s, for a domain-routed MoE."""
     hint = None
     if table is not None:
@@ -86,8 +86,8 @@ def lm_loss(model: Transformer, batch: dict, table: torch.Tensor | None = None,
             raise ValueError(f"domain(s) {', '.join(missing)} have no expert in this model")
     out = model(batch["input_ids"], domain=hint, return_hidden=True)
     tgt = batch["targets"]
-    total, loss_BT = linear_cross_entropy(out.hidden, model.head_weight, tgt)
-    return total, loss_BT, (tgt != IGNORE_INDEX), out
+    total, loss_BL = linear_cross_entropy(out.hidden, model.head_weight, tgt)
+    return total, loss_BL, (tgt != IGNORE_INDEX), out
 
 
 @dataclass

@@ -83,8 +83,8 @@ class LitLM(pl.LightningModule):
         return lm_loss(self.model, batch, table, self.domain_names)
 
     def training_step(self, batch: dict, batch_idx: int):
-        loss_sum, loss_BT, mask_BT, out = self(batch)
-        n_tok = mask_BT.sum()
+        loss_sum, loss_BL, mask_BL, out = self(batch)
+        n_tok = mask_BL.sum()
         loss = loss_sum / n_tok.clamp(min=1)
         total = loss + out.aux_loss if out.aux_loss is not None else loss
         if not torch.isfinite(total):
@@ -98,24 +98,24 @@ class LitLM(pl.LightningModule):
                 self.print(f"warning: {msg}; step skipped (trainer.nan_policy=skip)")
                 return None
             raise NonFiniteLossError(msg + " (set trainer.nan_policy=skip to skip such steps)")
-        self._count_tokens(batch["domain"], mask_BT)
+        self._count_tokens(batch["domain"], mask_BL)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if out.aux_loss is not None:
             self.log("train/aux_loss", out.aux_loss, batch_size=bs)
         for d in batch["domain"].unique().tolist():
             sel = batch["domain"] == d
-            n_d = mask_BT[sel].sum()
+            n_d = mask_BL[sel].sum()
             name = self.domain_names[d]
-            dl = loss_BT[sel].sum() / n_d.clamp(min=1)
+            dl = loss_BL[sel].sum() / n_d.clamp(min=1)
             self.log(f"train/loss_{name}", dl, batch_size=int(sel.sum()))
         self._log_routing(out, batch, prefix="train")
         return total
 
-    def _count_tokens(self, domain_B: torch.Tensor, mask_BT: torch.Tensor) -> None:
+    def _count_tokens(self, domain_B: torch.Tensor, mask_BL: torch.Tensor) -> None:
         """Add this step's target tokens, per domain, summed over every rank: the counters (and
         the ledger built from them) are the whole job's, identical on every rank."""
-        per_row = mask_BT.sum(dim=1)  # (B,)
+        per_row = mask_BL.sum(dim=1)  # (B,)
         counts_D = torch.zeros(len(self.domain_names), dtype=torch.long, device=per_row.device)
         counts_D.index_add_(0, domain_B, per_row.long())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -129,13 +129,13 @@ class LitLM(pl.LightningModule):
     def _log_routing(self, out, batch: dict, prefix: str) -> None:
         if not out.router_stats or self.global_step % max(1, self.trainer.log_every_n_steps):
             return
-        B, T = batch["input_ids"].shape
-        dom_N = batch["domain"].view(B, 1).expand(B, T).reshape(-1)
+        B, L = batch["input_ids"].shape
+        dom_T = batch["domain"].view(B, 1).expand(B, L).reshape(-1)
         for li, st in enumerate(out.router_stats):
-            ids_NK, E = st["expert_ids"], st["num_experts"]
+            ids_TK, E = st["expert_ids"], st["num_experts"]
             names = self.model.config.moe.experts
-            for d in dom_N.unique().tolist():
-                share = torch.bincount(ids_NK[dom_N == d].reshape(-1), minlength=E).float()
+            for d in dom_T.unique().tolist():
+                share = torch.bincount(ids_TK[dom_T == d].reshape(-1), minlength=E).float()
                 share = share / share.sum().clamp(min=1)
                 for e in range(E):
                     self.log(
@@ -150,10 +150,10 @@ class LitLM(pl.LightningModule):
     # ------------------------------------------------------------------ validation
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
-        _, loss_BT, mask_BT, _ = self(batch)
+        _, loss_BL, mask_BL, _ = self(batch)
         s = self._val_sums.setdefault(dataloader_idx, [0.0, 0.0, 0.0])
-        s[0] += float(loss_BT[mask_BT].double().sum())
-        s[1] += float(mask_BT.sum())
+        s[0] += float(loss_BL[mask_BL].double().sum())
+        s[1] += float(mask_BL.sum())
         s[2] += float(batch["target_bytes"].sum())
 
     def on_validation_epoch_end(self):
