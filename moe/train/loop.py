@@ -30,8 +30,6 @@ from moe.model.moe_layer import domain_to_expert
 from moe.model.transformer import IGNORE_INDEX, Transformer
 from moe.train.schedule import adamw_with_schedule
 
-TRAINABLE = ("all", "router", "ffn", "experts", "embeddings")
-
 
 def set_trainable(model: Transformer, which: str) -> None:
     """all | router (only routers) | ffn (FFN and expert weights, shared expert included, no

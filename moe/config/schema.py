@@ -1,0 +1,342 @@
+"""The recipe schema: one dataclass per section (`Recipe` holds them), with the constants
+their checks name. Loading and checking a recipe: moe/config/load.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from moe.config.check import (  # re-exported: moe.config.ConfigError, ...
+    ConfigError,
+)
+from moe.config.experiments import (  # re-exported: moe.config.PruneConfig, ...
+    FleetConfig,
+    InitStudyConfig,
+    PruneConfig,
+    SurgeryStudyConfig,
+)
+
+DOMAINS = ("text", "code", "dna")
+
+
+# ----------------------------------------------------------------------------- model
+
+# Named sizes. Explicit fields in a recipe override the preset's values.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384, max_seq_len=512),
+    "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, ffn_dim=1024, max_seq_len=1024),
+    "base": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048, max_seq_len=2048),
+}
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts FFN. `experts` empty means a dense model."""
+
+    experts: list[str] = field(default_factory=list)  # expert names, usually domains
+    expert_ffn_dim: int | None = None  # hidden size of each expert; None = the model's ffn_dim
+    router: str = "learned"  # learned (softmax top-k) | domain (hard, by the token's domain id)
+    top_k: int = 2  # experts per token for the learned router
+    shared_expert_ffn_dim: int = 0  # >0 adds an always-on shared expert of this hidden size
+    normalize_weights: bool = True  # renormalise top-k weights to sum to 1
+    load_balance_coef: float = 0.01  # Switch Transformer auxiliary loss weight
+    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    jitter: float = 0.0  # multiplicative jitter on router input during training
+    backend: str = "auto"  # auto | triton | torch | loop (see moe_kernels.moe_mlp)
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama 3's RoPE frequency scaling (transformers' rope_type "llama3"): wavelengths longer than
+    original_max_len / low_freq_factor are divided by `factor`, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between is interpolated."""
+
+    rope_type: str = "llama3"  # the only type this model computes
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192  # transformers' original_max_position_embeddings
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder. `size` picks a preset; any field set here overrides it."""
+
+    size: str = "debug"  # debug | tiny | small | base
+    vocab_size: int = 259  # 256 bytes + BOS, EOS, PAD (the byte tokenizer)
+    dim: int | None = None  # model width
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None  # grouped-query attention when < n_heads
+    # per-head size; None = dim // n_heads. Set when heads were pruned (moe prune keeps each
+    # head's size, so n_heads * head_dim may be less than dim)
+    head_dim: int | None = None
+    ffn_dim: int | None = None  # SwiGLU hidden size
+    max_seq_len: int | None = None  # longest context RoPE is prepared for
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None  # None = plain RoPE
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # training only: keep each block's input and recompute its activations in the backward
+    # (torch.utils.checkpoint): less memory for about one more forward
+    activation_checkpointing: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def resolved(self) -> ModelConfig:
+        """A copy with the preset's values filled into fields left unset."""
+        if self.size not in MODEL_SIZES:
+            raise ConfigError(
+                f"model.size: unknown size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}"
+            )
+        out = ModelConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for k, v in MODEL_SIZES[self.size].items():
+            if getattr(out, k) is None:
+                setattr(out, k, v)
+        # a model with no layer, no width or no FFN neuron is no model (nothing would be learned
+        # or the forward fails); pruning keeps at least one neuron and one layer
+        for k in ("vocab_size", "dim", "n_layers", "ffn_dim", "max_seq_len"):
+            if getattr(out, k) < 1:
+                raise ConfigError(f"model.{k} must be at least 1, got {getattr(out, k)}")
+        if out.moe.expert_ffn_dim is not None and out.moe.expert_ffn_dim < 1:
+            raise ConfigError("model.moe.expert_ffn_dim must be at least 1 (or null), got "
+                              f"{out.moe.expert_ffn_dim}")
+        if out.moe.shared_expert_ffn_dim < 0:
+            raise ConfigError("model.moe.shared_expert_ffn_dim must be 0 (none) or more, got "
+                              f"{out.moe.shared_expert_ffn_dim}")
+        if out.n_heads < 0 or out.n_kv_heads < 0 or (out.n_heads == 0) != (out.n_kv_heads == 0):
+            raise ConfigError(
+                f"model.n_heads ({out.n_heads}) and n_kv_heads ({out.n_kv_heads}) must both be "
+                "positive (or both 0: a model whose every head was pruned)"
+            )
+        if out.head_dim is None:
+            if out.n_heads == 0 or out.dim % out.n_heads:
+                raise ConfigError(
+                    f"model.dim ({out.dim}) must be divisible by n_heads ({out.n_heads})"
+                )
+        elif out.head_dim < 2:
+            raise ConfigError(f"model.head_dim must be at least 2, got {out.head_dim}")
+        if out.n_heads and out.n_heads % out.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({out.n_heads}) must be divisible by n_kv_heads ({out.n_kv_heads})"
+            )
+        if out.head_size() % 2:
+            raise ConfigError("model.dim / model.n_heads must be even (RoPE rotates pairs)")
+        rs = out.rope_scaling
+        if rs is not None:
+            if rs.rope_type != "llama3":
+                raise ConfigError(
+                    f"model.rope_scaling.rope_type: {rs.rope_type!r} is not supported (llama3 only)"
+                )
+            if not (rs.factor > 0 and 0 < rs.low_freq_factor < rs.high_freq_factor):
+                raise ConfigError(
+                    "model.rope_scaling: needs factor > 0 and 0 < low_freq_factor < "
+                    f"high_freq_factor, got {rs.factor}, {rs.low_freq_factor}, "
+                    f"{rs.high_freq_factor}"
+                )
+        return out
+
+    def head_size(self) -> int:
+        """Each attention head's size (of a resolved config)."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    """Where one domain's documents come from.
+
+    kind: builtin (shipped/standard-library corpora, no network), files (local text, json, jsonl,
+    parquet or FASTA files read through `datasets.load_dataset`, FASTA by our own reader), or hf (a
+    Hugging Face hub dataset name; needs network or a warm cache).
+    """
+
+    kind: str = "builtin"
+    paths: list[str] = field(default_factory=list)  # files/globs for kind=files
+    name: str | None = None  # hub dataset name for kind=hf
+    subset: str | None = None  # hub dataset config name
+    split: str = "train"
+    text_field: str = "text"  # column holding the document text (json/parquet/hub)
+
+
+@dataclass
+class DataConfig:
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    sources: dict[str, SourceConfig] = field(default_factory=dict)  # per-domain override
+    bytes_per_domain: int = 400_000  # each domain's corpus is cut to this many bytes (balance)
+    seq_len: int = 128  # tokens per training sequence
+    heldout_fraction: float = 0.1  # share of documents held out (by document hash)
+    stream: str = "mixed"  # mixed | separate | per_domain
+    weights: dict[str, float] = field(default_factory=dict)  # mixture weights; empty = uniform
+    batch_size: int = 8  # sequences per step (per domain for stream=per_domain)
+    num_workers: int = 0
+    cache_dir: str | None = None  # where tokenized corpora are cached; None = no cache
+    # byte | a Hugging Face tokenizer (a directory or a tokenizer.json file). Unset (null): the
+    # tokenizer of the init= checkpoint, else byte. A checkpoint carries its tokenizer; eval,
+    # split, assemble and merge always use the checkpoint's.
+    tokenizer: str | None = None
+
+
+# ----------------------------------------------------------------------------- optim/trainer
+
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    # cosine: warm-up, then cosine decay to lr * min_lr_ratio at the end of the run.
+    # wsd: warm-up, constant (stable), then a linear cool-down to lr * min_lr_ratio over the last
+    #   decay_fraction of the schedule's steps (MiniCPM; Hägele et al. 2024): a run can be forked
+    #   or continued from any point of its stable phase. constant: warm-up, then constant.
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd: share of the run's steps spent cooling down
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (cosine, wsd)
+    warmup_steps: int = 10
+    # length of the schedule in steps; None = trainer.max_steps. A study's seed stops at its fork
+    # point (max_steps) of a longer schedule (total_steps), still in the stable phase.
+    total_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    # which parameters are trained: all | ffn (FFNs and experts, no routers) | experts (MoE
+    # experts only) | router (routers only) | embeddings (token embedding and head, e.g. after
+    # moe retokenize); None = the stage's own choice (all; ffn with branch.freeze_shared; router
+    # with router.freeze_experts). Frozen ones stay in AdamW's groups without gradients, so a
+    # run may fork from one that trained another set.
+    trainable: str | None = None
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `lightning.Trainer`: loop, precision, devices and strategy live there."""
+
+    max_steps: int = 100
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    val_check_interval: int = 50  # steps between held-out evaluations
+    limit_val_batches: int = 4  # held-out batches per domain at each evaluation
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50  # Lightning resume checkpoints (last.ckpt)
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+
+
+@dataclass
+class BranchConfig:
+    """Independent branch training: shared weights plus one expert, on one domain's stream."""
+
+    domain: str | None = None
+    freeze_shared: bool = False  # train only the expert's FFN
+
+
+@dataclass
+class RouterTrainConfig:
+    freeze_experts: bool = True  # router fine-tune: train only the routers
+
+
+@dataclass
+class EvalConfig:
+    max_batches: int = 16  # held-out batches per domain (0 = all)
+    batch_size: int = 8
+
+
+STUDY_PROTOCOLS = ("fork", "rewarm")
+SHARED_MODES = ("average", "seed", "frozen")
+DEFAULT_ARMS = ("seed", "branches", "btm", "average", "family", "btx", "monolith", "monolith_data")
+
+
+@dataclass
+class StudyConfig:
+    """`moe run`: the specialization study against one monolithic model at matched compute.
+
+    The budget is the monolith's: `budget_steps` dense steps on the mixed stream, of which the
+    first `seed_fraction` are the shared seed run. With protocol=fork (BTM, FlexOlmo) the experts
+    fork from that run in its stable phase (weights, AdamW state, step, LR) and the monolith *is*
+    the same run continued to the budget; the experts' post-fork compute (branches, the family's
+    fine-tunes, and the BTX MoE fine-tune) is sized to the monolith's. protocol=rewarm starts
+    every later stage from the seed's weights with a fresh optimizer and warm-up (an ablation).
+    Arms are named from the registry in moe/experiments/study/arms (`moe run --list-arms`).
+    """
+
+    protocol: str = "fork"  # fork | rewarm
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    experts: list[str] = field(default_factory=lambda: list(DOMAINS))  # one expert per domain
+    budget_steps: int = 200  # the monolith's steps, seed included: every arm's compute budget
+    seed_fraction: float = 0.5  # share of the budget trained as the shared seed before branching
+    moe_finetune_fraction: float = 0.2  # BTX MoE fine-tune FLOPs / branch FLOPs (BTX Table 3)
+    split_method: str = "copy"  # copy | random | kmeans | activation (partitions: rewarm only)
+    shared_dim: int = 0  # activation split: size of the shared expert
+    shared: str = "average"  # BTX shared weights: average | seed | frozen (FlexOlmo)
+    generalist_expert: bool = False  # BTX: the seed's FFN joins the MoE as one more expert
+    finetune_family: str | None = "code"  # arm `family`: fine-tunes of this expert, merged back
+    finetune_steps: int = 25  # each fine-tune, continued from the family's branch
+    finetune_seeds: list[int] = field(default_factory=lambda: [1, 2])  # data order of each
+    merge_method: str = "ties"  # how the fine-tunes are merged (a `moe merge` method)
+    merge_density: float = 0.5  # ties/dare density
+    router_top_k: int = 2  # with renormalised weights, top-1 would leave the router no gradient
+    router_init: str = "domain_mean"  # random | domain_mean
+    router_lr: float = 1e-2  # peak LR of the MoE fine-tune (a fresh schedule, as in BTX)
+    eval_batches: int = 16  # held-out batches per domain for every model
+    seeds: int = 1  # repetitions with seeds seed, seed+1, ...: mean and 95% CI (`--seeds`)
+    # more held-out sets for every model, as `moe eval --data DOMAIN=PATH_OR_GLOB` (or
+    # DOMAIN=hf:NAME) gives them: each evaluated whole, reported in a section of its own
+    eval_data: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    """`moe sweep`: one study per value of `key` (a dotted recipe key), one report across them."""
+
+    key: str | None = None  # e.g. study.budget_steps
+    values: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    stage: str = "dense"  # dense | branch | joint | router
+    seed: int = 1234
+    out_dir: str = "runs/${name}"  # run directory
+    init: str | None = None  # checkpoint directory to start from (else random init)
+    resume: str | None = None  # Lightning .ckpt (or run dir) to resume from
+    # fork from another run's Lightning .ckpt (or run dir) into this new run: its weights, AdamW
+    # state, step and place in the LR schedule carry over (BTM/FlexOlmo branching); the stage,
+    # data stream and end of the schedule are this recipe's. Needs init= (same architecture).
+    fork: str | None = None
+    # start from a trained checkpoint's weight *distribution* (moe/model/init_dist.py): each
+    # tensor re-made by init_method (standard | gaussian | histogram | shuffle | spectrum |
+    # select | trained); `select` makes this recipe's (smaller) model section. Excludes init=.
+    init_from: str | None = None
+    init_method: str = "histogram"
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
+    router: RouterTrainConfig = field(default_factory=RouterTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    init_study: InitStudyConfig = field(default_factory=InitStudyConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    surgery: SurgeryStudyConfig = field(default_factory=SurgeryStudyConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+
+STAGES = ("dense", "branch", "joint", "router")
+TRAINABLE = ("all", "ffn", "experts", "router", "embeddings")
+STREAMS = ("mixed", "separate", "per_domain")
