@@ -93,8 +93,8 @@ def _groups_from_assignment(assign_F: torch.Tensor, E: int) -> list[torch.Tensor
     return [torch.nonzero(assign_F == e).flatten() for e in range(E)]
 
 
-def _kmeans_groups(w1_FC: torch.Tensor, E: int, seed: int, iters: int = 25) -> list[torch.Tensor]:
-    x = F.normalize(w1_FC.double(), dim=-1)
+def _kmeans_groups(w1_FD: torch.Tensor, E: int, seed: int, iters: int = 25) -> list[torch.Tensor]:
+    x = F.normalize(w1_FD.double(), dim=-1)
     g = torch.Generator().manual_seed(seed)
     centers = x[torch.randperm(x.shape[0], generator=g)[:E]].clone()
     for _ in range(iters):
@@ -174,7 +174,7 @@ class SplitLayer:
     """What a split method sees of one layer's dense FFN."""
 
     index: int  # the layer
-    w1: torch.Tensor  # (F, C) gate projection: each hidden neuron's input weights
+    w1: torch.Tensor  # (F, D) gate projection: each hidden neuron's input weights
     experts: list[str]
     expert_dim: int  # neurons per expert
     shared_dim: int  # neurons of the always-on shared expert (0: none)
@@ -285,7 +285,7 @@ def split_model(
     }
     g = torch.Generator().manual_seed(seed)
     for li, (ffn, layer) in enumerate(zip(ffns, moe.layers)):
-        w1, w3, w2 = ffn.w1.weight.data, ffn.w3.weight.data, ffn.w2.weight.data  # (F,C),(F,C),(C,F)
+        w1, w3, w2 = ffn.w1.weight.data, ffn.w3.weight.data, ffn.w2.weight.data  # (F,D),(F,D),(D,F)
         layer_in = SplitLayer(li, w1, list(experts), fe, shared_dim, seed, g, importance)
         shared, groups = spec.groups(layer_in)
         ffn_moe = layer.ffn
@@ -325,9 +325,9 @@ def extract_branch(moe: Transformer, expert: str) -> Transformer:
             parts1.insert(0, m.shared.w1.weight.data)
             parts3.insert(0, m.shared.w3.weight.data)
             parts2.insert(0, m.shared.w2.weight.data.T)
-        d.w1.weight.data.copy_(torch.cat(parts1, 0))  # (Fs+Fe, C)
+        d.w1.weight.data.copy_(torch.cat(parts1, 0))  # (Fs+Fe, D)
         d.w3.weight.data.copy_(torch.cat(parts3, 0))
-        d.w2.weight.data.copy_(torch.cat(parts2, 0).T)  # (C, Fs+Fe)
+        d.w2.weight.data.copy_(torch.cat(parts2, 0).T)  # (D, Fs+Fe)
     dense.shared_ffn_dim = fs  # recorded in the branch's meta so assembly can split it back
     return dense
 
@@ -347,7 +347,7 @@ def assemble(
     """Branch-Train-Mix: branch FFNs become experts; other weights averaged (or taken from `base`).
 
     `shared_ffn_dim` > 0: the first Fs neurons of every branch FFN are the shared expert's, averaged
-    across branches. `router_init` (layers, E, C) sets the router rows (else random init).
+    across branches. `router_init` (layers, E, D) sets the router rows (else random init).
     """
     if len(branches) != len(experts) or not branches:
         raise ConfigError("assemble needs one branch per expert name")
@@ -412,7 +412,7 @@ def assemble(
 def domain_mean_router(
     branches: list[Transformer], batches_by_expert: list[list[dict]], scale: float = 1.0
 ) -> torch.Tensor:
-    """Router rows from each branch's mean FFN input on its own domain: (layers, E, C).
+    """Router rows from each branch's mean FFN input on its own domain: (layers, E, D).
 
     Each row is the unit-normalised mean of the normalised hidden state entering the FFN, times
     `scale`: a token resembling domain e's average scores highest on expert e.
@@ -427,5 +427,6 @@ def domain_mean_router(
         count = _run_with_ffn_inputs(b, [layer.ffn for layer in b.layers], add, batches)
         if count == 0:
             raise ConfigError("router init from domain means: a branch has no data")
-        rows.append(torch.stack([F.normalize(s / count, dim=0) * scale for s in sums]))  # (L, C)
-    return torch.stack(rows, dim=1).float()  # (L, E, C)
+        # one row per layer: (layers, D)
+        rows.append(torch.stack([F.normalize(s / count, dim=0) * scale for s in sums]))
+    return torch.stack(rows, dim=1).float()  # (layers, E, D)
