@@ -49,7 +49,7 @@ from moe.cli.types import (  # noqa: F401 (re-exported: the option types)
     finite_float,
     int_in,
 )
-from moe.config import ConfigError
+from moe.config import ASSEMBLE_SHARED, ROUTER_INITS, ROUTERS, ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +101,18 @@ def _split_methods() -> list[str]:
     from moe.model.split import SPLITS
 
     return SPLITS.names()
+
+
+def _prune_methods() -> tuple[str, ...]:
+    from moe.surgery.prune import METHODS
+
+    return METHODS
+
+
+def _grow_methods() -> tuple[str, ...]:
+    from moe.surgery.structure import GROW_METHODS
+
+    return GROW_METHODS
 
 
 def _init_methods() -> list[str]:
@@ -193,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="copy", choices=Names(_split_methods), metavar="METHOD",
         help="copy the FFN (upcycling) or partition its neurons: %(choices)s (default copy)",
     )
-    sp.add_argument("--router", default="learned", choices=["learned", "domain"])
+    sp.add_argument("--router", default="learned", choices=ROUTERS)
     sp.add_argument(
         "--top-k", type=COUNT1, default=None,
         help="experts per token, learned router (default: 2, or 1 with one expert)",
@@ -243,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of FFN neurons removed per layer (per expert), in [0, 1)")
     sp.add_argument("--layers", type=COUNT0, default=0, help="number of whole layers removed")
     sp.add_argument("--by", default="all", help="DOMAIN whose scores decide, or all (default)")
-    sp.add_argument("--method", default="taylor", help="taylor | magnitude | random")
+    _listing(sp.add_argument("--method", default="taylor", help="%(names)s (default taylor)"),
+             names=Names(_prune_methods))
     sp.add_argument("--scores", help="scores from moe importance (default: computed now)")
     sp.add_argument("--domains", help="domains to score when --scores is not given "
                     "(default: --by, or the checkpoint's domains for all)")
@@ -269,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ffn-dim", type=COUNT1, help="FFN hidden size (each expert's for an MoE)")
     sp.add_argument("--dim", type=COUNT1, help="model dim (zero channels; norm gains rescaled)")
     sp.add_argument("--kv-heads", type=COUNT1, help="key/value head groups (query heads follow)")
-    sp.add_argument("--method", default="zero", help="new units: zero (zero output weights) | "
-                    "split (Net2Net copies)")
+    _listing(sp.add_argument("--method", default="zero", help="new units, one of %(names)s: "
+                             "zero (zero output weights), split (Net2Net copies)"),
+             names=Names(_grow_methods))
     sp.add_argument("--noise", type=FLOAT, default=0.0,
                     help="split: perturb the copies' output shares (still exact)")
     sp.add_argument("--identity-after", help="LLaMA-Pro: identity copies after these layers")
@@ -323,17 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output checkpoint directory")
     sp.add_argument("--experts", help="names in branch order (default: the branch domains)")
     sp.add_argument(
-        "--shared", default="average", choices=["average", "base"],
+        "--shared", default="average", choices=ASSEMBLE_SHARED,
         help="non-FFN weights: average of the branches, or taken from --base",
     )
     sp.add_argument("--base", help="checkpoint whose non-FFN weights to use with --shared base")
-    sp.add_argument("--router", default="learned", choices=["learned", "domain"])
+    sp.add_argument("--router", default="learned", choices=ROUTERS)
     sp.add_argument(
         "--top-k", type=COUNT1, default=None,
         help="experts per token, learned router (default: 2, or 1 with one expert)",
     )
     sp.add_argument(
-        "--router-init", default="random", choices=["random", "domain_mean"],
+        "--router-init", default="random", choices=ROUTER_INITS,
         help="router rows random, or each domain's mean hidden state",
     )
     sp.add_argument("--seed", type=SEED, default=0)

@@ -31,9 +31,12 @@ from moe.config.load import (  # noqa: F401 (re-exported)
     validate,
 )
 from moe.config.schema import (  # noqa: F401 (re-exported)
+    ASSEMBLE_SHARED,
     DEFAULT_ARMS,
     DOMAINS,
     MODEL_SIZES,
+    ROUTER_INITS,
+    ROUTERS,
     SCHEDULES,
     SHARED_MODES,
     STAGES,

@@ -28,6 +28,7 @@ from moe.config.check import (
 )
 from moe.config.schema import (
     DOMAINS,
+    ROUTERS,
     SCHEDULES,
     STAGES,
     STREAMS,
@@ -143,8 +144,8 @@ def validate(r: Recipe, where: str = "recipe") -> None:
             raise bad(f"data.sources.{dom}.name: kind=hf needs a dataset name")
     moe = m.moe
     if moe.experts:
-        if moe.router not in ("learned", "domain"):
-            raise bad(f"model.moe.router: unknown router {moe.router!r} (learned, domain)")
+        if moe.router not in ROUTERS:
+            raise bad(f"model.moe.router: unknown router {moe.router!r} ({', '.join(ROUTERS)})")
         if not 1 <= moe.top_k <= len(moe.experts):
             raise bad(
                 f"model.moe.top_k ({moe.top_k}) must be between 1 and the number of experts "

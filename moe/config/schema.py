@@ -253,6 +253,9 @@ class EvalConfig:
     batch_size: int = 8
 
 
+ROUTERS = ("learned", "domain")  # model.moe.router
+ROUTER_INITS = ("random", "domain_mean")  # an assembled MoE's router rows
+ASSEMBLE_SHARED = ("average", "base")  # an assembled MoE's non-FFN weights
 STUDY_PROTOCOLS = ("fork", "rewarm")
 SHARED_MODES = ("average", "seed", "frozen")
 DEFAULT_ARMS = ("seed", "branches", "btm", "average", "family", "btx", "monolith", "monolith_data")

@@ -11,7 +11,7 @@ import itertools
 import os
 from pathlib import Path
 
-from moe.config import DOMAINS, ConfigError, DataConfig
+from moe.config import ASSEMBLE_SHARED, DOMAINS, ROUTER_INITS, ConfigError, DataConfig
 from moe.data.datamodule import DomainDataModule
 from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer, checkpoint_tokenizer
 from moe.eval.evaluate import data_config_of, resolve_checkpoint
@@ -142,12 +142,12 @@ def assemble_checkpoints(
     """
     if Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
-    if shared not in ("average", "base"):
-        raise ConfigError(f"--shared must be average or base, got {shared!r}")
+    if shared not in ASSEMBLE_SHARED:
+        raise ConfigError(f"--shared must be {' or '.join(ASSEMBLE_SHARED)}, got {shared!r}")
     if shared == "base" and base is None:
         raise ConfigError("--shared base needs --base CKPT")
-    if router_init not in ("random", "domain_mean"):
-        raise ConfigError(f"--router-init must be random or domain_mean, got {router_init!r}")
+    if router_init not in ROUTER_INITS:
+        raise ConfigError(f"--router-init must be {' or '.join(ROUTER_INITS)}, got {router_init!r}")
     with claim(out, [*paths, base, generalist]):  # moe/io/output.py
         loaded = [_load(p) for p in paths]
         others = [p for p in (base, generalist) if p is not None]

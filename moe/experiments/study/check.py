@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from moe.config import DOMAINS, SHARED_MODES, STUDY_PROTOCOLS, ConfigError, Recipe, StudyConfig
+from moe.config import (
+    DOMAINS,
+    ROUTER_INITS,
+    SHARED_MODES,
+    STUDY_PROTOCOLS,
+    ConfigError,
+    Recipe,
+    StudyConfig,
+)
 from moe.experiments.study.arms import ARMS
 from moe.merge.registry import METHODS as MERGE_METHODS
 from moe.model.split import SPLITS
@@ -23,7 +31,7 @@ def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
     choice("study.shared", s.shared, SHARED_MODES)
     choice("study.split_method", s.split_method, SPLITS.names())
     choice("study.merge_method", s.merge_method, MERGE_METHODS.names())
-    choice("study.router_init", s.router_init, ("random", "domain_mean"))
+    choice("study.router_init", s.router_init, ROUTER_INITS)
     for a in s.arms:
         choice("study.arms", a, ARMS.names())
     if len(set(s.arms)) != len(s.arms):
