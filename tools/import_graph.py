@@ -1,6 +1,6 @@
 """The unit import graph of the `moe` package, function-level imports included.
 
-A *unit* is a direct child of `moe/`: a subpackage (`moe/eval/`) or a root module (`moe/cli.py`).
+A *unit* is a direct child of `moe/`: a subpackage (`moe/eval/`) or a module directly under it.
 An edge A -> B means some file of A imports something of B, at module level or inside a
 function (lazy imports count: they are dependencies all the same). The graph should be a DAG
 whose edges all point down `LAYERS` (DESIGN.md's layout).
