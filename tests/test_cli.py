@@ -47,7 +47,7 @@ def test_run_dir_has_recipe_logs_checkpoint_and_lineage(debug_dense):
 
 
 def test_eval_writes_json_per_domain(debug_dense):
-    assert main(["eval", str(debug_dense), "--domains", "code,dna", "--max-batches", "2"]) == 0
+    assert main(["eval", str(debug_dense), "--domains", "code,dna", "--max-docs", "4"]) == 0
     rep = json.loads((debug_dense / "eval.json").read_text())
     assert set(rep["domains"]) == {"code", "dna"}
     d = rep["domains"]["dna"]
@@ -92,7 +92,7 @@ def test_split_branch_assemble_router_joint(debug_dense, tmp_path):
     joint = tmp_path / "joint"
     assert main(["train", str(DEBUG / "joint.yaml"), f"out_dir={joint}", "trainer.max_steps=3",
                  *QUIET]) == 0
-    assert main(["eval", str(joint), "--max-batches", "1"]) == 0
+    assert main(["eval", str(joint), "--max-docs", "2"]) == 0
     rep = json.loads((joint / "eval.json").read_text())
     share = rep["routing"]["share"]["code"]
     assert all(layer == [0.0, 1.0, 0.0] for layer in share)

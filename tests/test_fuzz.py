@@ -201,7 +201,7 @@ def _base_argv(path: tuple[str, ...], fx: dict[str, Path]) -> list[str] | None:
     out = str(fx["tmp"] / "out")
     dense, moe_ck = str(fx["dense"]), str(fx["moe"])
     return {
-        ("eval",): ["eval", dense, "--max-batches", "1", "--json", str(fx["tmp"] / "e.json")],
+        ("eval",): ["eval", dense, "--max-docs", "1", "--json", str(fx["tmp"] / "e.json")],
         ("split",): ["split", dense, "--experts", "text,code", "--out", out],
         ("init",): ["init", "--from", dense, "--method", "standard", "--out", out],
         ("importance",): ["importance", dense, "--domains", "text", "--batches", "1",

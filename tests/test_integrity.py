@@ -44,7 +44,7 @@ def test_one_flipped_byte_is_refused_by_eval_split_and_train(debug_dense, tmp_pa
     w.write_bytes(bytes(data))
     before = {p.name: p.read_bytes() for p in ck.iterdir()}
     commands = [
-        ["eval", str(ck), "--max-batches", "1"],
+        ["eval", str(ck), "--max-docs", "1"],
         ["split", str(ck), "--experts", "text,code", "--out", str(tmp_path / "split")],
         ["train", str(DEBUG / "dense.yaml"), f"init={ck}", f"out_dir={tmp_path / 'run'}",
          "trainer.max_steps=1", QUIET],

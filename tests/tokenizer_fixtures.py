@@ -81,8 +81,9 @@ def merge_yaml(root: Path, a: Path, b: Path) -> Path:
 
 
 def hand_bpb(model, ids: list[int], n_bytes: int) -> float:
-    """Bits per byte of one document [BOS] ids [EOS] computed directly from the logits: nats of
-    every target (ids, then EOS) over the document's UTF-8 bytes."""
+    """Bits per byte of one document computed directly from the logits: nats of every target
+    (ids[1:], each read after the ids before it; ids[0] is the prefix, BOS) over the document's
+    UTF-8 bytes."""
     import math
 
     x = torch.tensor([ids[:-1]])

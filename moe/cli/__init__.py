@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seeds per value (default: study.seeds)")
     sp.add_argument("--dry-run", action="store_true", help="print every value's stage plan only")
 
-    sp = sub.add_parser("eval", help="per-domain held-out loss and bits per byte")
+    sp = sub.add_parser("eval", help="per-domain held-out loss and bits per byte",
+                        description="Per-domain held-out loss and bits per byte: every held-out "
+                        "document whole, in disjoint windows of the model's context, its first "
+                        "token after BOS (lm-eval-harness's rolling log-likelihood).")
     sp.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
     sp.add_argument("--domains", help="comma-separated domains (default: text,code,dna, or "
                     "every domain of --data)")
@@ -187,9 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate on this data instead of the checkpoint's recipe: a recipe file "
                     "(its held-out split), DOMAIN=PATH_OR_GLOB or DOMAIN=hf:NAME[:SPLIT] (every "
                     "document held out); repeatable")
-    sp.add_argument("--max-batches", type=COUNT0, default=None,
-                    help="held-out batches per domain (default 16; with --data 0 = all)")
-    sp.add_argument("--batch-size", type=COUNT1, default=8)
+    sp.add_argument("--context", type=COUNT1, default=None, metavar="N",
+                    help="tokens of context per window (default: the model's max_seq_len; "
+                    "lower only)")
+    sp.add_argument("--stride", type=COUNT1, default=None, metavar="S",
+                    help="sliding windows advanced by S < context tokens, each scoring only its "
+                    "new tokens (default: disjoint windows, as lm-eval-harness)")
+    sp.add_argument("--max-docs", type=COUNT1, default=None, metavar="N",
+                    help="score only the first N held-out documents of each domain, a sample "
+                    "(default: every document, whole)")
+    sp.add_argument("--max-batches", help=argparse.SUPPRESS)  # replaced by --max-docs
+    sp.add_argument("--batch-size", type=COUNT1, default=8,
+                    help="windows of --context tokens per forward pass (default 8)")
     sp.add_argument("--tokenizer", metavar="PATH",
                     help="tokenizer for a checkpoint imported without one (directory or "
                     "tokenizer.json); a checkpoint's own tokenizer is always used")

@@ -67,7 +67,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_eval(args) -> int:
     from moe.eval.evaluate import evaluate_checkpoint, format_table, resolve_checkpoint
-    from moe.io.checkpoint import write_json
+    from moe.eval.rolling import check_protocol
+    from moe.io.checkpoint import read_config, write_json
     from moe.io.output import claim
 
     doms = args.domains.split(",") if args.domains else None
@@ -78,13 +79,15 @@ def cmd_eval(args) -> int:
         from moe.eval.data_spec import parse_data_spec
 
         data = parse_data_spec(args.data)  # every mistake in it stops here, before any work
-    max_batches = args.max_batches
-    if max_batches is None:  # an explicit evaluation set is evaluated whole
-        max_batches = 0 if data is not None else 16
+    if args.max_batches is not None:
+        raise ConfigError("--max-batches was replaced by --max-docs N: moe eval scores whole "
+                          "documents at the model's context (see moe eval --help)")
     # results on other data never replace the checkpoint's own eval.json
     name = "eval-data.json" if data is not None else "eval.json"
     for path in args.checkpoints:
-        resolve_checkpoint(path)  # a missing checkpoint is named before anything else
+        # a missing checkpoint, or a context or stride it cannot take, before any work
+        check_protocol(args.context, args.stride, args.max_docs,
+                       read_config(resolve_checkpoint(path)).resolved().max_seq_len)
     targets = [args.json] if args.json else [Path(p) / name for p in args.checkpoints]
     inputs = [*args.checkpoints, args.tokenizer, *(data.input_paths() if data else [])]
     with claim(targets, inputs):  # before evaluating: a refused output costs no work
@@ -93,11 +96,13 @@ def cmd_eval(args) -> int:
             rep = evaluate_checkpoint(
                 path,
                 doms,
-                max_batches=max_batches,
                 batch_size=args.batch_size,
                 progress=sys.stderr.isatty(),
                 data=data,
                 tokenizer=args.tokenizer,
+                context=args.context,
+                stride=args.stride,
+                max_docs=args.max_docs,
             )
             reports.append(rep)
         print(format_table(reports))

@@ -49,13 +49,17 @@ def source_key(src: SourceConfig) -> str:
     return json.dumps(asdict(src), sort_keys=True)
 
 
-def load_documents(domain: str, src: SourceConfig, budget: int) -> list[Document]:
-    """All documents the source offers for this domain (before the byte budget)."""
-    return list(_load_documents(domain, source_key(src), budget if src.kind == "hf" else 0))
+def load_documents(domain: str, src: SourceConfig, budget: int,
+                   natural: bool = False) -> list[Document]:  # fmt: skip
+    """All documents the source offers for this domain (before the byte budget). `natural`: an
+    evaluation set's, grouped into whole files and FASTA records (moe.data.source_files)."""
+    return list(_load_documents(domain, source_key(src), budget if src.kind == "hf" else 0,
+                                natural))  # fmt: skip
 
 
 @lru_cache(maxsize=16)
-def _load_documents(domain: str, key: str, budget: int) -> tuple[Document, ...]:
+def _load_documents(domain: str, key: str, budget: int,
+                    natural: bool = False) -> tuple[Document, ...]:  # fmt: skip
     src = SourceConfig(**json.loads(key))
     if src.kind == "builtin":
         if domain not in BUILTIN:
@@ -67,7 +71,7 @@ def _load_documents(domain: str, key: str, budget: int) -> tuple[Document, ...]:
     elif src.kind == "files":
         if not src.paths:
             raise ConfigError(f"data.sources.{domain}.paths: kind=files needs at least one path")
-        docs = files_documents(src, domain)
+        docs = files_documents(src, domain, natural)
     elif src.kind == "hf":
         if not src.name:
             raise ConfigError(f"data.sources.{domain}.name: kind=hf needs a dataset name")

@@ -5,11 +5,16 @@
     dm.train_dataloader()                          # infinite; batch i = f(seed, i)
     dm.val_dataloader()                            # one held-out loader per cfg.domains entry
     dm.heldout_loader("dna", batch_size=8, max_batches=16)
+    dm.heldout_documents("dna")                    # [(tokens, bytes)] per held-out document
     dm.describe()                                  # one dict per domain, for `moe data`
 
 Every batch is a dict: input_ids (B, L), targets (B, L) (IGNORE_INDEX = -100 where there is no
 target), domain (B,) global domain ids (`dm.domain_names`), target_bytes (B,) raw bytes covered by
 each row's targets (bits per byte = summed nats / summed target_bytes / ln 2).
+
+Held-out documents: besides the packed stream, each held-out unit (a group's documents joined in
+source order, e.g. a genome region; else one document) is tokenized alone with no special token,
+for scoring whole documents at the model's context (moe.eval.rolling).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tqdm import tqdm
 
 from moe.config import DOMAINS, ConfigError, DataConfig, SourceConfig
 from moe.data.corpus import Corpus, build_corpus, load_documents, source_for, summarize_origin
-from moe.data.documents import DNA_REGION, DNA_WINDOW, PIECE_MAX, PIECE_MIN
+from moe.data.documents import DNA_REGION, DNA_WINDOW, PIECE_MAX, PIECE_MIN, join_units
 from moe.data.shipped import samples_digest
 from moe.data.source_files import expand_paths
 from moe.data.streams import (
@@ -40,10 +45,12 @@ from moe.data.streams import (
     domain_names,
     mixture_probs,
     pack_with_bytes,
+    tokenize_units,
 )
 from moe.data.tokenizer import load_tokenizer
 
-CACHE_FORMAT = 2  # bump when packing, document cutting, the split or the budget rule changes
+CACHE_FORMAT = 3  # bump when packing, document cutting, the split or the budget rule changes
+UNIT_KEYS = ("heldout_docs", "heldout_offsets", "heldout_doc_bytes")
 
 
 @dataclass
@@ -56,6 +63,11 @@ class DomainTokens:
     # bytes each token covers, aligned with train/heldout (tokenizers other than the byte one)
     train_nbytes: np.ndarray | None = None
     heldout_nbytes: np.ndarray | None = None
+    # held-out documents (units), each tokenized alone without specials: document i is
+    # heldout_docs[heldout_offsets[i]:heldout_offsets[i + 1]], heldout_doc_bytes[i] bytes long
+    heldout_docs: np.ndarray | None = None
+    heldout_offsets: np.ndarray | None = None
+    heldout_doc_bytes: np.ndarray | None = None
 
 
 _MEMORY: dict[str, DomainTokens] = {}  # in-process cache, keyed like the disk cache
@@ -86,7 +98,8 @@ def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
 def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
                   whole: bool = False) -> DomainTokens:  # fmt: skip
     if whole:  # every document of the source is held out, in the source's order, no budget cut
-        docs = load_documents(domain, src, cfg.bytes_per_domain)
+        # (its files and FASTA records at their natural length: one group each)
+        docs = load_documents(domain, src, cfg.bytes_per_domain, natural=True)
         if not docs:
             raise ConfigError(f"data: domain {domain!r} has an empty corpus (its source gave no "
                               "documents)")
@@ -105,7 +118,9 @@ def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
     }
     (train, train_nb), (held, held_nb) = (pack_with_bytes(c.train, tokenizer),
                                           pack_with_bytes(c.heldout, tokenizer))
-    return DomainTokens(train, held, stats, train_nb, held_nb)
+    docs, offsets, doc_bytes = tokenize_units(join_units(c.heldout), tokenizer)
+    stats["heldout_units"] = len(doc_bytes)
+    return DomainTokens(train, held, stats, train_nb, held_nb, docs, offsets, doc_bytes)
 
 
 def _save(path: Path, t: DomainTokens) -> None:
@@ -114,7 +129,7 @@ def _save(path: Path, t: DomainTokens) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
     os.close(fd)
     try:
-        extra = {k: v for k in ("train_nbytes", "heldout_nbytes")
+        extra = {k: v for k in ("train_nbytes", "heldout_nbytes", *UNIT_KEYS)
                  if (v := getattr(t, k)) is not None}  # fmt: skip
         np.savez(tmp, train=t.train, heldout=t.heldout, stats=np.array(json.dumps(t.stats)),
                  **extra)
@@ -127,7 +142,10 @@ def _save(path: Path, t: DomainTokens) -> None:
 def _load(path: Path) -> DomainTokens | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            nb = {k: z[k] for k in ("train_nbytes", "heldout_nbytes") if k in z.files}
+            nb = {k: z[k] for k in ("train_nbytes", "heldout_nbytes", *UNIT_KEYS)
+                  if k in z.files}  # fmt: skip
+            if not all(k in nb for k in UNIT_KEYS):
+                return None  # written before held-out documents were kept: rebuild it
             return DomainTokens(z["train"], z["heldout"], json.loads(str(z["stats"])), **nb)
     except (OSError, ValueError, KeyError):
         return None  # unreadable or foreign file: rebuild it
@@ -241,6 +259,14 @@ class DomainDataModule(pl.LightningDataModule):
         return DataLoader(HeldoutSequences(seqs, limit), batch_size=bs, shuffle=False,
                           num_workers=self.cfg.num_workers,
                           collate_fn=CollateHeldout())
+
+    def heldout_documents(self, domain: str) -> list[tuple[np.ndarray, int]]:
+        """(tokens, bytes) of each held-out document of a domain, in held-out order (a hash
+        order; an evaluation set's file order); each tokenized alone, without specials."""
+        t = self.tokens(domain)
+        off = t.heldout_offsets
+        return [(t.heldout_docs[off[i] : off[i + 1]], int(t.heldout_doc_bytes[i]))
+                for i in range(len(t.heldout_doc_bytes))]  # fmt: skip
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.heldout_loader(d) for d in self.cfg.domains]

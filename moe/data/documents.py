@@ -89,7 +89,8 @@ def fasta_documents(
     region: int = DNA_REGION,
 ) -> list[Document]:
     """Each FASTA record cut into windows of `window` bases (the last one may be shorter),
-    grouped into contiguous regions of `region` bases.
+    grouped into contiguous regions of `region` bases (`region=0`: the whole record is the
+    group, as an evaluation set reads it).
 
     Whole regions go to training or to held-out: random single windows would put most held-out
     windows right beside training windows of the same genome, continuing the same sequence.
@@ -99,7 +100,8 @@ def fasta_documents(
     docs = []
     for rec_id, seq in parse_fasta(raw, where=prefix):
         for start in range(0, len(seq), window):
-            group = f"{prefix}/{rec_id}@{start - start % region}"
+            group = (f"{prefix}/{rec_id}@{start - start % region}" if region
+                     else f"{prefix}/{rec_id}")  # fmt: skip
             docs.append(Document(f"{prefix}/{rec_id}/{start}", seq[start : start + window],
                                  domain, origin, group))
     return docs
@@ -162,9 +164,10 @@ def split_blocks(data: bytes, target: int = PIECE_MIN, limit: int = PIECE_MAX,
 
 
 def piece_documents(data: bytes, prefix: str, domain: str, origin: str,
-                    prose: bool = True) -> list[Document]:
-    """One text (a novel, a play, a source file) as documents `prefix/00000`, ..."""
-    return [Document(f"{prefix}/{i:05d}", b, domain, origin)
+                    prose: bool = True, group: str = "") -> list[Document]:
+    """One text (a novel, a play, a source file) as documents `prefix/00000`, ...; `group`:
+    their common group (an evaluation set's whole file), none by default."""
+    return [Document(f"{prefix}/{i:05d}", b, domain, origin, group)
             for i, b in enumerate(split_blocks(data, prose=prose))]
 
 
@@ -182,6 +185,12 @@ def _units(docs: Iterable[Document]) -> dict[str, list[Document]]:
     for d in docs:
         units.setdefault(d.unit, []).append(d)
     return units
+
+
+def join_units(docs: Iterable[Document]) -> list[bytes]:
+    """The bytes of each unit (a group's documents joined in their order, else one document), in
+    the order units first appear: the documents `moe eval` scores whole (moe.eval.rolling)."""
+    return [b"".join(d.data for d in ds) for ds in _units(docs).values()]
 
 
 def is_heldout(doc: Document, fraction: float) -> bool:

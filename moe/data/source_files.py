@@ -10,6 +10,11 @@
   (it reads gzipped json and csv itself); a gzipped parquet or arrow file is read from memory
   with pyarrow. One row's `text_field` per document.
 
+An evaluation set (`moe eval --data DOMAIN=FILE`, `natural=True`) keeps each document at its
+natural length: the pieces of a text file share one group (the whole file), the windows of a
+FASTA record one group (the whole record), and a table row is one document already. The group is
+the document `moe eval` scores whole (moe.eval.rolling); training corpora are cut as above.
+
 Refused with one line naming the file: an extension we cannot read (other compressions
 included), a `.gz` that is not gzip data or is cut short, and binary content in a text or FASTA
 file (a file of another format renamed, a compressed file without its suffix other than gzip).
@@ -25,7 +30,7 @@ import zlib
 from pathlib import Path
 
 from moe.config import ConfigError, SourceConfig
-from moe.data.documents import Document, fasta_documents, piece_documents
+from moe.data.documents import DNA_REGION, Document, fasta_documents, piece_documents
 
 FASTA_EXT = (".fa", ".fasta", ".fna")
 TEXT_EXT = (".txt", ".text", ".md")
@@ -188,14 +193,19 @@ def _table_documents(path: Path, src: SourceConfig, domain: str) -> list[Documen
     return docs
 
 
-def file_documents(path: Path, src: SourceConfig, domain: str) -> list[Document]:
+def file_documents(path: Path, src: SourceConfig, domain: str,
+                   natural: bool = False) -> list[Document]:  # fmt: skip
+    """The file's documents; `natural`: grouped into whole files and FASTA records (an
+    evaluation set, see the module docstring)."""
     ext = _suffix(path)
     if ext in FASTA_EXT or ext in TEXT_EXT:
         data = read_bytes(path, domain)
         check_text(data, path, domain)
         if ext in FASTA_EXT:
-            return fasta_documents(data, path.name, domain, f"{path} (FASTA)")
-        return piece_documents(data, path.name, domain, f"{path} (text)")
+            return fasta_documents(data, path.name, domain, f"{path} (FASTA)",
+                                   region=0 if natural else DNA_REGION)  # fmt: skip
+        return piece_documents(data, path.name, domain, f"{path} (text)",
+                               group=path.name if natural else "")  # fmt: skip
     if ext in TABLE_BUILDERS:
         return _table_documents(path, src, domain)
     known = ", ".join(FASTA_EXT + TEXT_EXT + tuple(TABLE_BUILDERS))
@@ -205,10 +215,10 @@ def file_documents(path: Path, src: SourceConfig, domain: str) -> list[Document]
                       "as .gz)")
 
 
-def files_documents(src: SourceConfig, domain: str) -> list[Document]:
+def files_documents(src: SourceConfig, domain: str, natural: bool = False) -> list[Document]:
     docs: list[Document] = []
     for path in expand_paths(src.paths, domain):
-        docs.extend(file_documents(path, src, domain))
+        docs.extend(file_documents(path, src, domain, natural))
     seen: set[str] = set()
     for d in docs:
         # two files of the same name in different folders would collide on doc_id

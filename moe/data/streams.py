@@ -70,6 +70,24 @@ def pack_with_bytes(docs: list[Document] | tuple[Document, ...],
     return np.concatenate(parts), np.concatenate(counts)
 
 
+def tokenize_units(units: list[bytes], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, offsets (n + 1,), bytes (n,)) of n documents, each tokenized alone with no
+    special token: document i is tokens[offsets[i]:offsets[i + 1]] and covers bytes[i] bytes.
+    What the rolling scorer reads (moe.eval.rolling)."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
+    many = getattr(tokenizer, "encode_many", None)
+    fast = getattr(tokenizer, "encode_np", None)
+    if many is not None:
+        parts = [ids for ids, _ in many(list(units))]
+    else:
+        parts = [fast(u) if fast else np.asarray(tokenizer.encode(u)) for u in units]
+    lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = (np.concatenate([np.asarray(p).astype(dtype, copy=False) for p in parts])
+              if parts else np.zeros(0, dtype))  # fmt: skip
+    return tokens, offsets, np.array([len(u) for u in units], dtype=np.int64)
+
+
 class PackedSequences:
     """Windows of `seq_len + 1` tokens over one domain's packed stream."""
 

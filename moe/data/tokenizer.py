@@ -73,6 +73,7 @@ class ByteTokenizer:
     PAD = 258
     vocab_size = 259
     bos_id, eos_id, pad_id = BOS, EOS, PAD
+    has_bos = True  # a BOS of its own (HFTokenizer: False when BOS stands in for a missing one)
 
     def __init__(self) -> None:
         self.byte_lengths = np.zeros(self.vocab_size, dtype=np.int64)
@@ -205,6 +206,7 @@ class HFTokenizer:
                 f"tokenizer {str(path)!r} names no BOS or EOS token, and packing needs one between "
                 "documents; set bos_token/eos_token in its tokenizer_config.json"
             )
+        self.has_bos = ids["bos"] is not None  # else bos_id is the EOS standing in for it
         self.bos_id = ids["bos"] if ids["bos"] is not None else ids["eos"]
         self.eos_id = ids["eos"] if ids["eos"] is not None else ids["bos"]
         self.pad_id = ids["pad"] if ids["pad"] is not None else self.eos_id

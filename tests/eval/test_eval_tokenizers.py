@@ -69,9 +69,9 @@ def test_bpb_by_hand_and_one_denominator(runs, tmp_path):
     tok = load_tokenizer(runs["tok"])
     got = {}
     for name, t in (("bpe", tok), ("byte", ByteTokenizer())):
-        rep = evaluate_checkpoint(runs[name], max_batches=0, progress=False, data=data)
+        rep = evaluate_checkpoint(runs[name], progress=False, data=data)
         d = rep["domains"]["text"]
-        ids = [t.bos_id, *t.encode(SHORT), t.eos_id]
+        ids = [t.bos_id, *t.encode(SHORT)]  # the document alone after BOS (lm-eval's rolling)
         assert d["bytes"] == n_bytes and d["tokens"] == len(ids) - 1
         assert d["bpb"] == pytest.approx(hand_bpb(_model(runs[name]), ids, n_bytes), rel=1e-5)
         got[name] = d
@@ -103,7 +103,7 @@ def test_eval_data_glob_of_gz_text(runs, tmp_path, capsys):
 
 
 def test_eval_data_recipe_and_mistakes(runs, tmp_path, capsys):
-    rep = evaluate_checkpoint(runs["bpe"], max_batches=1, progress=False,
+    rep = evaluate_checkpoint(runs["bpe"], max_docs=2, progress=False,
                               data=parse_data_spec([str(DEBUG / "dense.yaml")]),
                               domains=["code"])  # fmt: skip
     assert list(rep["domains"]) == ["code"] and rep["domains"]["code"]["bytes"] > 0
@@ -173,9 +173,9 @@ def test_imported_without_tokenizer(tmp_path, runs):
 
     bare = no_tokenizer_checkpoint(tmp_path / "bare")  # vocabulary 300, no tokenizer/
     with pytest.raises(ConfigError, match="--tokenizer PATH"):
-        evaluate_checkpoint(bare, ["text"], max_batches=1, progress=False)
+        evaluate_checkpoint(bare, ["text"], max_docs=2, progress=False)
     with pytest.raises(ConfigError, match="data.tokenizer=PATH"):
         plan_stage(load_recipe(DEBUG / "dense.yaml", [f"init={bare}"]))
     small = bpe_tokenizer(tmp_path / "tok300", vocab_size=300)
-    rep = evaluate_checkpoint(bare, ["text"], max_batches=1, progress=False, tokenizer=str(small))
+    rep = evaluate_checkpoint(bare, ["text"], max_docs=2, progress=False, tokenizer=str(small))
     assert rep["domains"]["text"]["bpb"] > 0

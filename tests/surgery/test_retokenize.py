@@ -71,7 +71,7 @@ def test_retokenize_cli_trains_a_bpe_and_carries_it(byte_ckpt, tmp_path):
     assert meta["recipe"]["data"]["bytes_per_domain"] == 20000  # moe eval finds the same data
     from moe.eval.evaluate import evaluate_checkpoint
 
-    rep = evaluate_checkpoint(out, ["text"], max_batches=1, batch_size=2, progress=False)
+    rep = evaluate_checkpoint(out, ["text"], max_docs=2, batch_size=2, progress=False)
     assert 0 < rep["domains"]["text"]["bpb"] < 20
 
 

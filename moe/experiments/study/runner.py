@@ -284,7 +284,7 @@ class Study:
                     spec.checkpoint,
                     lambda model=model: evaluate_model(
                         model, r.data, r.seed, doms, s.eval_batches, r.eval.batch_size,
-                        progress, datamodule=dm,
+                        progress, datamodule=dm, protocol="chunks",
                     ),
                     f"{meta['id']}:{settings}",
                 )
@@ -293,7 +293,7 @@ class Study:
                         spec.checkpoint,
                         lambda model=model: evaluate_model(
                             model, sets_cfg, r.seed, sets, 0, r.eval.batch_size, progress,
-                            tokenizer=dm.tokenizer, heldout_only=whole,
+                            tokenizer=dm.tokenizer, heldout_only=whole, protocol="chunks",
                         ),
                         f"{meta['id']}:{sets_key}", tag="-sets",
                     )

@@ -38,7 +38,7 @@ def test_results_match_independent_reevaluation(study):
         if m["checkpoint"] is None:
             continue
         rep = evaluate_checkpoint(study / m["checkpoint"], ["text", "code", "dna"], max_batches=4,
-                                  batch_size=8, progress=False)
+                                  batch_size=8, progress=False, protocol="chunks")
         for dom, v in rep["domains"].items():
             assert m["eval"][dom]["bpb"] == pytest.approx(v["bpb"], rel=1e-6), (name, dom)
 
@@ -144,7 +144,8 @@ def test_eval_data_sets_join_every_models_results(tmp_path):
         if m["checkpoint"] is None:
             continue
         rep = evaluate_checkpoint(out / "seed-1234" / m["checkpoint"], ["poems"], max_batches=0,
-                                  batch_size=8, progress=False, data=parse_data_spec([spec]))
+                                  batch_size=8, progress=False, data=parse_data_spec([spec]),
+                                  protocol="chunks")
         assert m["eval_sets"]["poems"]["bpb"] == pytest.approx(rep["domains"]["poems"]["bpb"],
                                                                rel=1e-6), name
     from moe.experiments.study.report import render_report
