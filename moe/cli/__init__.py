@@ -205,8 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer", metavar="PATH",
                     help="tokenizer for a checkpoint imported without one (directory or "
                     "tokenizer.json); a checkpoint's own tokenizer is always used")
+    sp.add_argument("--tasks", metavar="T1,T2",
+                    help="run lm-evaluation-harness tasks (names or YAML files) on each "
+                    "checkpoint instead (needs pip install 'moe-forge[lmeval]'); --domains names "
+                    "the one expert a domain-routed MoE uses, --context its max length")
+    sp.add_argument("--include-path", metavar="DIR",
+                    help="with --tasks: a folder of your own lm-eval task YAMLs")
+    sp.add_argument("--limit", type=COUNT1, default=None, metavar="N",
+                    help="with --tasks: at most N documents per task (a sample)")
+    sp.add_argument("--num-fewshot", type=COUNT0, default=None, metavar="K",
+                    help="with --tasks: few-shot examples per request (default: the task's)")
+    sp.add_argument("--device", default=None,
+                    help="with --tasks: torch device (default: cuda when available, else cpu)")
     sp.add_argument("--json", help="write results here (default: eval.json in each directory, "
-                    "eval-data.json with --data)")
+                    "eval-data.json with --data, lm-eval.json with --tasks)")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("split", help="split a dense checkpoint into domain experts")

@@ -74,6 +74,12 @@ def cmd_eval(args) -> int:
     doms = args.domains.split(",") if args.domains else None
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a directory; give a file name")
+    if args.tasks is not None:
+        return _eval_tasks(args, doms)
+    for flag, value in (("--include-path", args.include_path), ("--limit", args.limit),
+                        ("--num-fewshot", args.num_fewshot), ("--device", args.device)):
+        if value is not None:
+            raise ConfigError(f"{flag} belongs to --tasks (lm-evaluation-harness tasks)")
     data = None
     if args.data:
         from moe.eval.data_spec import parse_data_spec
@@ -106,6 +112,57 @@ def cmd_eval(args) -> int:
             )
             reports.append(rep)
         print(format_table(reports))
+        if args.json:
+            write_json(args.json, reports if len(reports) > 1 else reports[0])
+        else:
+            for target, rep in zip(targets, reports):
+                write_json(target, rep)
+                print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+def _eval_tasks(args, doms: list[str] | None) -> int:
+    """`moe eval CK --tasks T1,T2`: lm-evaluation-harness tasks on each checkpoint, lm-eval's
+    results as JSON (lm-eval.json in each checkpoint directory, or --json) and its table."""
+    from moe.eval import harness
+    from moe.eval.evaluate import resolve_checkpoint
+    from moe.io.checkpoint import read_config, write_json
+    from moe.io.output import claim
+
+    for flag, value in (("--data", args.data), ("--stride", args.stride),
+                        ("--max-docs", args.max_docs), ("--max-batches", args.max_batches)):
+        if value is not None:
+            raise ConfigError(f"{flag} belongs to moe eval's own held-out evaluation, not to "
+                              "--tasks (lm-eval tasks choose their own documents; --limit N "
+                              "samples them)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give at least one lm-eval task name or YAML file")
+    if doms is not None and len(doms) != 1:
+        raise ConfigError("with --tasks, --domains names one domain: the expert a domain-routed "
+                          f"MoE uses (got {args.domains})")
+    for path in args.checkpoints:  # a missing checkpoint or a context too long, before any work
+        max_len = read_config(resolve_checkpoint(path)).resolved().max_seq_len
+        if args.context is not None and args.context > max_len:
+            raise ConfigError(f"--context {args.context}: must be between 1 and the model's "
+                              f"context ({max_len} tokens)")
+    harness.task_manager(tasks, args.include_path)  # lm-eval missing, unknown task: one line
+    targets = [args.json] if args.json else [Path(p) / "lm-eval.json" for p in args.checkpoints]
+    inputs = [*args.checkpoints, args.tokenizer]
+    extra = {k: v for k, v in (("max_length", args.context), ("tokenizer", args.tokenizer))
+             if v is not None}  # fmt: skip
+    with claim(targets, inputs):
+        reports = []
+        for path in args.checkpoints:
+            res = harness.run_tasks(path, tasks, include_path=args.include_path,
+                                    domain=doms[0] if doms else None,
+                                    batch_size=args.batch_size, limit=args.limit,
+                                    device=args.device, num_fewshot=args.num_fewshot,
+                                    model_args=extra)  # fmt: skip
+            res["checkpoint"] = str(path)
+            reports.append(res)
+            print(f"{path}:")
+            print(harness.format_results(res))
         if args.json:
             write_json(args.json, reports if len(reports) > 1 else reports[0])
         else:

@@ -163,3 +163,17 @@ def run_tasks(
         model="moe-forge", model_args={k: v for k, v in args.items() if v is not None}
     )
     return json_safe(results)
+
+
+def format_results(results: dict) -> str:
+    """lm-eval's own markdown table of a `run_tasks` result (its groups' table below), with a
+    line saying when `limit` made it a sample."""
+    from lm_eval.utils import make_table
+
+    out = [make_table(results)]
+    if results.get("groups"):
+        out.append(make_table(results, "groups"))
+    limit = (results.get("config") or {}).get("limit")
+    if limit:
+        out.append(f"a sample: at most {limit} documents per task (--limit)")
+    return "\n".join(out)

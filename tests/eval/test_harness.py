@@ -132,6 +132,19 @@ def test_agrees_with_lm_eval_hf_model(kind, tasks_dir, tmp_path, monkeypatch):
             worst[f"{task} {key}"] = abs(va - mb[key]) / abs(mb[key])
     print(f"\n[{kind}] max abs difference per request / rel. difference per metric:", worst)
 
+    # `moe eval --data` on the task's documents (each JSONL row a document) gives lm-eval's
+    # bits_per_byte: the same documents, windows, prefix token and byte count
+    from moe.cli import main
+
+    out = tmp_path / f"eval-{kind}.json"
+    jsonl = REPO / "tests" / "data" / "lm_eval_tasks" / "shakespeare.jsonl"
+    assert main(["eval", str(ck), "--data", f"text={jsonl}", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    bpb = theirs["results"]["moe_shakespeare_ppl"]["bits_per_byte,none"]
+    assert rep["domains"]["text"]["documents"] == len(theirs["samples"]["moe_shakespeare_ppl"])
+    assert math.isclose(rep["domains"]["text"]["bpb"], bpb, rel_tol=1e-6), (
+        rep["domains"]["text"]["bpb"], bpb)
+
     # generation: greedy, same text and the same cut at a stop string
     lm = harness.MoEForgeLM(pretrained=str(ck), device="cpu")
     asks = [("First Citizen:\nWe are", {"until": ["\n"], "max_gen_toks": 20}),
@@ -296,3 +309,69 @@ def test_bad_model_args(byte_ck):
         harness.MoEForgeLM()
     with pytest.raises(ConfigError, match="dtype 'int8'"):
         harness.MoEForgeLM(pretrained=byte_ck, dtype="int8")
+
+
+# --------------------------------------------------------------------------- moe eval --tasks
+
+
+@needs_lmeval
+def test_cli_tasks_writes_lm_eval_results(byte_ck, tasks_dir, tmp_path, capsys):
+    """`moe eval CK --tasks ... --include-path DIR`: lm-eval's table printed, its results JSON
+    written, the same numbers run_tasks gives."""
+    from moe.cli import main
+    from moe.eval import harness
+
+    out = tmp_path / "lm.json"
+    argv = ["eval", str(byte_ck), "--tasks", ",".join(TASK_NAMES), "--include-path",
+            str(tasks_dir), "--limit", "3", "--json", str(out), "--batch-size", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "moe_phrases" in printed and "bits_per_byte" in printed and "at most 3" in printed
+    rep = json.loads(out.read_text())
+    direct = harness.run_tasks(byte_ck, TASK_NAMES, include_path=tasks_dir, limit=3,
+                               batch_size=2, device="cpu")  # fmt: skip
+    for task in TASK_NAMES:
+        assert rep["results"][task] == direct["results"][task]
+    assert rep["checkpoint"] == str(byte_ck)
+    # the default target: lm-eval.json beside the checkpoint's weights
+    assert main(argv[:-4] + ["--batch-size", "2"]) == 0
+    assert json.loads((Path(byte_ck) / "lm-eval.json").read_text())["results"] == rep["results"]
+    (Path(byte_ck) / "lm-eval.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks", "no_such_task"], "unknown lm-eval task 'no_such_task'"),
+        (["--tasks", " , "], "at least one lm-eval task"),
+        (["--tasks", "moe_phrases", "--stride", "4"], "--stride belongs to moe eval's own"),
+        (["--tasks", "moe_phrases", "--context", "100000"], "--context 100000"),
+        (["--tasks", "moe_phrases", "--domains", "text,code"], "names one domain"),
+        (["--limit", "3"], "--limit belongs to --tasks"),
+    ],
+)
+def test_cli_tasks_bad_input_one_line_nothing_written(byte_ck, tasks_dir, tmp_path, capsys,
+                                                      extra, message):  # fmt: skip
+    from moe.cli import main
+
+    if extra[:1] == ["--tasks"] and extra[1] == "no_such_task" \
+            and importlib.util.find_spec("lm_eval") is None:
+        message = MISSING
+    out = tmp_path / "lm.json"
+    before = sorted(p.name for p in Path(byte_ck).iterdir())
+    code = main(["eval", str(byte_ck), "--include-path", str(tasks_dir), "--json", str(out),
+                 *extra]) if extra[0] == "--tasks" else main(["eval", str(byte_ck), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists() and sorted(p.name for p in Path(byte_ck).iterdir()) == before
+
+
+def test_cli_tasks_without_lm_eval(monkeypatch, byte_ck, tmp_path, capsys):
+    from moe.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
+    code = main(["eval", str(byte_ck), "--tasks", "moe_phrases", "--json", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"moe: error: {MISSING}"], err
+    assert not (tmp_path / "x").exists()
