@@ -34,6 +34,7 @@ from moe.config.schema import (  # noqa: F401 (re-exported)
     ASSEMBLE_SHARED,
     DEFAULT_ARMS,
     DOMAINS,
+    EVAL_PROTOCOLS,
     MODEL_SIZES,
     ROUTER_INITS,
     ROUTERS,

@@ -257,6 +257,7 @@ ROUTERS = ("learned", "domain")  # model.moe.router
 ROUTER_INITS = ("random", "domain_mean")  # an assembled MoE's router rows
 ASSEMBLE_SHARED = ("average", "base")  # an assembled MoE's non-FFN weights
 STUDY_PROTOCOLS = ("fork", "rewarm")
+EVAL_PROTOCOLS = ("rolling", "chunks")  # study.eval_protocol (moe.eval.evaluate)
 SHARED_MODES = ("average", "seed", "frozen")
 DEFAULT_ARMS = ("seed", "branches", "btm", "average", "family", "btx", "monolith", "monolith_data")
 
@@ -292,7 +293,12 @@ class StudyConfig:
     router_top_k: int = 2  # with renormalised weights, top-1 would leave the router no gradient
     router_init: str = "domain_mean"  # random | domain_mean
     router_lr: float = 1e-2  # peak LR of the MoE fine-tune (a fresh schedule, as in BTX)
-    eval_batches: int = 16  # held-out batches per domain for every model
+    # how every model is scored (moe.eval.evaluate): "rolling" (as `moe eval`: every held-out
+    # document whole in disjoint windows of eval_context tokens, default each model's
+    # max_seq_len) or "chunks" (the packed stream in data.seq_len chunks, eval_batches batches)
+    eval_protocol: str = "rolling"
+    eval_context: int | None = None
+    eval_batches: int = 16  # held-out batches per domain for every model (protocol chunks)
     seeds: int = 1  # repetitions with seeds seed, seed+1, ...: mean and 95% CI (`--seeds`)
     # more held-out sets for every model, as `moe eval --data DOMAIN=PATH_OR_GLOB` (or
     # DOMAIN=hf:NAME) gives them: each evaluated whole, reported in a section of its own

@@ -130,6 +130,7 @@ class Scores:
     tokens: np.ndarray
     bytes: np.ndarray
     routing: torch.Tensor | None = None
+    token_nats: list[np.ndarray] | None = None  # with per_token=True: each token's NLL, (n,)
 
 
 @torch.no_grad()
@@ -144,18 +145,21 @@ def score_documents(
     domain: int | None = None,
     progress: bool = False,
     desc: str = "eval",
+    per_token: bool = False,
 ) -> Scores:
     """NLL of each document ((tokens, bytes) pairs) under the rolling protocol.
 
     `batch_size`: windows of `context` tokens per forward pass (shorter windows are packed more
     per pass, up to batch_size * context positions); `domain`: the expert index a domain-routed
-    MoE gives every token (the `domain` router's hint)."""
+    MoE gives every token (the `domain` router's hint); `per_token`: keep each token's NLL too
+    (`token_nats`, what an ensemble mixes)."""
     if context > model.config.max_seq_len:
         raise ConfigError(f"context {context} exceeds the model's {model.config.max_seq_len}")
     device = next(model.parameters()).device
     nats = np.zeros(len(docs), dtype=np.float64)
     ntok = np.zeros(len(docs), dtype=np.int64)
     wins = [w for i, (t, _) in enumerate(docs) for w in windows(len(t), context, stride, i)]
+    each = [np.zeros(len(t), dtype=np.float64) for t, _ in docs] if per_token else None
     counts = None
     for batch in tqdm(_batches(wins, batch_size * context), desc=desc, leave=False,
                       disable=not progress):  # fmt: skip
@@ -172,9 +176,13 @@ def score_documents(
         out = model(x, domain=hint, return_hidden=True)
         _, losses = linear_cross_entropy(out.hidden, model.head_weight, y)  # (B, L)
         per_row = losses.double().sum(-1).cpu().numpy()
+        rows = losses.double().cpu().numpy() if per_token else None
         for r, w in enumerate(batch):
             nats[w.doc] += per_row[r]
             ntok[w.doc] += w.scored
+            if rows is not None:  # targets hi - scored .. hi - 1 of the document
+                m = w.hi - w.lo
+                each[w.doc][w.hi - w.scored : w.hi] = rows[r, m - w.scored : m]
         if out.router_stats:
             keep = (y != IGNORE_INDEX).reshape(-1)
             c = torch.stack([
@@ -183,4 +191,4 @@ def score_documents(
             ])  # (layers, E)  # fmt: skip
             counts = c if counts is None else counts + c
     nbytes = np.array([b for _, b in docs], dtype=np.int64)
-    return Scores(nats, ntok, nbytes, counts)
+    return Scores(nats, ntok, nbytes, counts, each)

@@ -10,6 +10,7 @@ from typing import Any
 
 from moe.config import (
     DOMAINS,
+    EVAL_PROTOCOLS,
     ROUTER_INITS,
     SHARED_MODES,
     STUDY_PROTOCOLS,
@@ -28,6 +29,21 @@ def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
             raise bad(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
 
     choice("study.protocol", s.protocol, STUDY_PROTOCOLS)
+    choice("study.eval_protocol", s.eval_protocol, EVAL_PROTOCOLS)
+    if s.eval_context is not None:
+        if s.eval_protocol != "rolling":
+            raise bad("study.eval_context belongs to study.eval_protocol=rolling")
+        top = r.model.resolved().max_seq_len
+        if r.init:  # the model is the init checkpoint's (checked elsewhere when missing)
+            from moe.io.checkpoint import read_config, resolve_checkpoint
+
+            try:
+                top = read_config(resolve_checkpoint(r.init)).resolved().max_seq_len
+            except ConfigError:
+                top = None
+        if s.eval_context < 1 or (top is not None and s.eval_context > top):
+            raise bad(f"study.eval_context {s.eval_context}: must be between 1 and the model's "
+                      f"max_seq_len ({top})")
     choice("study.shared", s.shared, SHARED_MODES)
     choice("study.split_method", s.split_method, SPLITS.names())
     choice("study.merge_method", s.merge_method, MERGE_METHODS.names())

@@ -68,6 +68,7 @@ class StudyResult:
     command: str = ""
     samples: str | None = None  # markdown: greedy continuations per domain (./samples.py)
     eval_sets: list[str] = field(default_factory=list)  # study.eval_data's domains
+    eval_protocol: dict | None = None  # how the models were scored (moe.eval.evaluate)
     eval_data: list[str] = field(default_factory=list)  # its specs, as given
 
     def to_dict(self) -> dict:

@@ -265,15 +265,25 @@ class Study:
         dm.setup("validate")
         train_tokens = {d: int(len(dm.tokens(d).train)) for d in doms}
         progress = False
-        settings = f"{s.eval_batches}x{r.eval.batch_size}:{','.join(doms)}"
+        if s.eval_protocol == "rolling":  # every held-out document whole (as moe eval)
+            how = dict(protocol="rolling", context=s.eval_context)
+            settings = f"rolling:{s.eval_context}:{r.eval.batch_size}:{','.join(doms)}"
+            batches: int | None = None
+            set_batches: int | None = None
+        else:
+            how = dict(protocol="chunks")
+            settings = f"{s.eval_batches}x{r.eval.batch_size}:{','.join(doms)}"
+            batches, set_batches = s.eval_batches, 0
         records = self.stage_records()
         sets: list[str] = []
         rep_sets: dict = {}
         if self.eval_data is not None:  # study.eval_data: evaluation sets, each read whole
             sets_cfg, sets, whole = self.eval_data.resolve(r.data, None)
-            sets_key = f"sets:{r.eval.batch_size}:{json.dumps(self.eval_data.describe())}"
+            sets_key = (f"sets:{settings.rsplit(':', 1)[0]}:"
+                        f"{json.dumps(self.eval_data.describe())}")
         models: dict[str, ModelResult] = {}
         arms: dict[str, str] = {}
+        scored: dict[str, dict | None] = {}  # how the models were scored (the first one's)
         for spec in self.model_specs():
             missing = [n for n in spec.lineage + spec.members if n not in records]
             if missing:
@@ -283,8 +293,8 @@ class Study:
                 rep = self._eval_cached(
                     spec.checkpoint,
                     lambda model=model: evaluate_model(
-                        model, r.data, r.seed, doms, s.eval_batches, r.eval.batch_size,
-                        progress, datamodule=dm, protocol="chunks",
+                        model, r.data, r.seed, doms, batches, r.eval.batch_size,
+                        progress, datamodule=dm, **how,
                     ),
                     f"{meta['id']}:{settings}",
                 )
@@ -292,8 +302,8 @@ class Study:
                     rep_sets = self._eval_cached(
                         spec.checkpoint,
                         lambda model=model: evaluate_model(
-                            model, sets_cfg, r.seed, sets, 0, r.eval.batch_size, progress,
-                            tokenizer=dm.tokenizer, heldout_only=whole, protocol="chunks",
+                            model, sets_cfg, r.seed, sets, set_batches, r.eval.batch_size,
+                            progress, tokenizer=dm.tokenizer, heldout_only=whole, **how,
                         ),
                         f"{meta['id']}:{sets_key}", tag="-sets",
                     )
@@ -307,8 +317,8 @@ class Study:
                 rep = self._eval_cached(
                     spec.members[0],
                     lambda members=members: evaluate_ensemble(
-                        [m[0] for m in members], r.data, r.seed, doms, s.eval_batches,
-                        r.eval.batch_size, progress, tokenizer=dm.tokenizer,
+                        [m[0] for m in members], r.data, r.seed, doms, batches,
+                        r.eval.batch_size, progress, tokenizer=dm.tokenizer, **how,
                     ),
                     f"{spec.name}:{ids}:{settings}",
                 )
@@ -316,9 +326,9 @@ class Study:
                     rep_sets = self._eval_cached(
                         spec.members[0],
                         lambda members=members: evaluate_ensemble(
-                            [m[0] for m in members], sets_cfg, r.seed, sets, 0,
+                            [m[0] for m in members], sets_cfg, r.seed, sets, set_batches,
                             r.eval.batch_size, progress, tokenizer=dm.tokenizer,
-                            heldout_only=whole,
+                            heldout_only=whole, **how,
                         ),
                         f"{spec.name}:{ids}:{sets_key}", tag=f"-sets-{spec.name}",
                     )
@@ -350,6 +360,7 @@ class Study:
             )
             if spec.label:
                 arms[spec.label] = spec.name
+            scored.setdefault("protocol", rep.get("protocol"))
         merge = None
         fam_spec = next((m for m in self.model_specs() if m.role == "merge"), None)
         if fam_spec is not None:
@@ -381,6 +392,7 @@ class Study:
             merge=merge,
             eval_sets=sets,
             eval_data=list(s.eval_data),
+            eval_protocol=scored.get("protocol"),
         )
 
     def samples(self, results: dict) -> str | None:

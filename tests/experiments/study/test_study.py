@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 from helpers import DEBUG
 
@@ -37,10 +38,16 @@ def test_results_match_independent_reevaluation(study):
     for name, m in res["models"].items():
         if m["checkpoint"] is None:
             continue
-        rep = evaluate_checkpoint(study / m["checkpoint"], ["text", "code", "dna"], max_batches=4,
-                                  batch_size=8, progress=False, protocol="chunks")
+        rep = evaluate_checkpoint(study / m["checkpoint"], ["text", "code", "dna"],
+                                  batch_size=8, progress=False)  # moe eval's default protocol
         for dom, v in rep["domains"].items():
             assert m["eval"][dom]["bpb"] == pytest.approx(v["bpb"], rel=1e-6), (name, dom)
+            assert m["eval"][dom]["per_document"] == v["per_document"] or (
+                np.allclose(m["eval"][dom]["per_document"]["nats"], v["per_document"]["nats"],
+                            rtol=1e-6))
+    assert res["eval_protocol"]["kind"] == "rolling"
+    assert res["eval_protocol"]["context"] == rep["protocol"]["context"]
+    assert "- evaluation: rolling log-likelihood" in (study / "report.md").read_text()
 
 
 def test_compute_matched_baseline_has_the_experts_flops(study):
@@ -143,9 +150,8 @@ def test_eval_data_sets_join_every_models_results(tmp_path):
         assert m["eval_sets"]["poems"]["bpb"] > 0, name
         if m["checkpoint"] is None:
             continue
-        rep = evaluate_checkpoint(out / "seed-1234" / m["checkpoint"], ["poems"], max_batches=0,
-                                  batch_size=8, progress=False, data=parse_data_spec([spec]),
-                                  protocol="chunks")
+        rep = evaluate_checkpoint(out / "seed-1234" / m["checkpoint"], ["poems"],
+                                  batch_size=8, progress=False, data=parse_data_spec([spec]))
         assert m["eval_sets"]["poems"]["bpb"] == pytest.approx(rep["domains"]["poems"]["bpb"],
                                                                rel=1e-6), name
     from moe.experiments.study.report import render_report
@@ -156,3 +162,24 @@ def test_eval_data_sets_join_every_models_results(tmp_path):
     assert agg["eval_sets"]["models"]["btm"]["bpb"]["poems"]["n"] == 2
     text = (out / "report.md").read_text()
     assert "## Other held-out sets" in text and "poems" in text
+
+
+@pytest.mark.parametrize("over", [["study.eval_protocol=chunks", "study.eval_batches=2"],
+                                  ["study.eval_context=16"]])
+def test_eval_protocol_and_context_are_the_studys_choice(tmp_path, over):
+    """study.eval_protocol=chunks scores as `moe eval`'s chunk protocol did; study.eval_context
+    lowers the rolling context; the report states which."""
+    out = tmp_path / "run"
+    assert main(["run", str(DEBUG / "study.yaml"), f"out_dir={out}", "study.budget_steps=12",
+                 "study.arms=[seed,monolith]", *over, *QUIET]) == 0
+    res = json.loads((out / "results.json").read_text())
+    m = res["models"]["seed"]
+    kw = (dict(protocol="chunks", max_batches=2) if "chunks" in over[0]
+          else dict(context=16))  # fmt: skip
+    rep = evaluate_checkpoint(out / m["checkpoint"], ["text", "code", "dna"], batch_size=8,
+                              progress=False, **kw)  # fmt: skip
+    for dom, v in rep["domains"].items():
+        assert m["eval"][dom]["bpb"] == pytest.approx(v["bpb"], rel=1e-6), dom
+    assert res["eval_protocol"] == rep["protocol"]
+    word = "packed chunks" if "chunks" in over[0] else "context 16 tokens"
+    assert word in (out / "report.md").read_text()

@@ -49,6 +49,13 @@ def test_named_choices_are_checked_before_the_study_runs():
     for over, word in (("study.merge_method=tiess", "tiess"), ("study.split_method=knn", "knn"),
                        ("study.arms=[seed,nonsense]", "nonsense"), ("study.shared=both", "both"),
                        ("study.protocol=branch", "branch"), ("optim.schedule=linear", "linear"),
-                       ("study.router_init=zero", "zero")):
+                       ("study.router_init=zero", "zero"), ("study.eval_protocol=perplexity",
+                                                             "perplexity")):  # fmt: skip
         with pytest.raises(ConfigError, match=word):
             check_recipe(load_recipe(DEBUG / "study.yaml", [over]))
+    for over, msg in ((["study.eval_context=0"], "study.eval_context 0: must be between 1"),
+                      (["study.eval_context=100000"], "study.eval_context 100000"),
+                      (["study.eval_protocol=chunks", "study.eval_context=8"],
+                       "eval_context belongs to study.eval_protocol=rolling")):
+        with pytest.raises(ConfigError, match=msg):
+            check_recipe(load_recipe(DEBUG / "study.yaml", over))

@@ -128,6 +128,7 @@ def aggregate(results_list: list[dict]) -> dict:
         "experts": first.get("experts"),
         "split_method": first.get("split_method"),
         "protocol": first.get("protocol"),
+        "eval_protocol": first.get("eval_protocol"),
         "budget": first.get("budget"),
         "train_tokens_by_domain": first.get("train_tokens_by_domain"),
         "samples": first.get("samples"),

@@ -40,6 +40,7 @@ from moe.experiments.study.report.results import (
     seed_model,
     specialization_matrix,
 )
+from moe.eval.evaluate import describe_protocol
 from moe.io.checkpoint import atomic_write_text
 
 
@@ -287,6 +288,10 @@ def _protocol_section(results: dict) -> str | None:
     if not b:
         return None
     out = [f"- protocol: {PROTOCOLS.get(results.get('protocol'), results.get('protocol'))}."]
+    ev = results.get("eval_protocol")
+    out.append("- evaluation: " + (describe_protocol(ev).removeprefix("protocol: ") if ev else
+               "packed chunks of data.seq_len tokens, study.eval_batches batches per domain (a "
+               "sample; the protocol was not recorded in this result)") + ".")
     ratio = b["expert_flops_after_seed"] / max(b["monolith_flops_after_seed"], 1.0)
     out.append(
         f"- budget: {format_count(b['total_steps'])} steps of {format_count(b['tokens_per_step'])} "
