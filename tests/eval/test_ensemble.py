@@ -109,4 +109,5 @@ def test_rolling_ensemble_mixes_whole_documents():
                                                            rel=1e-9)
     assert solo["protocol"] == alone["protocol"]
     chunks = evaluate_ensemble([a, b], cfg, 0, ["text"], 2, progress=False, protocol="chunks")
-    assert chunks["protocol"]["kind"] == "chunks" and "per_document" not in chunks["domains"]["text"]
+    assert chunks["protocol"]["kind"] == "chunks"
+    assert "per_document" not in chunks["domains"]["text"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moe.eval.evaluate import describe_protocol
 from moe.experiments.study.report.format import (
     TIE,
     bold,
@@ -40,7 +41,6 @@ from moe.experiments.study.report.results import (
     seed_model,
     specialization_matrix,
 )
-from moe.eval.evaluate import describe_protocol
 from moe.io.checkpoint import atomic_write_text
 
 
