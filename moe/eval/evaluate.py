@@ -240,6 +240,10 @@ def evaluate_checkpoint(
     rep = evaluate_model(model, cfg, seed, doms, max_batches, batch_size, progress,
                          tokenizer=tok, heldout_only=whole, protocol=protocol, context=context,
                          stride=stride, max_docs=max_docs)  # fmt: skip
+    trained = _trained_seq_len(meta)
+    p = rep["protocol"]
+    if p["kind"] == "rolling" and trained is not None and p["context"] > trained:
+        p["trained_seq_len"] = trained  # said beside the context: positions it never trained at
     if data is not None:
         rep["data"] = data.describe()
     rep["tokenizer"] = tok.identity()
@@ -252,6 +256,16 @@ def evaluate_checkpoint(
         train_flops=meta.get("train_flops"),
     )
     return rep
+
+
+def _trained_seq_len(meta: dict) -> int | None:
+    """The sequence length of the checkpoint's last training run (its recipe's data.seq_len),
+    None when it was not trained here (an import, or a merge of imports)."""
+    recipe = meta.get("recipe")
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    if not isinstance(data, dict) or data.get("seq_len") is None:
+        return None
+    return int(data["seq_len"])
 
 
 def describe_protocol(p: dict | None) -> str:
@@ -269,9 +283,12 @@ def describe_protocol(p: dict | None) -> str:
     docs = f"{p.get('documents')} of {p.get('documents_total')} documents"
     if p.get("sampled"):
         docs += f" (a sample: the first {p.get('max_docs')} of each domain)"
-    return (f"protocol: rolling log-likelihood (lm-eval's), each document whole, context "
-            f"{p.get('context')} tokens, {win}, first token after {str(p.get('prefix')).upper()}"
-            f"; {docs}")
+    ctx = f"context {p.get('context')} tokens"
+    if p.get("trained_seq_len"):
+        ctx += (f" (longer than the {p['trained_seq_len']}-token sequences of its last training; "
+                f"--context {p['trained_seq_len']} scores within them)")
+    return (f"protocol: rolling log-likelihood (lm-eval's), each document whole, {ctx}, {win}, "
+            f"first token after {str(p.get('prefix')).upper()}; {docs}")
 
 
 def format_table(reports: list[dict]) -> str:

@@ -321,3 +321,26 @@ def test_disk_cache_keeps_the_documents_and_stale_caches_rebuild(tmp_path):
     with np.load(path) as z:  # a cache written before documents were kept: rebuilt
         np.savez(path, train=z["train"], heldout=z["heldout"], stats=z["stats"])
     assert dmod._load(path) is None
+
+
+def test_context_beyond_the_trained_length_is_said(tmp_path, capsys):
+    """A model last trained on shorter sequences than its max_seq_len is scored at max_seq_len
+    (the model's context), and the protocol line says so and how to stay within them; an
+    import (no recipe) says nothing."""
+    from moe.io.checkpoint import make_meta, save_checkpoint
+
+    a, _ = _texts(tmp_path)
+    m = tiny_model(seed=9, max_seq_len=64)
+    meta = make_meta(kind="dense", recipe={"data": {"seq_len": 16}})
+    ck = save_checkpoint(tmp_path / "ck", m.state_dict(), m.config, meta)
+    for argv, said in (([], True), (["--context", "16"], False)):
+        out = tmp_path / f"e{len(argv)}.json"
+        assert main(["eval", str(ck), "--data", f"poems={a}", "--json", str(out), *argv]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        p = json.loads(out.read_text())["protocol"]
+        assert (p.get("trained_seq_len") == 16) is said
+        assert ("longer than the 16-token sequences" in line) is said, line
+    plain = save_tiny(tmp_path / "imported", seed=9)
+    out = tmp_path / "i.json"
+    assert main(["eval", str(plain), "--data", f"poems={a}", "--json", str(out)]) == 0
+    assert "longer than" not in capsys.readouterr().out

@@ -117,5 +117,8 @@ def run_study(
 
 def _study_changed(saved: Path, recipe: Recipe) -> bool:
     """Whether a run directory's recorded recipe differs in anything that changes results: more
-    seeds extend a study (finished ones stay), more held-out sets re-evaluate, not retrain."""
-    return recipe_changed(saved, recipe, ignore=("study.seeds", "study.eval_data"))
+    seeds extend a study (finished ones stay); more held-out sets or another evaluation protocol
+    re-evaluate, not retrain (evaluations are cached by their settings)."""
+    return recipe_changed(saved, recipe, ignore=("study.seeds", "study.eval_data",
+                                                 "study.eval_protocol", "study.eval_context",
+                                                 "study.eval_batches"))  # fmt: skip
