@@ -588,6 +588,17 @@ CASES: list[Case] = [
     Case("eval-max-batches-gone", "eval --max-batches (replaced by --max-docs)",
          lambda fx: ["eval", str(fx["dense"]), "--max-batches", "4"],
          "--max-batches was replaced by --max-docs"),
+    Case("eval-tasks-unknown", "eval --tasks naming no lm-eval task (or lm-eval not installed)",
+         lambda fx: ["eval", str(fx["dense"]), "--tasks", "no_such_task",
+                     "--include-path", str(REPO / "tests" / "data" / "lm_eval_tasks")],
+         "lm-eval"),
+    Case("eval-tasks-stride", "eval --tasks with --stride (held-out evaluation only)",
+         lambda fx: ["eval", str(fx["dense"]), "--tasks", "moe_phrases", "--stride", "8"],
+         "--stride belongs to moe eval's own held-out evaluation"),
+    Case("eval-limit-without-tasks", "eval --limit without --tasks",
+         lambda fx: ["eval", str(fx["dense"]), "--limit", "3"], "--limit belongs to --tasks"),
+    Case("study-eval-context-zero", "study.eval_context 0",
+         lambda fx: _study(fx, "study.eval_context=0"), "study.eval_context 0"),
 ]
 
 

@@ -68,7 +68,7 @@ def cmd_sweep(args) -> int:
 def cmd_eval(args) -> int:
     from moe.eval.evaluate import evaluate_checkpoint, format_table, resolve_checkpoint
     from moe.eval.rolling import check_protocol
-    from moe.io.checkpoint import read_config, write_json
+    from moe.io.checkpoint import read_config
     from moe.io.output import claim
 
     doms = args.domains.split(",") if args.domains else None
@@ -112,13 +112,20 @@ def cmd_eval(args) -> int:
             )
             reports.append(rep)
         print(format_table(reports))
-        if args.json:
-            write_json(args.json, reports if len(reports) > 1 else reports[0])
-        else:
-            for target, rep in zip(targets, reports):
-                write_json(target, rep)
-                print(f"wrote {target}", file=sys.stderr)
+        _write_reports(args.json, targets, reports)
     return 0
+
+
+def _write_reports(json_path: str | None, targets: list, reports: list[dict]) -> None:
+    """`--json F`: every report in F (a list when more than one); else each in its target."""
+    from moe.io.checkpoint import write_json
+
+    if json_path:
+        write_json(json_path, reports if len(reports) > 1 else reports[0])
+        return
+    for target, rep in zip(targets, reports):
+        write_json(target, rep)
+        print(f"wrote {target}", file=sys.stderr)
 
 
 def _eval_tasks(args, doms: list[str] | None) -> int:
@@ -126,7 +133,7 @@ def _eval_tasks(args, doms: list[str] | None) -> int:
     results as JSON (lm-eval.json in each checkpoint directory, or --json) and its table."""
     from moe.eval import harness
     from moe.eval.evaluate import resolve_checkpoint
-    from moe.io.checkpoint import read_config, write_json
+    from moe.io.checkpoint import read_config
     from moe.io.output import claim
 
     for flag, value in (("--data", args.data), ("--stride", args.stride),
@@ -163,12 +170,7 @@ def _eval_tasks(args, doms: list[str] | None) -> int:
             reports.append(res)
             print(f"{path}:")
             print(harness.format_results(res))
-        if args.json:
-            write_json(args.json, reports if len(reports) > 1 else reports[0])
-        else:
-            for target, rep in zip(targets, reports):
-                write_json(target, rep)
-                print(f"wrote {target}", file=sys.stderr)
+        _write_reports(args.json, targets, reports)
     return 0
 
 
