@@ -179,6 +179,11 @@ class DataConfig:
     # tokenizer of the init= checkpoint, else byte. A checkpoint carries its tokenizer; eval,
     # split, assemble and merge always use the checkpoint's.
     tokenizer: str | None = None
+    # leakage (moe.data.dedup): strip licence headers from the built-in code and drop held-out
+    # documents covered above dedup_threshold by dedup_shingle-byte windows found in training
+    dedup: bool = False
+    dedup_shingle: int = 50  # bytes per shingle
+    dedup_threshold: float = 0.5  # share of a held-out document's bytes
 
 
 # ----------------------------------------------------------------------------- optim/trainer
@@ -300,6 +305,8 @@ class StudyConfig:
     eval_context: int | None = None
     eval_batches: int = 16  # held-out batches per domain for every model (protocol chunks)
     seeds: int = 1  # repetitions with seeds seed, seed+1, ...: mean and 95% CI (`--seeds`)
+    equivalence_margin: float = 0.01  # bpb: a gain whose whole interval lies within it is a tie
+    bootstrap_iters: int = 2000  # resamples of the seeds × held-out documents bootstrap (report)
     # more held-out sets for every model, as `moe eval --data DOMAIN=PATH_OR_GLOB` (or
     # DOMAIN=hf:NAME) gives them: each evaluated whole, reported in a section of its own
     eval_data: list[str] = field(default_factory=list)

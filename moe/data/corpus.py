@@ -2,7 +2,9 @@
 (moe.data.documents.select).
 
 Loading is cached in-process (tests and `moe eval` build the same corpora many times); the
-datamodule adds an optional on-disk cache of the tokenized result.
+datamodule adds an optional on-disk cache of the tokenized result. `dedup` (a
+moe.data.dedup.DedupRule, from `data.dedup`): licence headers stripped from the built-in code and
+held-out documents that duplicate training dropped; None (the default) leaves corpora as they were.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from moe.config import DOMAINS, ConfigError, DataConfig, SourceConfig
+from moe.data.dedup import DedupRule, drop_duplicates
 from moe.data.documents import Document, select
 from moe.data.source_code import code_documents
 from moe.data.source_dna import dna_documents
@@ -31,6 +34,10 @@ class Corpus:
     origin: str  # human-readable summary of where the documents come from
     source_documents: int  # documents the source offered before the byte budget
     source_bytes: int
+    # data.dedup: held-out documents and bytes dropped as duplicates of training (over the whole
+    # held-out side of the split, before the budget)
+    dedup_documents: int = 0
+    dedup_bytes: int = 0
 
 
 def source_for(cfg: DataConfig, domain: str) -> SourceConfig:
@@ -49,17 +56,18 @@ def source_key(src: SourceConfig) -> str:
     return json.dumps(asdict(src), sort_keys=True)
 
 
-def load_documents(domain: str, src: SourceConfig, budget: int,
-                   natural: bool = False) -> list[Document]:  # fmt: skip
+def load_documents(domain: str, src: SourceConfig, budget: int, natural: bool = False,
+                   strip_headers: bool = False) -> list[Document]:  # fmt: skip
     """All documents the source offers for this domain (before the byte budget). `natural`: an
-    evaluation set's, grouped into whole files and FASTA records (moe.data.source_files)."""
+    evaluation set's, grouped into whole files and FASTA records (moe.data.source_files).
+    `strip_headers`: the built-in code without licence headers (moe.data.dedup)."""
     return list(_load_documents(domain, source_key(src), budget if src.kind == "hf" else 0,
-                                natural))  # fmt: skip
+                                natural, strip_headers))  # fmt: skip
 
 
 @lru_cache(maxsize=16)
-def _load_documents(domain: str, key: str, budget: int,
-                    natural: bool = False) -> tuple[Document, ...]:  # fmt: skip
+def _load_documents(domain: str, key: str, budget: int, natural: bool = False,
+                    strip_headers: bool = False) -> tuple[Document, ...]:  # fmt: skip
     src = SourceConfig(**json.loads(key))
     if src.kind == "builtin":
         if domain not in BUILTIN:
@@ -67,7 +75,9 @@ def _load_documents(domain: str, key: str, budget: int,
                 f"data.sources.{domain}: no built-in corpus for domain {domain!r}; "
                 "use kind=files or kind=hf"
             )
-        docs = BUILTIN[domain](domain)
+        make = BUILTIN[domain]
+        docs = (code_documents(domain, strip_headers=True) if strip_headers
+                and make is code_documents else make(domain))  # fmt: skip
     elif src.kind == "files":
         if not src.paths:
             raise ConfigError(f"data.sources.{domain}.paths: kind=files needs at least one path")
@@ -87,19 +97,31 @@ def summarize_origin(docs: list[Document]) -> str:
     return "; ".join(f"{o}, {n:,} documents" for o, n in sorted(counts.items()))
 
 
-def build_corpus(domain: str, src: SourceConfig, budget: int, heldout_fraction: float) -> Corpus:
-    return _build_corpus(domain, source_key(src), budget, heldout_fraction)
+def build_corpus(domain: str, src: SourceConfig, budget: int, heldout_fraction: float,
+                 dedup: DedupRule | None = None) -> Corpus:  # fmt: skip
+    return _build_corpus(domain, source_key(src), budget, heldout_fraction, dedup)
 
 
 @lru_cache(maxsize=16)
-def _build_corpus(domain: str, key: str, budget: int, heldout_fraction: float) -> Corpus:
+def _build_corpus(domain: str, key: str, budget: int, heldout_fraction: float,
+                  dedup: DedupRule | None = None) -> Corpus:  # fmt: skip
     src = SourceConfig(**json.loads(key))
-    docs = load_documents(domain, src, budget)
+    docs = load_documents(domain, src, budget, strip_headers=dedup is not None)
     if not docs:
         raise ConfigError(f"data: domain {domain!r} has an empty corpus (its source gave no "
                           "documents)")
-    train, held = select(docs, budget, heldout_fraction, domain)
+    dropped: list[Document] = []
+
+    def keep(train: list[Document], held: list[Document]) -> list[Document]:
+        kept = drop_duplicates(train, held, dedup)
+        ids = {d.doc_id for d in kept}
+        dropped.extend(d for d in held if d.doc_id not in ids)
+        return kept
+
+    train, held = select(docs, budget, heldout_fraction, domain,
+                         heldout_filter=keep if dedup is not None else None)  # fmt: skip
     return Corpus(
         domain=domain, train=tuple(train), heldout=tuple(held), origin=summarize_origin(docs),
         source_documents=len(docs), source_bytes=sum(len(d.data) for d in docs),
+        dedup_documents=len(dropped), dedup_bytes=sum(len(d.data) for d in dropped),
     )

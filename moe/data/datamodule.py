@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from moe.config import DOMAINS, ConfigError, DataConfig, SourceConfig
 from moe.data.corpus import Corpus, build_corpus, load_documents, source_for, summarize_origin
+from moe.data.dedup import dedup_rule
 from moe.data.documents import DNA_REGION, DNA_WINDOW, PIECE_MAX, PIECE_MIN, join_units
 from moe.data.shipped import samples_digest
 from moe.data.source_files import expand_paths
@@ -86,6 +87,8 @@ def _cache_key(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
     }
     if whole:
         ident["whole"] = True  # an evaluation set: every document held out
+    elif (rule := dedup_rule(cfg)) is not None:  # absent when off: older cache entries stay valid
+        ident["dedup"] = [rule.shingle, rule.threshold]
     if src.kind == "builtin":
         ident["samples"] = samples_digest()  # the shipped files the built-in corpora read
     elif src.kind == "files":
@@ -106,7 +109,8 @@ def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
         c = Corpus(domain=domain, train=(), heldout=tuple(docs), origin=summarize_origin(docs),
                    source_documents=len(docs), source_bytes=sum(len(d.data) for d in docs))
     else:
-        c = build_corpus(domain, src, cfg.bytes_per_domain, cfg.heldout_fraction)
+        c = build_corpus(domain, src, cfg.bytes_per_domain, cfg.heldout_fraction,
+                         dedup_rule(cfg))
     train_bytes = sum(len(d.data) for d in c.train)
     held_bytes = sum(len(d.data) for d in c.heldout)
     stats = {
@@ -116,6 +120,8 @@ def _build_tokens(domain: str, src: SourceConfig, cfg: DataConfig, tokenizer,
         "source_documents": c.source_documents, "source_bytes": c.source_bytes,
         "origin": c.origin,
     }
+    if dedup_rule(cfg) is not None and not whole:
+        stats["dedup_documents"], stats["dedup_bytes"] = c.dedup_documents, c.dedup_bytes
     (train, train_nb), (held, held_nb) = (pack_with_bytes(c.train, tokenizer),
                                           pack_with_bytes(c.heldout, tokenizer))
     docs, offsets, doc_bytes = tokenize_units(join_units(c.heldout), tokenizer)
@@ -289,5 +295,7 @@ class DomainDataModule(pl.LightningDataModule):
                 "heldout_sequences": len(self.sequences(d, "heldout")),
                 "source_documents": s["source_documents"], "source_bytes": s["source_bytes"],
                 "origin": s["origin"],
+                # data.dedup: held-out documents and bytes dropped as duplicates of training
+                **{k: s[k] for k in ("dedup_documents", "dedup_bytes") if k in s},
             })
         return rows

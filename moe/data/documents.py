@@ -19,13 +19,18 @@ How a domain's corpus is chosen (`select`):
    only adds documents: the held-out set of 400 KB is inside the held-out set of 1 MB.
 3. Order: the kept units of all sources in hash order (a group's documents in source order), so
    the first held-out batches already mix every source.
+With `data.dedup` on, held-out units that copy the budgeted training set (more than half their
+bytes in 50-byte windows found in it) are dropped before the held-out side takes its share of the
+budget (moe.data.dedup). The split by unit, the training set and the order stay as above; the
+held-out set is then a function of the budget too (a larger training set can cover more held-out
+units), so it is no longer always inside a larger budget's held-out set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from moe.config import ConfigError
@@ -284,9 +289,13 @@ def balance(docs: Iterable[Document], budget: int, domain: str) -> list[Document
     return [d for k in sorted(kept, key=order) for d in kept[k]]
 
 
-def select(docs: list[Document], budget: int, fraction: float,
-           domain: str) -> tuple[list[Document], list[Document]]:
-    """(train, held-out) of a domain's corpus under its byte budget (the module docstring)."""
+def select(docs: list[Document], budget: int, fraction: float, domain: str,
+           heldout_filter: Callable[[list[Document], list[Document]], list[Document]]
+           | None = None) -> tuple[list[Document], list[Document]]:  # fmt: skip
+    """(train, held-out) of a domain's corpus under its byte budget (the module docstring).
+    `heldout_filter(train, held)`: the held-out documents to keep, given the budgeted training
+    set and the whole held-out side of the split (moe.data.dedup.drop_duplicates); it may only
+    remove documents, and the training set does not depend on what it removes."""
     train_all, held_all = heldout_split(docs, fraction)
     avail_train = sum(len(d.data) for d in train_all)
     avail_held = sum(len(d.data) for d in held_all)
@@ -295,6 +304,11 @@ def select(docs: list[Document], budget: int, fraction: float,
     train_bytes = min(avail_train, take - held_bytes)
     held_bytes = min(avail_held, take - train_bytes)  # training ran out: held-out takes the rest
     train = balance(train_all, train_bytes, domain) if train_bytes else []
+    if heldout_filter is not None and train:
+        held_all = heldout_filter(train, held_all)
+        if not held_all:
+            raise ConfigError(f"data: domain {domain!r}: every held-out document duplicates "
+                              "training (data.dedup dropped them all)")
     held = balance(held_all, held_bytes, domain) if held_bytes else []
     if not train or not held:
         raise ConfigError(
