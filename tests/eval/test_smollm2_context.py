@@ -3,8 +3,9 @@
 Ours: the GGUF imported (moe.io.hf.import_hf, what `moe import` runs) and scored through the
 public API (`evaluate_checkpoint(ckpt, data=parse_data_spec(["text=DIR/*.txt"]), context=2048)`,
 what `moe eval CK --data text=... --context 2048` runs). Theirs: transformers loading the same
-GGUF itself (`from_pretrained(dir, gguf_file=...)`, model and tokenizer: an independent path from
-the file to the weights and the tokens) and lm-evaluation-harness's rolling protocol written out
+GGUF itself (`from_pretrained(dir, gguf_file=...)`, model and tokenizer; our import de-quantizes
+with that same loader, so what this compares is the model code, the tokenizer wrapper, the windows
+and the loss, not the de-quantization) and lm-evaluation-harness's rolling protocol written out
 as a loop: each document tokenized alone without special tokens, its first token predicted after
 the tokenizer's BOS (else EOS), disjoint windows of 2,048 tokens (lm-eval's
 get_rolling_token_windows + make_disjoint_window), one window per forward pass, log-softmax in

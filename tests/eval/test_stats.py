@@ -2,15 +2,22 @@
 
 import math
 import statistics
+import time
 
+import numpy as np
 import pytest
 
 from moe.eval.stats import (
     betainc,
+    bootstrap_groups,
+    expansion,
     format_mean_ci,
     format_number,
     format_summary,
+    holm,
     mean_ci,
+    mean_test_p,
+    paired_bootstrap,
     paired_diff_ci,
     sample_std,
     summarize,
@@ -18,6 +25,7 @@ from moe.eval.stats import (
     t_cdf,
     t_quantile,
     verdict,
+    verdict_with_margin,
 )
 
 # two-sided 95% multipliers from a printed t table (to the table's precision)
@@ -214,3 +222,217 @@ def test_format_summary():
     assert format_summary(None) == "n/a" and format_summary(summarize([])) == "n/a"
     assert format_summary(None, missing="—") == "—"
     assert format_summary({"mean": 0.5}) == "0.500"  # no half-width: the mean alone
+
+
+# ----------------------------------------------------------------------------- bootstrap, Holm
+
+LN2 = math.log(2.0)
+
+
+def _loop_reference(per_seed, iters, seed, shared, expand, level=0.95):
+    """The bootstrap replicates by plain loops over the same random draws as `paired_bootstrap`
+    (seeds first, then the documents: once per replicate when shared, else per drawn seed)."""
+    rng = np.random.default_rng(seed)
+    n = len(per_seed)
+    idx = rng.integers(0, n, size=(iters, n)).tolist()
+    diffs = [[a - b for a, b in zip(na, nb)] for na, nb, _ in per_seed]
+    nbytes = [list(by) for _, _, by in per_seed]
+
+    def ratio(s, docs):
+        return sum(diffs[s][i] for i in docs) / sum(nbytes[s][i] for i in docs) / LN2
+
+    point = [ratio(s, range(len(nbytes[s]))) for s in range(n)]
+    centre = sum(point) / n
+    k = expansion(n, level) if expand else 1.0
+    docs = {}
+    if shared:
+        rows = rng.integers(0, len(nbytes[0]), size=(iters, len(nbytes[0]))).tolist()
+        docs = {(r, j): rows[r] for r in range(iters) for j in range(n)}
+    else:
+        for j in range(n):
+            for s in range(n):
+                rows = [r for r in range(iters) if idx[r][j] == s]
+                draws = rng.integers(0, len(nbytes[s]), size=(len(rows), len(nbytes[s])))
+                docs.update({(r, j): d for r, d in zip(rows, draws.tolist())})
+    reps = []
+    for r in range(iters):
+        vals = [ratio(idx[r][j], docs[r, j]) + (k - 1) * (point[idx[r][j]] - centre)
+                for j in range(n)]
+        reps.append(sum(vals) / n)
+    return centre, reps
+
+
+def _tiny(shared: bool):
+    """3 seeds of 3-5 documents: nats of a, nats of b, bytes."""
+    rng = np.random.default_rng(7)
+    by0 = [120.0, 40.0, 300.0, 75.0]
+    out = []
+    for s in range(3):
+        by = by0 if shared else list(rng.integers(20, 400, size=3 + s).astype(float))
+        nb = [1.6 * b * rng.uniform(0.8, 1.2) for b in by]
+        na = [x - 0.02 * b * rng.normal(1.0, 2.0) for x, b in zip(nb, by)]
+        out.append((na, nb, by))
+    return out
+
+
+@pytest.mark.parametrize("shared,expand", [(True, True), (False, True), (False, False)])
+def test_paired_bootstrap_matches_a_slow_loop(shared, expand):
+    per_seed = _tiny(shared)
+    got = paired_bootstrap(per_seed, iters=300, seed=11, expand=expand,
+                           shared_documents=shared)  # fmt: skip
+    centre, reps = _loop_reference(per_seed, 300, 11, shared, expand)
+    assert got["mean"] == pytest.approx(centre, rel=1e-12)
+    lo, hi = np.quantile(reps, [0.025, 0.975])
+    assert (got["lo"], got["hi"]) == pytest.approx((lo, hi), rel=1e-9)
+    below, above = sum(x <= 0 for x in reps), sum(x >= 0 for x in reps)
+    assert got["p"] == pytest.approx(min(1.0, 2 * (min(below, above) + 1) / 301), rel=1e-12)
+    assert got["shared_documents"] is shared and got["seeds"] == 3 and got["iters"] == 300
+    assert got["expansion"] == (pytest.approx(expansion(3)) if expand else None)
+    # detected: the same bytes in every seed are the same documents
+    assert paired_bootstrap(per_seed, iters=300, seed=11, expand=expand) == got
+
+
+def test_paired_bootstrap_point_is_a_ratio_of_sums():
+    # seed 1: (3 + 4 − 1 − 1) nats over 5 bytes; a mean of per-document bpb would give
+    # (2/1 + 3/4) / 2 / ln 2 instead. Seed 2: 1 nat over 10 bytes.
+    s1 = ([3.0, 4.0], [1.0, 1.0], [1.0, 4.0])
+    s2 = ([6.0], [5.0], [10.0])
+    got = paired_bootstrap([s1, s2], iters=200)
+    assert got["mean"] == pytest.approx((5 / 5 + 1 / 10) / 2 / LN2, rel=1e-12)
+    assert not got["shared_documents"]
+    # one seed: only its documents are resampled, nothing widened
+    one = paired_bootstrap([s1], iters=200)
+    assert one["mean"] == pytest.approx(1 / LN2) and one["expansion"] is None
+    assert one["lo"] <= one["mean"] <= one["hi"]
+
+
+def test_paired_bootstrap_edges_and_determinism():
+    by = [100.0, 200.0, 300.0]
+    same = [([50.0, 90.0, 170.0], [50.0, 90.0, 170.0], by)] * 4
+    got = paired_bootstrap(same, iters=500)
+    assert (got["mean"], got["lo"], got["hi"], got["p"]) == (0.0, 0.0, 0.0, 1.0)
+    # a clear difference: every replicate below zero, p at its floor 2 / (iters + 1)
+    better = [([40.0, 80.0, 150.0], [50.0, 90.0, 170.0], by)] * 4
+    got = paired_bootstrap(better, iters=500)
+    assert got["hi"] < 0 and got["p"] == pytest.approx(2 / 501)
+    per_seed = _tiny(True)
+    assert paired_bootstrap(per_seed, seed=3) == paired_bootstrap(per_seed, seed=3)
+    assert paired_bootstrap(per_seed, seed=3)["lo"] != paired_bootstrap(per_seed, seed=4)["lo"]
+    with pytest.raises(ValueError):
+        paired_bootstrap([([1.0, 2.0], [1.0], [1.0, 1.0])])  # b lacks a document
+    with pytest.raises(ValueError):
+        paired_bootstrap([([1.0], [1.0], [0.0])])  # no bytes
+    with pytest.raises(ValueError):
+        paired_bootstrap(_tiny(False), shared_documents=True)
+    with pytest.raises(ValueError):
+        paired_bootstrap([], iters=10)
+    with pytest.raises(ValueError):
+        paired_bootstrap(per_seed, iters=0)
+
+
+def test_bootstrap_groups_averages_the_domains():
+    a, b = _tiny(True), _tiny(False)
+    got = bootstrap_groups([a, b], iters=400)
+    assert got["mean"] == pytest.approx((paired_bootstrap(a)["mean"]
+                                         + paired_bootstrap(b)["mean"]) / 2, rel=1e-12)
+    assert got["documents"] == 4 + 3 and got["lo"] < got["mean"] < got["hi"]
+    with pytest.raises(ValueError):
+        bootstrap_groups([a, b[:2]])  # every domain needs the same seeds
+
+
+def test_paired_bootstrap_is_fast():
+    rng = np.random.default_rng(0)
+    by = rng.integers(50, 3000, size=350).astype(float)
+    per_seed = [(rng.normal(1.6, 0.1, 350) * by, rng.normal(1.6, 0.1, 350) * by, by)
+                for _ in range(5)]
+    for shared in (True, False):
+        t0 = time.perf_counter()
+        paired_bootstrap(per_seed, iters=2000, shared_documents=shared)
+        assert time.perf_counter() - t0 < 1.0
+
+
+def _coverage(n, seed_sd, doc_sd, studies=200, **kw):
+    """How often the 95% interval covers the true difference over simulated studies: n seeds
+    scoring the same 100 documents, a seed effect, a document effect, and noise."""
+    rng = np.random.default_rng(2024)
+    truth, covered = 0.003, 0
+    for k in range(studies):
+        by = rng.integers(50, 800, size=100).astype(float)
+        seed_fx, doc_fx = rng.normal(0, seed_sd, n), rng.normal(0, doc_sd, 100)
+        per_seed = []
+        for s in range(n):
+            base = rng.normal(2.0, 0.1, 100) * by
+            gap = LN2 * by * (truth + seed_fx[s] + doc_fx + rng.normal(0, 0.02, 100))
+            per_seed.append((base + gap, base, by))
+        got = paired_bootstrap(per_seed, iters=1000, seed=k, **kw)
+        covered += got["lo"] <= truth <= got["hi"]
+    return covered / studies
+
+
+def test_paired_bootstrap_covers_the_truth():
+    # seeds dominate (3 seeds) and documents dominate (5 seeds): the interval holds ~95%
+    assert 0.90 <= _coverage(3, 0.02, 0.001) <= 0.99
+    assert 0.90 <= _coverage(5, 0.0005, 0.05) <= 0.99
+    assert 0.90 <= _coverage(5, 0.005, 0.05) <= 0.99
+    # why the two design choices: a plain percentile bootstrap of 3 seeds is far too narrow,
+    # and resampling each seed's documents on its own averages the shared documents' effect away
+    assert _coverage(3, 0.02, 0.001, expand=False) < 0.85
+    assert _coverage(5, 0.0005, 0.05, shared_documents=False) < 0.85
+
+
+def test_expansion():
+    z = statistics.NormalDist().inv_cdf(0.975)
+    assert expansion(3) == pytest.approx(math.sqrt(1.5) * 4.302653 / z, rel=1e-6)
+    assert expansion(3) == pytest.approx(2.689, abs=1e-3)
+    assert expansion(5) == pytest.approx(1.584, abs=1e-3)
+    assert 1.0 < expansion(1000) < 1.002
+    with pytest.raises(ValueError):
+        expansion(1)
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1 (0.5 × 2), and monotone
+    assert holm([0.02]) == [0.02] and holm([]) == []
+    assert holm([0.01, 0.01, 0.2]) == pytest.approx([0.03, 0.03, 0.2])
+    # Bonferroni bounds it from above, the raw p-values from below
+    ps = [0.001, 0.2, 0.013, 0.04, 0.7, 0.0004]
+    for p, q in zip(ps, holm(ps)):
+        assert p <= q <= min(1.0, len(ps) * p)
+
+
+def test_mean_test_p_by_hand():
+    # [1, 2, 3]: t = 2 / (1 / sqrt 3) = sqrt 12, df 2: p = 1 − t / sqrt(2 + t²) = 1 − sqrt(12/14)
+    assert mean_test_p([1.0, 2.0, 3.0]) == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-10)
+    assert mean_test_p([1.0, -1.0]) == pytest.approx(1.0)
+    assert mean_test_p([0.1, 0.1, 0.1]) == 0.0  # no spread, clearly nonzero
+    assert mean_test_p([1e-12, 1e-12], tie=1e-9) == 1.0  # float noise is no difference
+    assert mean_test_p([0.5]) is None
+    assert math.isnan(mean_test_p([1.0, math.nan]))
+
+
+def test_verdict_with_margin_every_branch():
+    # tie: the whole interval within ±0.01, significant or not (0.0015 bpb near DNA's floor)
+    assert verdict_with_margin(-0.0015, -0.003, -0.0005, 0.001) == "tie"
+    assert verdict_with_margin(0.002, -0.004, 0.009, 0.6) == "tie"
+    # wins / loses: the corrected test rejects and the mean is beyond the margin
+    assert verdict_with_margin(-0.05, -0.07, -0.03, 0.004) == "wins"
+    assert verdict_with_margin(0.05, 0.03, 0.07, 0.004) == "loses"
+    assert verdict_with_margin(-0.01, -0.02, -0.001, 0.01) == "wins"  # |mean| = margin: counts
+    # significant, but the mean within the margin while the interval reaches past it
+    assert verdict_with_margin(-0.006, -0.012, -0.001, 0.02) == "wins (< margin)"
+    assert verdict_with_margin(0.006, 0.001, 0.012, 0.02) == "loses (< margin)"
+    # the same intervals, not significant after the correction
+    assert verdict_with_margin(-0.05, -0.07, -0.03, 0.06) == "not distinguishable"
+    assert verdict_with_margin(-0.006, -0.012, -0.001, 0.2) == "not distinguishable"
+    # an interval across zero is never a win, whatever the p-value says
+    assert verdict_with_margin(-0.05, -0.1, 0.01, 0.01) == "not distinguishable"
+    # alpha and margin are parameters; margin 0 never calls a tie
+    assert verdict_with_margin(-0.05, -0.07, -0.03, 0.06, alpha=0.1) == "wins"
+    assert verdict_with_margin(0.0, 0.0, 0.0, 1.0, margin=0.0) == "not distinguishable"
+    assert verdict_with_margin(0.0, 0.0, 0.0, 1.0) == "tie"  # identical models
+    assert verdict_with_margin(-0.05, -0.07, -0.03, 0.004, margin=0.1) == "tie"
+    # no test, or undefined numbers
+    assert verdict_with_margin(-0.05, None, None, None) == "one seed: not tested"
+    assert verdict_with_margin(math.nan, math.nan, math.nan, 0.01) == "not distinguishable"

@@ -121,4 +121,6 @@ def _study_changed(saved: Path, recipe: Recipe) -> bool:
     re-evaluate, not retrain (evaluations are cached by their settings)."""
     return recipe_changed(saved, recipe, ignore=("study.seeds", "study.eval_data",
                                                  "study.eval_protocol", "study.eval_context",
-                                                 "study.eval_batches"))  # fmt: skip
+                                                 "study.eval_batches",
+                                                 "study.equivalence_margin",
+                                                 "study.bootstrap_iters"))  # fmt: skip

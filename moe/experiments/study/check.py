@@ -60,6 +60,10 @@ def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
     for k in ("budget_steps", "finetune_steps", "eval_batches", "seeds"):
         if getattr(s, k) < 1:
             raise bad(f"study.{k} must be at least 1, got {getattr(s, k)}")
+    if not s.equivalence_margin >= 0.0:
+        raise bad(f"study.equivalence_margin must be at least 0, got {s.equivalence_margin}")
+    if s.bootstrap_iters < 100:
+        raise bad(f"study.bootstrap_iters must be at least 100, got {s.bootstrap_iters}")
     if not 0.0 < s.seed_fraction < 1.0:
         raise bad(f"study.seed_fraction must be in (0, 1), got {s.seed_fraction}")
     if not 0.0 <= s.moe_finetune_fraction <= 10.0:

@@ -70,6 +70,9 @@ class StudyResult:
     eval_sets: list[str] = field(default_factory=list)  # study.eval_data's domains
     eval_protocol: dict | None = None  # how the models were scored (moe.eval.evaluate)
     eval_data: list[str] = field(default_factory=list)  # its specs, as given
+    # the multi-seed report's tests (study.equivalence_margin, study.bootstrap_iters)
+    equivalence_margin: float = 0.01
+    bootstrap_iters: int = 2000
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

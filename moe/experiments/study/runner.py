@@ -393,6 +393,8 @@ class Study:
             eval_sets=sets,
             eval_data=list(s.eval_data),
             eval_protocol=scored.get("protocol"),
+            equivalence_margin=s.equivalence_margin,
+            bootstrap_iters=s.bootstrap_iters,
         )
 
     def samples(self, results: dict) -> str | None:

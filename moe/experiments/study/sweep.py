@@ -5,11 +5,13 @@
 
 Each value's study runs (and resumes) in `<out_dir>/<key>=<value>/` like `moe run`; the sweep
 report gives, per domain, every arm's gain over the compute-matched monolith (paired by seed,
-mean ± 95% CI) against the swept value, and names the crossover where the sign changes.
+mean and 95% interval) against the swept value, with verdicts Holm-corrected across the whole
+sweep, and names the crossover where the sign changes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -139,7 +141,8 @@ class Sweep:
                 per_value.append(self._seed_results(Path(r.out_dir)))
             from moe.experiments.study.report import aggregate
 
-            aggs = [aggregate(res) for res in per_value]
+            # one Holm correction spans every value: each value's bootstrap resolves for all
+            aggs = [aggregate(res, family=len(per_value)) for res in per_value]
             summary = summarize(self.key, self.values, aggs)
             summary["command"] = (
                 f"moe sweep {self.recipe_path or ''} {self.key}={','.join(self.values)} "
@@ -184,14 +187,20 @@ def summarize(key: str, values: list[str], aggs: list[dict]) -> dict:
     labels: list[str] = []
     for a in aggs:
         labels += [lb for lb in a.get("gains", {}) if lb not in labels]
+    from moe.experiments.study.report.verdicts import MARGIN, holm_verdicts
+
+    gains = [copy.deepcopy(a.get("gains") or {}) for a in aggs]
+    # every verdict of the sweep is one family: Holm across all values, arms and domains
+    comparisons = holm_verdicts([(g, a.get("equivalence_margin", MARGIN))
+                                 for g, a in zip(gains, aggs)], aggs[0].get("alpha", 0.05))
     points = []
-    for v, a in zip(values, aggs):
+    for v, a, g in zip(values, aggs, gains):
         ref = a.get("reference_arm")
         ref_model = (a.get("arms") or {}).get(ref)
         m = (a.get("models") or {}).get(ref_model) or {}
         points.append({"value": v, "monolith_flops": m.get("train_flops"),
                        "budget": a.get("budget"), "n": a.get("n"),
-                       "gains": a.get("gains", {}),
+                       "gains": g,
                        "epochs": {lb: (a["models"].get(name) or {}).get("epochs_by_domain")
                                   for lb, name in (a.get("arms") or {}).items()}})
     crossovers: dict[str, dict[str, Any]] = {}
@@ -202,30 +211,39 @@ def summarize(key: str, values: list[str], aggs: list[dict]) -> dict:
             for p in points:
                 g = (p["gains"].get(lb) or {}).get(d) or {}
                 delta = g.get("delta") or {}
-                series.append((p["value"], delta.get("mean"), delta.get("half")))
+                series.append((p["value"], delta.get("mean"), delta.get("half"),
+                               g.get("verdict")))
             crossovers[lb][d] = crossover(series)
     return {"key": key, "values": values, "domains": doms, "arms": labels,
             "reference_arm": aggs[0].get("reference_arm"),
             "experts_arm": aggs[0].get("experts_arm"), "points": points,
-            "crossovers": crossovers, "level": aggs[0].get("level", 0.95)}
+            "crossovers": crossovers, "level": aggs[0].get("level", 0.95),
+            "equivalence_margin": aggs[0].get("equivalence_margin", MARGIN),
+            "comparisons": comparisons}
 
 
-def crossover(series: list[tuple[str, float | None, float | None]]) -> dict[str, Any]:
+def crossover(series: list[tuple]) -> dict[str, Any]:
     """Where an arm's gain (arm − reference; negative = the arm is better) changes sign.
 
-    Returns {"between": [v_i, v_j] or None, "verdicts": [...], "summary": text}. A crossover is
-    named only between consecutive values whose mean gains have opposite signs; it is called
-    "significant" when both ends are distinguishable from zero at the interval's level.
+    series: (value, mean gain, CI half-width[, verdict]) per value. Returns {"between": [v_i, v_j]
+    or None, "verdicts": [...], "summary": text}. A crossover is named only between consecutive
+    values whose mean gains have opposite signs; it is called "significant" when both ends'
+    verdicts say the arm wins or loses: the given verdicts (the sweep's, Holm-corrected across
+    it), else, for results without them, the t interval's at its level, uncorrected.
     """
-    verdicts = [verdict(m, h) if m is not None and not math.isnan(m) else None
-                for _, m, h in series]
-    signs = [None if m is None else (m < 0) for _, m, _ in series]
+    corrected = all(len(s) > 3 for s in series)
+    if corrected:
+        verdicts = [s[3] if s[1] is not None and not math.isnan(s[1]) else None for s in series]
+    else:
+        verdicts = [verdict(s[1], s[2]) if s[1] is not None and not math.isnan(s[1]) else None
+                    for s in series]
+    signs = [None if s[1] is None else (s[1] < 0) for s in series]
     out: dict[str, Any] = {"between": None, "significant": False, "verdicts": verdicts}
     for i in range(len(series) - 1):
         a, b = signs[i], signs[i + 1]
         if a is None or b is None or a == b:
             continue
-        sig = verdicts[i] in ("beats", "loses") and verdicts[i + 1] in ("beats", "loses")
+        sig = all(str(v).startswith(("beats", "wins", "loses")) for v in verdicts[i:i + 2])
         out.update(between=[series[i][0], series[i + 1][0]], significant=sig,
                    direction="the arm starts winning" if b else "the arm stops winning")
         break
@@ -239,9 +257,10 @@ def crossover(series: list[tuple[str, float | None, float | None]]) -> dict[str,
             out["summary"] = "no crossover in range"
     else:
         lo, hi = out["between"]
+        how = "after Holm correction" if corrected else "at 95%"
         out["summary"] = (f"crossover between {lo} and {hi} ({out['direction']}; "
-                          + ("both ends distinguishable at 95%)" if out["significant"]
-                             else "not distinguishable at 95% at both ends)"))
+                          + ("both" if out["significant"] else "not both")
+                          + f" ends distinguishable {how})")
     return out
 
 

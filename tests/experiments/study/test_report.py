@@ -1,10 +1,15 @@
 """Report generator: numbers land in the right cells, plots are real PNGs, partial input is fine."""
 
 import copy
+import dataclasses
 import math
+import re
 
+import numpy as np
 import pytest
+from helpers import DEBUG
 
+from moe.eval.stats import holm, verdict
 from moe.experiments.study.report import (
     aggregate,
     format_delta,
@@ -281,16 +286,24 @@ def test_aggregate_mean_std():
     assert g["delta"]["std"] == pytest.approx(0.05)
     assert g["wins"] == 1
     assert g["delta"]["half"] == pytest.approx(4.302653 * 0.05 / math.sqrt(3), rel=1e-6)
-    assert g["verdict"] == "not distinguishable at 95%"
+    assert g["verdict"] == "not distinguishable"
+    # no per-document scores: Student t over the seeds, p from the paired t-test
+    assert g["test"]["method"] == "t" and g["test"]["p"] == pytest.approx(1.0)
+    assert g["test"]["lo"] == pytest.approx(-g["delta"]["half"])
     verdicts = {d: agg["gains"]["experts (BTX + router)"][d]["verdict"] for d in DOMAINS}
-    assert verdicts == {"text": "not distinguishable at 95%", "code": "beats", "dna": "loses"}
+    assert verdicts == {"text": "not distinguishable", "code": "wins", "dna": "loses"}
     assert agg["gains"]["BTM ensemble"]["dna"]["verdict"] is None  # never evaluated: no test
+    assert agg["gains"]["BTM ensemble"]["dna"]["test"] is None
+    # Holm over every tested cell: 5 arms × (3 domains + mean), less BTM's dna and mean
+    assert agg["comparisons"] == 18
+    assert agg["equivalence_margin"] == 0.01 and agg["bootstrap_iters"] == 2000
     assert agg["gains"]["experts (BTX + router)"]["code"]["delta"]["mean"] == pytest.approx(-0.1)
     assert "monolithic, compute-matched" not in agg["gains"]
     single = aggregate([_seeded(0)])
     assert single["models"]["moe"]["bpb"]["text"]["std"] is None
     assert single["models"]["moe"]["bpb"]["text"]["half"] is None
     assert single["gains"]["experts (BTX + router)"]["code"]["verdict"] == "one seed: not tested"
+    assert single["comparisons"] == 0
     with pytest.raises(ValueError):
         aggregate([])
 
@@ -307,17 +320,22 @@ def test_aggregate_report(tmp_path):
     assert rows["parameter average"][1] == "2.450 ± 0.000"
     assert rows["parameter average"][-1] == "2"
     assert rows["BTM ensemble"][-1] == "0–3"
-    gains_text, verdict_text = section(md, "Gains vs the compute-matched").split("Verdict at 95%")
+    gains_text, verdict_text = section(md, "Gains vs the compute-matched").split("Verdicts (")
     gains = table_rows(gains_text)
     assert gains["experts (BTX + router)"][2] == f"{M}0.100 ± 0.000 ({M}5.9%; 3/3)"
+    # old results (no per-document scores): the method says t over seeds, and why
+    assert "Student t over the seeds' paired differences" in gains_text
+    assert "these results hold no per-document scores" in gains_text
+    assert "Holm-corrected across the table's 18 comparisons" in gains_text
+    assert "equivalence margin 0.01 bpb" in gains_text
     answer = section(md, "Answer")
-    assert f"on **code**: beats, {M}0.100 ± 0.000 bpb ({M}5.9%), lower in 3/3 seeds" in answer
+    assert f"on **code**: wins, {M}0.100 ± 0.000 bpb ({M}5.9%), lower in 3/3 seeds" in answer
     assert "on **dna**: loses, +0.100 ± 0.000 bpb" in answer
-    assert "on **text**: not distinguishable at 95%, +0.000 ± 0.124 bpb" in answer
-    assert "averaged over domains: not distinguishable at 95%" in answer
+    assert "on **text**: not distinguishable, +0.000 ± 0.124 bpb" in answer
+    assert "averaged over domains: not distinguishable" in answer
     verdicts = table_rows(verdict_text)
-    assert verdicts["experts (BTX + router)"] == ["not distinguishable at 95%", "beats", "loses",
-                                                 "not distinguishable at 95%"]
+    assert verdicts["experts (BTX + router)"] == ["not distinguishable (p=1.000)", "wins (p<0.001)",
+                                                 "loses (p<0.001)", "not distinguishable (p=1.000)"]
     assert verdicts["BTM ensemble"][2:] == ["-", "-"]
     assert "mean ± half-width of its 95% confidence interval" in md
     png = (tmp_path / "plots" / "bpb_by_domain.png").read_bytes()
@@ -331,8 +349,9 @@ def test_aggregate_report_one_seed(tmp_path):
     md = write_aggregate_report(aggregate([_seeded(0)]), tmp_path).read_text(encoding="utf-8")
     rows = table_rows(section(md, "Per-domain bits per byte"))
     assert rows["experts (BTX + router)"][1] == "**2.200 (n=1, no CI)**"
-    gains_text, verdict_text = section(md, "Gains vs the compute-matched").split("Verdict at 95%")
+    gains_text, verdict_text = section(md, "Gains vs the compute-matched").split("Verdicts (")
     assert table_rows(gains_text)["experts (BTX + router)"][1] == f"{M}0.050 ({M}2.2%; n=1, no CI)"
+    assert "Verdicts: none tested" in gains_text
     assert table_rows(verdict_text)["experts (BTX + router)"] == ["one seed: not tested"] * 4
     answer = section(md, "Answer")
     assert f"on **text**: one seed: not tested, {M}0.050 bpb ({M}2.2%; n=1, no CI)" in answer
@@ -354,3 +373,165 @@ def test_odd_inputs_do_not_crash(tmp_path):
         "-", "-", "-", "-"]
     write_aggregate_report(aggregate([res, make_results()]), tmp_path / "b")
     write_aggregate_report(aggregate([{"name": "bare"}]), tmp_path / "c")
+
+
+# ------------------------------------------------------------- per-document tests and verdicts
+DOCS = 60
+
+
+def _with_docs(res: dict, i: int) -> dict:
+    """Per-document scores for every model and domain, summing exactly to each bpb: the same
+    documents (bytes) in every seed, a difficulty every model shares, and 1% noise of its own."""
+    rng = np.random.default_rng(1000 + i)
+    shared = np.random.default_rng(5)  # the held-out documents do not depend on the seed
+    nbytes = {d: shared.integers(100, 2000, size=DOCS).astype(float) for d in DOMAINS}
+    hard = {d: 1.0 + 0.3 * shared.standard_normal(DOCS) for d in DOMAINS}
+    for m in res["models"].values():
+        for d, e in (m.get("eval") or {}).items():
+            if e.get("bpb") is None:
+                continue
+            w = hard[d] * (1.0 + 0.01 * rng.standard_normal(DOCS))
+            nats = e["bpb"] * math.log(2) * nbytes[d] * w * nbytes[d].sum() / (nbytes[d] * w).sum()
+            e["per_document"] = {"nats": nats.tolist(), "tokens": [1] * DOCS,
+                                 "bytes": nbytes[d].tolist()}
+    return res
+
+
+def _doc_runs(n: int = 3, **set_bpb) -> list[dict]:
+    runs = [_seeded(i) for i in range(n)]
+    for r in runs:
+        r["models"]["avg"]["eval"]["dna"]["bpb"] = 1.8515  # 0.0015 above the reference: a tie
+        for (name, dom), v in set_bpb.items():
+            r["models"][name]["eval"][dom]["bpb"] = v
+    return [_with_docs(r, i) for i, r in enumerate(runs)]
+
+
+@pytest.fixture(scope="module")
+def doc_agg():
+    return aggregate(_doc_runs())
+
+
+def test_aggregate_bootstraps_seeds_and_documents(doc_agg):
+    exp = doc_agg["gains"]["experts (BTX + router)"]
+    for d in [*DOMAINS, "mean"]:
+        t = exp[d]["test"]
+        assert t["method"] == "bootstrap" and t["iters"] == 2000 and t["shared_documents"]
+        # the point is each seed's ratio of sums, averaged: the seeds' paired mean
+        assert t["mean"] == pytest.approx(exp[d]["delta"]["mean"], abs=1e-9)
+        assert t["lo"] <= t["mean"] <= t["hi"] and 0 < t["p"] <= t["p_holm"] <= 1
+        assert t["expansion"] == pytest.approx(2.689, abs=1e-3)  # 3 seeds
+    assert exp["code"]["test"]["documents"] == DOCS and exp["mean"]["test"]["documents"] == 3 * DOCS
+    assert {d: exp[d]["verdict"] for d in [*DOMAINS, "mean"]} == {
+        "text": "not distinguishable", "code": "wins", "dna": "loses",
+        "mean": "not distinguishable"}
+    # 0.0015 bpb on DNA, every seed: real perhaps, but inside the margin
+    assert doc_agg["gains"]["parameter average"]["dna"]["verdict"] == "tie"
+    # Holm over the whole table (the mean column included), in one family
+    cells = [c["test"] for row in doc_agg["gains"].values() for c in row.values() if c["test"]]
+    assert doc_agg["comparisons"] == len(cells) == 18
+    assert [t["p_holm"] for t in cells] == pytest.approx(holm([t["p"] for t in cells]))
+    assert aggregate(_doc_runs()) == doc_agg  # deterministic
+    assert copy.deepcopy(doc_agg) == doc_agg
+
+
+def test_aggregate_report_states_the_method(doc_agg, tmp_path):
+    md = write_aggregate_report(doc_agg, tmp_path).read_text(encoding="utf-8")
+    gains_text, verdict_text = section(md, "Gains vs the compute-matched").split("Verdicts (")
+    assert ("hierarchical paired bootstrap over the 3 seeds and the held-out documents "
+            f"(text {DOCS}, code {DOCS}, dna {DOCS}), 2,000 resamples") in gains_text
+    assert "Holm-corrected across the table's 18 comparisons" in gains_text
+    assert "equivalence margin 0.01 bpb" in gains_text and "Student t" not in gains_text
+    assert gains_text.index("hierarchical") < gains_text.index("| arm |")  # above the table
+    cell = table_rows(gains_text)["experts (BTX + router)"][2]  # code: [lo, hi], asymmetric
+    assert re.fullmatch(rf"{M}0\.100 \[{M}0\.1\d\d, {M}0\.0\d\d\] \({M}5\.9%; 3/3\)", cell), cell
+    verdicts = table_rows(verdict_text)
+    assert verdicts["experts (BTX + router)"][1] == "wins (p=0.018)"  # 2/2001 × 18
+    assert verdicts["parameter average"][2].startswith("tie (")
+    assert "on **code**: wins, " in section(md, "Answer")
+
+
+def test_holm_turns_an_uncorrected_win_into_not_distinguishable():
+    # BTM on text: −0.05 each seed apart from document noise would be clear; these three seeds
+    # (t over seeds, no per-document scores) give p ≈ 0.013: significant alone, not among 18
+    runs = [_seeded(i) for i in range(3)]
+    for i, r in enumerate(runs):
+        r["models"]["btm"]["eval"]["text"]["bpb"] = 2.25 + 0.05 * i + (-0.05, -0.04, -0.06)[i]
+    g = aggregate(runs)["gains"]["BTM ensemble"]["text"]
+    assert g["test"]["p"] == pytest.approx(1 - 8.660254 / math.sqrt(2 + 75), abs=1e-6)
+    assert g["test"]["p"] < 0.05 <= g["test"]["p_holm"]
+    assert verdict(g["delta"]["mean"], g["delta"]["half"]) == "beats"  # yesterday's verdict
+    assert g["verdict"] == "not distinguishable"
+
+
+def test_cells_without_documents_fall_back_to_t(tmp_path):
+    runs = _doc_runs()
+    del runs[1]["models"]["moe"]["eval"]["code"]["per_document"]
+    agg = aggregate(runs)
+    exp = agg["gains"]["experts (BTX + router)"]
+    assert [exp[d]["test"]["method"] for d in [*DOMAINS, "mean"]] == [
+        "bootstrap", "t", "bootstrap", "t"]  # the mean needs every domain's documents
+    assert exp["code"]["verdict"] == "wins"
+    md = write_aggregate_report(agg, tmp_path).read_text(encoding="utf-8")
+    assert "Elsewhere: Student t over the seeds' paired differences" in md
+    # documents of another set (another count) are not paired: t as well
+    runs = _doc_runs()
+    runs[0]["models"]["moe"]["eval"]["text"]["per_document"]["bytes"][0] += 1
+    assert aggregate(runs)["gains"]["experts (BTX + router)"]["text"]["test"]["method"] == "t"
+
+
+def test_margin_and_iterations_come_from_the_results(tmp_path):
+    runs = _doc_runs()
+    for r in runs:
+        r.update(equivalence_margin=0.2, bootstrap_iters=2500)
+    agg = aggregate(runs)
+    assert agg["equivalence_margin"] == 0.2 and agg["bootstrap_iters"] == 2500
+    exp = agg["gains"]["experts (BTX + router)"]
+    assert exp["code"]["test"]["iters"] == 2500
+    assert exp["code"]["verdict"] == "tie"  # −0.1 bpb is within ±0.2
+    assert aggregate(runs, margin=0.0)["gains"]["parameter average"]["dna"]["verdict"] != "tie"
+    # too few resamples for 18 comparisons: raised until the smallest p, 2 / (B + 1), survives
+    # Holm (B + 1 ≥ 4 · 18 / 0.05); a sweep of 4 values corrects 4 such tables together
+    few = aggregate(runs, iters=100, margin=0.01)
+    assert few["gains"]["experts (BTX + router)"]["dna"]["test"]["iters"] == 1439
+    assert few["gains"]["seed"]["dna"]["verdict"] == "loses"
+    sweep = aggregate(runs, iters=100, family=4)
+    assert sweep["gains"]["seed"]["dna"]["test"]["iters"] == 5759
+    md = write_aggregate_report(few, tmp_path).read_text(encoding="utf-8")
+    assert "1,439 resamples (study.bootstrap_iters 100, raised so that" in md
+
+
+def test_sweep_corrects_across_every_value(doc_agg):
+    from moe.experiments.study.report.sweep import render_sweep_report
+    from moe.experiments.study.sweep import summarize
+
+    before = copy.deepcopy(doc_agg)
+    summary = summarize("study.budget_steps", ["100", "200"], [doc_agg, doc_agg])
+    assert doc_agg == before  # each value's own verdicts are left as they were
+    assert summary["comparisons"] == 36
+    cells = [c["test"] for p in summary["points"] for row in p["gains"].values()
+             for c in row.values() if c["test"]]
+    assert [t["p_holm"] for t in cells] == pytest.approx(holm([t["p"] for t in cells]))
+    assert cells[0]["p_holm"] >= doc_agg["gains"]["experts (BTX + router)"]["text"]["test"][
+        "p_holm"]
+    code = summary["points"][0]["gains"]["experts (BTX + router)"]["code"]
+    assert code["verdict"] == "wins" and code["test"]["p_holm"] == pytest.approx(36 * 2 / 2001)
+    md = render_sweep_report(summary)
+    assert "Holm-corrected across all 36 comparisons of this sweep" in md
+    row = table_rows(section(md, "code"))["100"]
+    assert row[1].startswith(f"{M}0.100 [") and row[1].endswith("(wins)")
+
+
+def test_study_settings_are_checked():
+    from moe.config import ConfigError, StudyConfig, load_recipe
+    from moe.experiments.study.check import check_recipe
+    from moe.experiments.study.records import StudyResult
+
+    for over, msg in (("study.equivalence_margin=-0.01", "equivalence_margin must be at least 0"),
+                      ("study.bootstrap_iters=99", "bootstrap_iters must be at least 100")):
+        with pytest.raises(ConfigError, match=msg):
+            check_recipe(load_recipe(DEBUG / "study.yaml", [over]))
+    check_recipe(load_recipe(DEBUG / "study.yaml", ["study.equivalence_margin=0",
+                                                    "study.bootstrap_iters=100"]))
+    fields = {f.name: f.default for f in dataclasses.fields(StudyResult)}
+    assert fields["equivalence_margin"] == StudyConfig().equivalence_margin
+    assert fields["bootstrap_iters"] == StudyConfig().bootstrap_iters

@@ -33,6 +33,18 @@ def test_crossover_is_named_where_the_sign_changes():
     assert none["between"] is None and "behind at every value" in none["summary"]
     one_seed = crossover([("1", 0.05, None), ("2", -0.03, None)])
     assert one_seed["between"] == ["1", "2"] and not one_seed["significant"]
+    assert "not both ends distinguishable at 95%" in one_seed["summary"]
+
+
+def test_crossover_uses_the_sweeps_corrected_verdicts():
+    # the intervals alone would call both ends; the sweep's Holm-corrected verdicts do not
+    got = crossover([("1", 0.05, 0.01, "loses"), ("2", -0.05, 0.01, "not distinguishable")])
+    assert got["between"] == ["1", "2"] and not got["significant"]
+    assert got["verdicts"] == ["loses", "not distinguishable"]
+    assert "not both ends distinguishable after Holm correction" in got["summary"]
+    got = crossover([("1", 0.05, 0.01, "loses (< margin)"), ("2", -0.05, 0.01, "wins")])
+    assert got["significant"] and "both ends distinguishable after Holm" in got["summary"]
+    assert not crossover([("1", 0.005, 0.001, "tie"), ("2", -0.05, 0.01, "wins")])["significant"]
 
 
 @pytest.mark.slow

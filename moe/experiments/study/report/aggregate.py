@@ -1,10 +1,12 @@
 """Several seeds of one study: `aggregate` combines their results, and its report.
 
-Every number is a mean over seeds with the half-width of its 95% confidence interval (Student t,
+Every bpb is a mean over seeds with the half-width of its 95% confidence interval (Student t,
 n − 1 degrees of freedom; `moe.eval.stats`). Gains over the reference are paired: each seed's
-arm − reference difference first, then the interval of those differences, whose sign decides
-"beats", "loses" or "not distinguishable at 95%". With one seed there is no interval and nothing
-is tested.
+arm − reference difference first; their interval and test combine the seeds and the held-out
+documents (a hierarchical paired bootstrap) when every seed kept its per-document scores, else
+Student t over the seeds (./verdicts.py). The verdicts ("wins", "loses", "tie" within the
+equivalence margin, "not distinguishable") are Holm-corrected across each table. With one seed
+there is no interval and nothing is tested.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moe.eval.stats import summarize, summarize_paired, verdict
+from moe.eval.stats import summarize, summarize_paired
 from moe.experiments.study.report.format import (
     TIE,
     bold,
@@ -36,6 +38,17 @@ from moe.experiments.study.report.results import (
     model_bpb,
     reference,
 )
+from moe.experiments.study.report.verdicts import (
+    ITERS,
+    MARGIN,
+    bootstrap_resamples,
+    documents,
+    gain_test,
+    holm_verdicts,
+    interval_text,
+    method_text,
+    p_text,
+)
 from moe.io.checkpoint import atomic_write_text
 
 LEVEL = 0.95  # confidence level of every interval in the aggregate report
@@ -51,17 +64,25 @@ def _paired(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
     return summarize_paired(xs, ys, LEVEL, detail=True)
 
 
-def aggregate(results_list: list[dict]) -> dict:
+def aggregate(results_list: list[dict], *, margin: float | None = None,
+              iters: int | None = None, family: int = 1) -> dict:  # fmt: skip
     """Combine the results of N seeds of one study into per-arm mean ± 95% CI (and sample std).
 
-    Gains are paired: each seed's arm − reference difference first, then mean ± CI over seeds
-    (the seed-to-seed noise shared by both arms cancels), and a verdict per domain from that
-    interval (`moe.eval.stats.verdict`). A model or domain missing in some seeds contributes only
-    the seeds that have it; `n` says how many.
+    Gains are paired: each seed's arm − reference difference first, summarized over seeds
+    ("delta": the seed-to-seed noise shared by both arms cancels), then tested ("test": a
+    bootstrap over seeds and documents, or t over seeds; ./verdicts.py) and given a verdict,
+    Holm-corrected across the table, with the equivalence margin. `margin` and `iters` (bootstrap
+    resamples) default to the study's (`study.equivalence_margin`, `study.bootstrap_iters`,
+    recorded in each results.json); `iters` is raised where the table's comparisons, times
+    `family` (how many such tables one correction spans: a sweep's values), need finer p-values.
+    A model or domain missing in some seeds contributes only the seeds that have it; `n` says
+    how many.
     """
     if not results_list:
         raise ValueError("aggregate: no results")
     first = results_list[0]
+    margin = float(first.get("equivalence_margin", MARGIN) if margin is None else margin)
+    iters = int(first.get("bootstrap_iters", ITERS) if iters is None else iters)
     doms = domains(first)
     arms: dict[str, str] = {}
     for r in results_list:
@@ -89,13 +110,16 @@ def aggregate(results_list: list[dict]) -> dict:
         models[name] = entry
 
     gain: dict[str, dict[str, dict[str, Any]]] = {}
+    pending: list[tuple[dict, list[float], list[list] | None]] = []  # cells to test
     if ref is not None:
         for label, name in arms.items():
             if label == ref[0]:
                 continue
             row: dict[str, dict[str, Any]] = {}
             for d in [*doms, "mean"]:
+                cols = doms if d == "mean" else [d]
                 xs, ys, rels, wins = [], [], [], 0
+                groups: list[list] | None = [[] for _ in cols]
                 for r in results_list:
                     ms = r.get("models") or {}
                     a, b = ms.get(name), ms.get(ref[1])
@@ -110,20 +134,36 @@ def aggregate(results_list: list[dict]) -> dict:
                     ys.append(y)
                     rels.append(100.0 * (x - y) / y if y else math.nan)
                     wins += x - y < -TIE
-                delta = _paired(xs, ys)
-                row[d] = {"delta": delta, "rel_pct": _stats(rels), "wins": wins,
-                          "verdict": verdict(delta["mean"], delta["half"], LEVEL, TIE)
-                          if delta["n"] else None}
+                    docs = [documents(a, b, e) for e in cols]
+                    if groups is not None and all(docs):
+                        for g, doc in zip(groups, docs):
+                            g.append(doc)
+                    else:
+                        groups = None  # a seed without per-document scores: t over seeds
+                row[d] = {"delta": _paired(xs, ys), "rel_pct": _stats(rels), "wins": wins}
+                pending.append((row[d], [x - y for x, y in zip(xs, ys)], groups))
             gain[label] = row
+    # the resamples must resolve p-values small enough to survive the correction
+    tested = sum(len(diffs) > 1 for _, diffs, _ in pending)
+    resamples = bootstrap_resamples(iters, tested * family, 1.0 - LEVEL)
+    for cell, diffs, groups in pending:
+        cell["test"] = gain_test(diffs, groups, resamples, LEVEL)
+    comparisons = holm_verdicts([(gain, margin)], 1.0 - LEVEL)
 
     views = [v for r in results_list if (v := eval_sets_view(r)) is not None]
     return {
-        "eval_sets": aggregate(views) if views else None,  # study.eval_data, the same tables
+        # study.eval_data, the same tables (a table of its own: corrected on its own)
+        "eval_sets": aggregate(views, margin=margin, iters=iters, family=family) if views
+        else None,
         "eval_data": first.get("eval_data") or [],
         "name": first.get("name"),
         "seeds": [r.get("seed") for r in results_list],
         "n": len(results_list),
         "level": LEVEL,
+        "alpha": 1.0 - LEVEL,
+        "equivalence_margin": margin,
+        "bootstrap_iters": iters,
+        "comparisons": comparisons,  # the tests Holm-corrected together (the gains table)
         "domains": doms,
         "experts": first.get("experts"),
         "split_method": first.get("split_method"),
@@ -175,37 +215,47 @@ def _bpb_table(agg: dict, arms: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def _gain_cell(g: dict) -> str:
+    """One gains cell: the gain with its interval, the relative change, seeds where lower."""
+    pct_cell = format_pct(g["rel_pct"]["mean"])
+    if g["delta"]["half"] is None:
+        return f"{format_delta(g['delta']['mean'])} ({pct_cell}; n=1, no CI)"
+    return f"{interval_text(g.get('test'), g['delta'])} ({pct_cell}; {g['wins']}/{g['delta']['n']})"
+
+
+def _verdict_cell(g: dict) -> str:
+    """A verdict with its Holm-adjusted p-value: "wins (p=0.012)"."""
+    if not g.get("verdict"):
+        return "-"
+    p = p_text(g.get("test"))
+    return f"{g['verdict']} ({p})" if p else g["verdict"]
+
+
 def _gains_tables(agg: dict, arms: list[tuple[str, str]]) -> list[str]:
-    """Paired gains vs the reference per domain, and the verdict table."""
+    """Paired gains vs the reference per domain, and the verdict table, under their method."""
     doms, gains = list(agg.get("domains") or []), agg.get("gains") or {}
     ref, pct = agg.get("reference_arm"), f"{100 * agg.get('level', LEVEL):g}%"
     lines: list[str] = []
     if ref and gains:
+        margin = agg.get("equivalence_margin", MARGIN)
+        lines.append(method_text(gains, doms, agg.get("n", 0), agg.get("level", LEVEL), margin,
+                                 agg.get("comparisons", 0), agg.get("bootstrap_iters", ITERS)))
+        lines.append("")
         lines.append(f"Reference: {ref}. Cells: Δbpb = arm − reference paired per seed "
-                     f"(negative = better), mean ± {pct} CI; mean relative change; seeds where "
-                     "the arm is lower.")
+                     f"(negative = better), mean and {pct} interval; mean relative change; "
+                     "seeds where the arm is lower.")
         lines.append("")
         rows, verdicts = [], []
         arm_model = dict(arms)
         for label, row in gains.items():
-            cells = []
-            for d in [*doms, "mean"]:
-                g = row[d]
-                if not g["delta"]["n"]:
-                    cells.append("-")
-                    continue
-                pct_cell = format_pct(g["rel_pct"]["mean"])
-                if g["delta"]["half"] is None:
-                    cells.append(f"{format_delta(g['delta']['mean'])} ({pct_cell}; n=1, no CI)")
-                else:
-                    cells.append(f"{_ci(g['delta'], signed=True)} "
-                                 f"({pct_cell}; {g['wins']}/{g['delta']['n']})")
+            cells = [_gain_cell(row[d]) if row[d]["delta"]["n"] else "-"
+                     for d in [*doms, "mean"]]
             rows.append([label, f"`{arm_model.get(label, '-')}`", *cells])
-            verdicts.append([label, *(row[d]["verdict"] or "-" for d in [*doms, "mean"])])
+            verdicts.append([label, *(_verdict_cell(row[d]) for d in [*doms, "mean"])])
         lines.append(format_table(["arm", "model", *doms, "mean"], rows,
                                   ["l", "l"] + ["r"] * (len(doms) + 1)))
-        lines += ["", f"Verdict at {pct}: \"beats\" / \"loses\" when the paired interval "
-                  "lies wholly below / above zero.", ""]
+        lines += ["", f"Verdicts (Holm-adjusted p in parentheses; \"tie\": the {pct} interval "
+                  f"lies within ±{margin:g} bpb):", ""]
         lines.append(format_table(["arm", *doms, "mean"], verdicts,
                                   ["l"] + ["r"] * (len(doms) + 1)))
     else:
@@ -233,7 +283,7 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
         f"split method: {agg.get('split_method', '-')}",
         f"- every number is mean ± half-width of its {pct} confidence interval over seeds "
         "(Student t, n − 1 degrees of freedom); a value from a single seed reads "
-        "\"n=1, no CI\"",
+        "\"n=1, no CI\"; gains over the reference are tested as their section says",
     ]
     if agg.get("n") == 1:
         lines.append("- one seed: no confidence intervals, so no difference below is tested")
@@ -241,9 +291,10 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
     ref, exp = agg.get("reference_arm"), agg.get("experts_arm")
     gains = agg.get("gains") or {}
     if ref and exp in gains:
-        parts = [f"**{exp}** vs **{ref}**, Δbpb = experts − reference paired per seed, mean ± "
-                 f"{pct} CI (negative = better); \"beats\" / \"loses\" where the interval "
-                 "excludes zero:"]
+        parts = [f"**{exp}** vs **{ref}**, Δbpb = experts − reference paired per seed, mean and "
+                 f"{pct} interval (negative = better), verdicts Holm-corrected across the gains "
+                 f"table, \"tie\" within ±{agg.get('equivalence_margin', MARGIN):g} bpb (the "
+                 "method is stated above that table):"]
         for d in [*doms, "mean"]:
             g = gains[exp][d]
             n = g["delta"]["n"]
@@ -257,8 +308,8 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
                 parts.append(f"{where}: {g['verdict']}, {format_delta(g['delta']['mean'])} bpb "
                              f"({pct_cell}; n=1, no CI);")
                 continue
-            parts.append(f"{where}: {g['verdict']}, {_ci(g['delta'], signed=True)} bpb "
-                         f"({pct_cell}), lower in {g['wins']}/{n} seeds;")
+            parts.append(f"{where}: {g['verdict']}, {interval_text(g.get('test'), g['delta'])} "
+                         f"bpb ({pct_cell}), lower in {g['wins']}/{n} seeds;")
         parts[-1] = parts[-1][:-1] + "."
         lines.append(" ".join(parts))
     else:

@@ -16,14 +16,22 @@ from moe.experiments.study.report.format import (
     is_num,
 )
 from moe.experiments.study.report.plots import PLOTS_DIR, _figure, _save
+from moe.experiments.study.report.verdicts import interval_text
 from moe.io.checkpoint import atomic_write_text
 
 SWEEP_PLOT = "gain_vs_sweep.png"
 
 
+def _cell(point: dict, label: str, domain: str) -> dict:
+    return ((point.get("gains") or {}).get(label) or {}).get(domain) or {}
+
+
 def _gain(point: dict, label: str, domain: str) -> tuple[Any, Any, Any]:
-    g = ((point.get("gains") or {}).get(label) or {}).get(domain) or {}
-    d = g.get("delta") or {}
+    """(mean gain, its error bar: a half-width or (below, above) the mean, verdict)."""
+    g = _cell(point, label, domain)
+    d, t = g.get("delta") or {}, g.get("test") or {}
+    if t.get("method") == "bootstrap" and is_num(t.get("lo")) and is_num(t.get("hi")):
+        return t["mean"], (t["mean"] - t["lo"], t["hi"] - t["mean"]), g.get("verdict")
     return d.get("mean"), d.get("half"), g.get("verdict")
 
 
@@ -52,15 +60,17 @@ def plot_sweep(summary: dict, path: Path) -> bool:
     axes = fig.subplots(1, len(doms), sharey=False)
     for ax, d in zip(axes, doms):
         for label in labels:
-            ys, errs, px = [], [], []
+            ys, below, above, px = [], [], [], []
             for x, p in zip(xs, summary["points"]):
                 m, h, _ = _gain(p, label, d)
                 if is_num(m):
                     px.append(x)
                     ys.append(m)
-                    errs.append(h if is_num(h) else 0.0)
+                    lo, hi = h if isinstance(h, tuple) else (h, h)
+                    below.append(max(lo, 0.0) if is_num(lo) else 0.0)
+                    above.append(max(hi, 0.0) if is_num(hi) else 0.0)
             if px:
-                ax.errorbar(px, ys, yerr=errs, marker="o", capsize=3, label=label)
+                ax.errorbar(px, ys, yerr=[below, above], marker="o", capsize=3, label=label)
         ax.axhline(0.0, color="black", linewidth=0.8)
         if logx:
             from matplotlib.ticker import NullFormatter
@@ -83,7 +93,20 @@ def render_sweep_report(summary: dict, plot: bool = False) -> str:
     lines = [f"# moe-forge sweep report: {key}", "",
              f"- swept: `{key}` over {', '.join(summary['values'])}; {n} seed(s) per value",
              f"- reference: {ref}; every cell is arm − reference in bits per byte, paired by "
-             f"seed, mean ± {level}% CI (t distribution); negative means the arm is better", ""]
+             f"seed, mean and {level}% interval (\"[lo, hi]\": hierarchical bootstrap over "
+             "seeds and held-out documents; \"± half-width\": Student t over seeds, where the "
+             "results hold no per-document scores); negative means the arm is better"]
+    if "comparisons" in summary:
+        margin = summary.get("equivalence_margin", 0.01)
+        lines.append(f"- verdicts: Holm-corrected across all {summary['comparisons']} "
+                     "comparisons of this sweep (every value, arm and domain, the mean "
+                     f"included), α = {1 - summary.get('level', 0.95):.2g}; \"tie\": the "
+                     f"interval lies within ±{margin:g} bpb (the equivalence margin); crossovers "
+                     "are called distinguishable on these verdicts")
+    else:
+        lines.append("- verdicts: each value's own, uncorrected (results written before the "
+                     "sweep's Holm correction)")
+    lines.append("")
     lines += ["## Crossovers", ""]
     for label in summary["arms"]:
         cross = summary["crossovers"].get(label) or {}
@@ -98,8 +121,10 @@ def render_sweep_report(summary: dict, plot: bool = False) -> str:
         for p in summary["points"]:
             row = [p["value"], format_flops(p.get("monolith_flops"))]
             for label in summary["arms"]:
-                m, h, v = _gain(p, label, d)
-                row.append(f"{format_mean_ci(m, h, signed=True)}" + (f" ({v})" if v else ""))
+                g = _cell(p, label, d)
+                text = (interval_text(g.get("test"), g["delta"]) if g.get("delta")
+                        else format_mean_ci(None, None))
+                row.append(text + (f" ({g['verdict']})" if g.get("verdict") else ""))
             rows.append(row)
         lines.append(format_table([key, "monolith FLOPs", *summary["arms"]], rows,
                                   ["l", "r"] + ["r"] * len(summary["arms"])))
