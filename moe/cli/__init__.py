@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stage", help="re-run or resume this one stage (e.g. branch-code, eval)")
     sp.add_argument("--seeds", type=COUNT1, default=None,
                     help="repeat with N seeds (default: study.seeds); mean ± 95%% CI")
+    sp.add_argument("--jobs", type=int_in(-INT32_MAX, INT32_MAX), default=1, metavar="N",
+                    help="run the seeds' studies (one seed: the training stages whose inputs "
+                    "are built) in up to N processes at once (default 1); the same results")
     sp.add_argument("--dry-run", action="store_true", help="print the stage plan and budget only")
     sp.add_argument("--list-arms", action="store_true", help="list the study arms and exit")
 
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace a different sweep's directory")
     sp.add_argument("--seeds", type=COUNT1, default=None,
                     help="seeds per value (default: study.seeds)")
+    sp.add_argument("--jobs", type=int_in(-INT32_MAX, INT32_MAX), default=1, metavar="N",
+                    help="each value's seeds (or training stages) in up to N processes at once")
     sp.add_argument("--dry-run", action="store_true", help="print every value's stage plan only")
 
     sp = sub.add_parser("eval", help="per-domain held-out loss and bits per byte",

@@ -30,7 +30,7 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from moe.experiments import experiment_of
-    from moe.experiments.study import dry_run, run_study
+    from moe.experiments.study import check_jobs, dry_run, run_study
 
     if args.list_arms:
         from moe.experiments.study.arms import ARMS
@@ -40,9 +40,13 @@ def cmd_run(args) -> int:
         return 0
     if args.recipe is None:
         raise ConfigError("moe run needs a recipe file (or --list-arms)")
+    check_jobs(args.jobs, args.stage)
     recipe = _recipe(args)
     experiment = experiment_of(recipe)  # init_study, ... (moe/experiments/); else the study
     if experiment is not None:
+        if args.jobs > 1:
+            raise ConfigError(f"--jobs runs a study's seeds or stages in parallel; the "
+                              f"{experiment.section} experiment runs in one process: drop --jobs")
         if args.dry_run:
             print(experiment.plan(recipe, args.seeds))
         else:
@@ -51,16 +55,19 @@ def cmd_run(args) -> int:
     if args.dry_run:  # the run's own checks, then its plan
         print(dry_run(recipe, only=args.stage, seeds=args.seeds))
         return 0
-    report = run_study(recipe, only=args.stage, seeds=args.seeds, recipe_path=args.recipe)
+    report = run_study(recipe, only=args.stage, seeds=args.seeds, recipe_path=args.recipe,
+                       jobs=args.jobs)
     print(report)
     return 0
 
 
 def cmd_sweep(args) -> int:
+    from moe.experiments.study import check_jobs
     from moe.experiments.study.sweep import run_sweep
 
+    check_jobs(args.jobs)
     out = run_sweep(args.recipe, list(args.overrides), seeds=args.seeds,
-                    overwrite=args.overwrite, dry_run=args.dry_run)
+                    overwrite=args.overwrite, dry_run=args.dry_run, jobs=args.jobs)
     print(out)
     return 0
 

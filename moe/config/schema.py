@@ -211,12 +211,18 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    # which parameters are trained: all | ffn (FFNs and experts, no routers) | experts (MoE
+    # which parameters are trained: all | ffn (FFNs and experts, no routers) | moe (FFNs, experts
+    # and routers: attention, norms and embeddings frozen, as BTX's option) | experts (MoE
     # experts only) | router (routers only) | embeddings (token embedding and head, e.g. after
     # moe retokenize); None = the stage's own choice (all; ffn with branch.freeze_shared; router
     # with router.freeze_experts). Frozen ones stay in AdamW's groups without gradients, so a
     # run may fork from one that trained another set.
     trainable: str | None = None
+    # a torch file of AdamW moments to start from (moe.surgery.optim_state.write_moe_adam_state:
+    # {parameter name: {exp_avg, exp_avg_sq, step}}, e.g. a BTX MoE's from its branches); loaded
+    # into the fresh optimizer of a run that is neither a resume nor a fork. The LR schedule is
+    # still this run's own (warm-up included); only the moments and AdamW's step carry over.
+    init_state: str | None = None
 
 
 @dataclass
@@ -284,6 +290,10 @@ class StudyConfig:
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     experts: list[str] = field(default_factory=lambda: list(DOMAINS))  # one expert per domain
     budget_steps: int = 200  # the monolith's steps, seed included: every arm's compute budget
+    # the budget in training FLOPs instead (0: use budget_steps): the monolith's steps are then
+    # budget_flops / its FLOPs per step, so models of different sizes get the same compute
+    # (a `moe sweep` over model sizes at fixed FLOPs finds the compute-optimal size)
+    budget_flops: float = 0.0
     seed_fraction: float = 0.5  # share of the budget trained as the shared seed before branching
     moe_finetune_fraction: float = 0.2  # BTX MoE fine-tune FLOPs / branch FLOPs (BTX Table 3)
     split_method: str = "copy"  # copy | random | kmeans | activation (partitions: rewarm only)
@@ -298,6 +308,12 @@ class StudyConfig:
     router_top_k: int = 2  # with renormalised weights, top-1 would leave the router no gradient
     router_init: str = "domain_mean"  # random | domain_mean
     router_lr: float = 1e-2  # peak LR of the MoE fine-tune (a fresh schedule, as in BTX)
+    # what the BTX MoE fine-tune trains: all | moe (FFN layers and routers; attention, norms and
+    # embeddings frozen)
+    moe_trainable: str = "all"
+    # the MoE fine-tune's AdamW: fresh (zero moments) | continue (the branches' moments: each
+    # expert its branch's, shared weights their mean or the seed's, the router zero)
+    moe_optimizer: str = "fresh"
     # how every model is scored (moe.eval.evaluate): "rolling" (as `moe eval`: every held-out
     # document whole in disjoint windows of eval_context tokens, default each model's
     # max_seq_len) or "chunks" (the packed stream in data.seq_len chunks, eval_batches batches)
@@ -354,5 +370,5 @@ class Recipe:
 
 
 STAGES = ("dense", "branch", "joint", "router")
-TRAINABLE = ("all", "ffn", "experts", "router", "embeddings")
+TRAINABLE = ("all", "ffn", "moe", "experts", "router", "embeddings")
 STREAMS = ("mixed", "separate", "per_domain")

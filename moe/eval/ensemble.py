@@ -7,6 +7,13 @@ and the ensemble's probability of x_t is sum_e w_e(t) p_e(x_t | x_<t): exact Bay
 averaging over the branches, using only the context (no peeking at x_t). Under the rolling
 protocol (the default, as `moe eval`), x is a whole held-out document: each branch scores each
 token in its window of the document, and the weights use everything before it in the document.
+
+`route="centroid"` is c-BTM's top-1 routing (Gururangan et al. 2023) with the domains as its
+clusters: each token is predicted by the one branch whose domain's unigram centroid (its
+training tokens' frequency vector, unit length) is nearest, in cosine similarity, to the token
+counts of the context before it. The router costs a lookup per token, so the ensemble's
+inference is one branch's; before any context (a document's first token) it takes the first
+branch.
 """
 
 from __future__ import annotations
@@ -37,16 +44,40 @@ def ensemble_logprobs(token_logprobs_EBL: torch.Tensor, mask_BL: torch.Tensor) -
     return torch.logsumexp(log_w + lp, dim=0)  # (B, L)
 
 
+def centroids(train_tokens: list[np.ndarray], vocab_size: int) -> np.ndarray:
+    """(E, V): each domain's training-token frequencies as a unit vector (c-BTM's router)."""
+    out = np.zeros((len(train_tokens), vocab_size), dtype=np.float64)
+    for e, toks in enumerate(train_tokens):
+        counts = np.bincount(np.asarray(toks, dtype=np.int64), minlength=vocab_size)
+        out[e] = counts[:vocab_size] / max(float(np.linalg.norm(counts[:vocab_size])), 1e-12)
+    return out
+
+
+def centroid_routes(tokens: np.ndarray, cent: np.ndarray) -> np.ndarray:
+    """(n,): the branch each position's token is predicted by: the centroid with the largest
+    cosine similarity to the counts of the tokens before it (the counts' norm is the same for
+    every branch, so only the dot products are compared); ties go to the lower index."""
+    score = cent[:, np.asarray(tokens, dtype=np.int64)]  # (E, n): centroid weight of each token
+    seen = np.cumsum(score, axis=1) - score  # exclusive: the context before position t
+    return seen.argmax(axis=0)
+
+
 def _rolling_mixture(models: list[Transformer], docs, prefix: int, context: int,
-                     stride: int | None, batch_size: int, pad_id: int) -> np.ndarray:  # fmt: skip
+                     stride: int | None, batch_size: int, pad_id: int,
+                     cent: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Each document's NLL (nats) under the ensemble: every member scores every token under the
     rolling protocol (moe.eval.rolling), and the weights use the evidence of the whole document
-    before each token (across windows)."""
+    before each token (across windows); with `cent`, top-1 routing by centroid instead."""
     per_member = [score_documents(m, docs, prefix, context, stride, batch_size, pad_id,
                                   per_token=True).token_nats for m in models]  # fmt: skip
     out = np.zeros(len(docs), dtype=np.float64)
     for i in range(len(docs)):
-        lp = torch.from_numpy(np.stack([-t[i] for t in per_member]))[:, None, :]  # (E, 1, n)
+        nats = np.stack([t[i] for t in per_member])  # (E, n)
+        if cent is not None:
+            route = centroid_routes(docs[i][0], cent)
+            out[i] = float(nats[route, np.arange(nats.shape[1])].sum())
+            continue
+        lp = torch.from_numpy(-nats)[:, None, :]  # (E, 1, n)
         mask = torch.ones(lp.shape[1:], dtype=torch.bool)
         out[i] = -float(ensemble_logprobs(lp, mask).sum())
     return out
@@ -67,13 +98,21 @@ def evaluate_ensemble(
     protocol: str = "rolling",
     context: int | None = None,
     stride: int | None = None,
+    route: str = "posterior",
+    route_domains: list[str] | None = None,
 ) -> dict:
     """{"protocol": ..., "domains": {domain: {loss, bpb, tokens, bytes, ...}}} for the
     posterior-weighted ensemble, under `protocol` as moe.eval.evaluate.evaluate_model reads it
     ("rolling": every held-out document whole, `context` default the members' shortest
     max_seq_len; "chunks": `max_batches` packed batches, default 16).
     `tokenizer`: the members' one tokenizer (default `data.tokenizer`, else byte);
-    `heldout_only`: domains whose every document is held out (an evaluation set)."""
+    `heldout_only`: domains whose every document is held out (an evaluation set).
+    `route`: "posterior" (BTM's mixture) or "centroid" (c-BTM top-1; `route_domains` names
+    each member's domain, whose training tokens make its centroid)."""
+    if route not in ("posterior", "centroid"):
+        raise ConfigError(f"unknown ensemble routing {route!r} (posterior, centroid)")
+    if route == "centroid" and (route_domains is None or len(route_domains) != len(models)):
+        raise ConfigError("centroid routing needs one domain per ensemble member")
     if protocol == "rolling":
         ctx = check_protocol(context, stride, None, min(m.config.max_seq_len for m in models),
                              cli=False)  # fmt: skip
@@ -86,12 +125,20 @@ def evaluate_ensemble(
     dm.setup("validate")
     for m in models:
         m.eval()
+    cent = None
+    if route == "centroid":
+        rdm = DomainDataModule(dataclasses.replace(data, domains=list(route_domains),
+                                                   stream="mixed", weights={}),
+                               seed=seed, tokenizer=dm.tokenizer)  # fmt: skip
+        rdm.setup("validate")
+        cent = centroids([rdm.tokens(d).train for d in route_domains],
+                         models[0].config.vocab_size)  # fmt: skip
     results = {}
     for dom in domains:
         if protocol == "rolling":
             docs = dm.heldout_documents(dom)
             per_doc = _rolling_mixture(models, docs, prefix_token(dm.tokenizer)[0], ctx, stride,
-                                       batch_size, dm.tokenizer.pad_id)  # fmt: skip
+                                       batch_size, dm.tokenizer.pad_id, cent)  # fmt: skip
             ntok = [len(t) for t, _ in docs]
             nb = [b for _, b in docs]
             nats, toks, nbytes = float(per_doc.sum()), sum(ntok), sum(nb)
@@ -111,7 +158,15 @@ def evaluate_ensemble(
             for m in models:
                 logp = F.log_softmax(m(batch["input_ids"]).logits.double(), dim=-1)
                 lps.append(logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1))  # (B, L)
-            mix = ensemble_logprobs(torch.stack(lps), mask)
+            if cent is None:
+                mix = ensemble_logprobs(torch.stack(lps), mask)
+            else:  # top-1 by centroid: each position's context is the chunk up to its input
+                ids = batch["input_ids"].numpy()
+                # the input at t is the context's last token: counts include it
+                routes = np.stack([
+                    np.cumsum(cent[:, row], axis=1).argmax(axis=0) for row in ids])
+                stacked = torch.stack(lps)  # (E, B, L)
+                mix = stacked.gather(0, torch.from_numpy(routes)[None]).squeeze(0)
             nats -= float(mix[mask].sum())
             toks += int(mask.sum())
             nbytes += int(batch["target_bytes"].sum())

@@ -33,8 +33,9 @@ from moe.train.schedule import adamw_with_schedule
 
 def set_trainable(model: Transformer, which: str) -> None:
     """all | router (only routers) | ffn (FFN and expert weights, shared expert included, no
-    router) | experts (only the routed experts of MoE layers) | embeddings (the token embedding
-    and the output head). The same choice as `LitLM.set_trainable`."""
+    router) | moe (ffn and the routers) | experts (only the routed experts of MoE layers) |
+    embeddings (the token embedding and the output head). The same choice as
+    `LitLM.set_trainable`."""
     for name, p in model.named_parameters():
         if which == "all":
             p.requires_grad_(True)
@@ -42,6 +43,8 @@ def set_trainable(model: Transformer, which: str) -> None:
             p.requires_grad_(".router." in name)
         elif which == "ffn":
             p.requires_grad_(".ffn." in name and ".router." not in name)
+        elif which == "moe":  # every FFN layer whole, routers included; the rest frozen
+            p.requires_grad_(".ffn." in name)
         elif which == "experts":
             # MoEFFN keeps its experts as (E, ...) tensors named ffn.w1/w3/w2 (no .weight)
             p.requires_grad_(name.endswith((".ffn.w1", ".ffn.w3", ".ffn.w2")))

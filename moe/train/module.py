@@ -65,6 +65,15 @@ class LitLM(pl.LightningModule):
         self.start_tokens = 0  # tokens_seen when this run began (non-zero after a fork)
         self.start_tokens_by_domain: dict[str, int] = {}
         self._val_sums: dict[int, list[float]] = {}
+        # optim.init_state: AdamW moments to start from, read and checked against the model now
+        # (a one-line error before the run directory is touched), put into the optimizer when
+        # training starts unless the run resumes or forks (its checkpoint's state wins)
+        self._init_state: dict | None = None
+        if optim.init_state and not forked:
+            from moe.surgery.optim_state import check_adam_state, read_adam_state
+
+            self._init_state = read_adam_state(optim.init_state)
+            check_adam_state(self.model, self._init_state)
 
     # ------------------------------------------------------------------ parameters
 
@@ -178,6 +187,14 @@ class LitLM(pl.LightningModule):
         opt, sched = adamw_with_schedule(self.model, self.optim, self.schedule_steps,
                                          self.schedule_start)  # fmt: skip
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # after Lightning restored a resume or fork checkpoint (if any), before the first step
+        state, self._init_state = self._init_state, None
+        if state is not None and self.trainer.ckpt_path is None:
+            from moe.surgery.optim_state import load_adam_state
+
+            load_adam_state(self.trainer.optimizers[0], self.model, state)
 
     # ------------------------------------------------------------------ resume state
 

@@ -17,6 +17,18 @@ import torch
 from moe.config import OptimConfig
 
 
+def param_groups_by_name(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """The names of AdamW's two groups, (decay, no_decay), each in `named_parameters` order:
+    norms and other 1-D parameters, and the token embedding, are not decayed. The one place of
+    the rule: adamw_with_schedule builds its groups from it, and moe.surgery.optim_state reads a
+    Lightning checkpoint's optimizer indices back to names with it (indices run through decay,
+    then no_decay)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "tok_emb" in name else decay).append(name)
+    return decay, no_decay
+
+
 def adamw_with_schedule(
     model: torch.nn.Module, o: OptimConfig, total: int, start: int = 0
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -25,9 +37,8 @@ def adamw_with_schedule(
     (they get no gradient, so AdamW skips them): the optimizer state then has the same layout
     whatever is trained, and a run that freezes part of the model can fork from one that trained
     all of it."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "tok_emb" in name else decay).append(p)
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in param_groups_by_name(model))
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": o.weight_decay},

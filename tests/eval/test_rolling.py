@@ -313,6 +313,7 @@ def test_disk_cache_keeps_the_documents_and_stale_caches_rebuild(tmp_path):
     from moe.data import datamodule as dmod
 
     cfg = DataConfig(domains=["code"], bytes_per_domain=30_000, cache_dir=str(tmp_path))
+    dmod._MEMORY.clear()  # another test may have built this corpus in this process already
     built = DomainDataModule(cfg).heldout_documents("code")
     dmod._MEMORY.clear()
     (path,) = tmp_path.glob("code-*.npz")

@@ -58,13 +58,27 @@ def check_study(recipe: Recipe, only: str | None = None, seeds: int | None = Non
     return study
 
 
+def check_jobs(jobs: int, only: str | None = None) -> None:
+    """`--jobs N`: at least 1; --stage runs one stage, in this process."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if only is not None and jobs > 1:
+        raise ConfigError("--stage runs one stage in this process; drop --jobs")
+
+
 def run_study(
     recipe: Recipe, only: str | None = None, seeds: int | None = None,
-    recipe_path: str | None = None,
+    recipe_path: str | None = None, jobs: int = 1,
 ) -> Path:
     """Run (or resume) the study; with seeds > 1 it is repeated with seeds seed, seed+1, ...
 
     and the report gives every number as mean ± 95% CI with paired differences per seed.
+
+    `jobs` > 1 (`--jobs N`) runs independent work in up to N spawned processes, sharing the CPU
+    threads (moe/experiments/study/parallel.py): with seeds > 1 the seeds' studies, each written
+    as without it and aggregated in seed order (the same results); with one seed the training
+    stages whose dependencies are built, then evaluation and the report here. Each worker's lines
+    are prefixed with its seed or stage; a Ctrl-C stops every worker at a resumable point.
     """
     from moe.experiments.study.context import log
     from moe.experiments.study.runner import Study
@@ -73,6 +87,7 @@ def run_study(
 
     seeds = recipe.study.seeds if seeds is None else seeds
     run_dir = Path(recipe.out_dir)
+    check_jobs(jobs, only)
     check_study(recipe, only, seeds)  # before anything is written
     with claim(run_dir, recipe_inputs(recipe)):  # before anything in it is touched
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +105,10 @@ def run_study(
         from moe.experiments.study.report import aggregate, write_aggregate_report, write_report
 
         if seeds == 1:
+            if jobs > 1 and only is None:
+                from moe.experiments.study.parallel import run_stages
+
+                run_stages(recipe, run_dir, jobs)  # then evaluation and the report, here
             res = Study(recipe, run_dir).run(only)
             if res:
                 res["command"] = cmd
@@ -98,10 +117,16 @@ def run_study(
                 log(f"wrote {path}")
             return run_dir / "report.md"
         all_res = []
-        for k in range(seeds):
-            sub = dataclasses.replace(
-                recipe, seed=recipe.seed + k, out_dir=str(run_dir / f"seed-{recipe.seed + k}")
-            )
+        subs = [dataclasses.replace(recipe, seed=recipe.seed + k,
+                                    out_dir=str(run_dir / f"seed-{recipe.seed + k}"))
+                for k in range(seeds)]  # fmt: skip
+        if jobs > 1:
+            from moe.experiments.study.parallel import run_seeds
+
+            for sub in subs:
+                Path(sub.out_dir).mkdir(parents=True, exist_ok=True)
+            all_res = run_seeds(subs, f"{cmd} --seeds {seeds}", jobs, run_dir)
+        for k, sub in enumerate(subs if jobs == 1 else []):
             log(f"== seed {k + 1}/{seeds} ({sub.out_dir})")
             Path(sub.out_dir).mkdir(parents=True, exist_ok=True)
             res = Study(sub, Path(sub.out_dir)).run()

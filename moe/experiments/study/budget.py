@@ -75,6 +75,13 @@ def plan_budget(recipe: Recipe, arms: list[str]) -> Budget:
     dense = train_flops_per_token(dense_config(recipe), d.seq_len) * tps
     moe = train_flops_per_token(moe_config(recipe), d.seq_len) * tps
     total = s.budget_steps
+    if s.budget_flops:
+        total = round(s.budget_flops / dense)
+        if total < 2:
+            raise ConfigError(
+                f"study.budget_flops={s.budget_flops:.3g} is less than two steps of this model "
+                f"({dense:.3g} FLOPs each); raise it"
+            )
     seed = max(1, round(s.seed_fraction * total))
     post = total - seed
     n_ft = len(s.finetune_seeds) if "family" in arms and s.finetune_family else 0
@@ -85,9 +92,10 @@ def plan_budget(recipe: Recipe, arms: list[str]) -> Budget:
     branch = round((post - n_ft * ft_steps) / (E * (1.0 + m)))
     if branch < 1:
         raise ConfigError(
-            f"study.budget_steps={total}: after the seed ({seed} steps) and the family's "
+            f"study budget of {total} steps: after the seed ({seed} steps) and the family's "
             f"fine-tunes ({n_ft} x {ft_steps} steps) no step is left for {E} branches; raise "
-            "study.budget_steps or lower study.seed_fraction / study.finetune_steps"
+            "study.budget_steps (or budget_flops) or lower study.seed_fraction / "
+            "study.finetune_steps"
         )
     moe_steps = 0
     if "btx" in arms:
@@ -109,3 +117,18 @@ def plan_budget(recipe: Recipe, arms: list[str]) -> Budget:
         moe_flops_per_step=moe,
         n_branches=E,
     )
+
+
+def widened_model(recipe: Recipe, ffn_mult: int) -> object:
+    """The seed's model with `ffn_mult` times its FFN width: a dense baseline with the BTX MoE's
+    total parameters (ffn_mult = its experts) or its active parameters per token (top-k)."""
+    m = dense_config(recipe)
+    return dataclasses.replace(m, ffn_dim=m.ffn_dim * ffn_mult)
+
+
+def steps_for_budget(recipe: Recipe, budget: Budget, model) -> int:
+    """Steps of `model` (batch_size x seq_len tokens each) that spend the monolith's training
+    FLOPs: how a baseline of another size is matched on training compute."""
+    d = recipe.data
+    per_step = train_flops_per_token(model, d.seq_len) * d.batch_size * d.seq_len
+    return max(1, round(budget.total_steps * budget.dense_flops_per_step / per_step))

@@ -48,6 +48,8 @@ def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
     choice("study.split_method", s.split_method, SPLITS.names())
     choice("study.merge_method", s.merge_method, MERGE_METHODS.names())
     choice("study.router_init", s.router_init, ROUTER_INITS)
+    choice("study.moe_trainable", s.moe_trainable, ("all", "moe"))
+    choice("study.moe_optimizer", s.moe_optimizer, ("fresh", "continue"))
     for a in s.arms:
         choice("study.arms", a, ARMS.names())
     if len(set(s.arms)) != len(s.arms):
@@ -60,6 +62,8 @@ def _check_section(s: StudyConfig, r: Recipe, bad) -> None:
     for k in ("budget_steps", "finetune_steps", "eval_batches", "seeds"):
         if getattr(s, k) < 1:
             raise bad(f"study.{k} must be at least 1, got {getattr(s, k)}")
+    if not (s.budget_flops >= 0.0 and s.budget_flops < float("inf")):
+        raise bad(f"study.budget_flops must be 0 (use budget_steps) or more, got {s.budget_flops}")
     if not s.equivalence_margin >= 0.0:
         raise bad(f"study.equivalence_margin must be at least 0, got {s.equivalence_margin}")
     if s.bootstrap_iters < 100:

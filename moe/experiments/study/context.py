@@ -11,6 +11,10 @@ from moe.config import DataConfig, Recipe
 from moe.experiments.study.budget import Budget
 from moe.io.checkpoint import atomic_write_text, is_checkpoint, read_meta
 
+# no stage's warm-up is longer than this share of its schedule (a short fine-tune must cool down,
+# not spend its whole length warming up)
+WARMUP_MAX_FRACTION = 0.1
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -69,11 +73,18 @@ class StudyContext:
         lr: float | None = None,
         branch_domain: str | None = None,
         freeze_shared: bool = False,
+        model=None,
+        trainable: str | None = None,
+        optim_state: Path | None = None,
     ) -> None:
         """Train one stage into stages/<name>; resumes a killed run of it.
 
         `fork` names the stage whose final Lightning state this run continues from (weights,
-        AdamW state, step, LR); `steps` is then the global step this run ends at.
+        AdamW state, step, LR); `steps` is then the global step this run ends at. A run that
+        starts a schedule of its own warms up over at most a tenth of it (WARMUP_MAX_FRACTION).
+        `model` replaces the recipe's model section (a baseline of another size, from scratch);
+        `trainable` the stage's trainable set; `optim_state` a file of AdamW moments to start
+        from (moe.surgery.optim_state).
         """
         from moe.train.stages import train
 
@@ -84,9 +95,15 @@ class StudyContext:
         t = dataclasses.replace(
             r.trainer, max_steps=steps, val_check_interval=min(r.trainer.val_check_interval, steps)
         )
+        length = schedule_steps or steps
         optim = dataclasses.replace(
-            r.optim, lr=lr or r.optim.lr, total_steps=schedule_steps or steps
+            r.optim, lr=lr or r.optim.lr, total_steps=length,
+            warmup_steps=min(r.optim.warmup_steps, max(1, int(WARMUP_MAX_FRACTION * length))),
         )
+        if trainable is not None:
+            optim = dataclasses.replace(optim, trainable=trainable)
+        if optim_state is not None:
+            optim = dataclasses.replace(optim, init_state=str(optim_state))
         rec = dataclasses.replace(
             r,
             name=f"{r.name}/{name}",
@@ -100,13 +117,14 @@ class StudyContext:
             trainer=t,
             data=data or r.data,
             optim=optim,
+            model=model if model is not None else r.model,
             branch=dataclasses.replace(
                 r.branch, domain=branch_domain, freeze_shared=freeze_shared
             ),
         )
         train(rec)
 
-    def split(self, out_stage: str, from_stage: str) -> None:
+    def split(self, out_stage: str, from_stage: str, method: str | None = None) -> None:
         from moe.surgery.experts import split_checkpoint
 
         s = self.study
@@ -114,7 +132,7 @@ class StudyContext:
             self.model_dir(from_stage),
             self.model_dir(out_stage),
             list(s.experts),
-            method=s.split_method,
+            method=method or s.split_method,
             router="learned",
             top_k=s.router_top_k,
             shared_dim=s.shared_dim,

@@ -143,7 +143,10 @@ class Study:
             raise ConfigError(f"--stage {only!r} is not a stage of this study: {', '.join(names)}")
         return names
 
-    def run(self, only: str | None = None) -> dict:
+    def run(self, only: str | None = None, *, quiet_later: bool = False) -> dict:
+        """Run (or resume) every stage, then evaluate; `only`: that one stage (re-run when
+        finished). `quiet_later`: no note about later stages built from the previous `only`
+        (`moe run --jobs` builds each unfinished stage this way, in dependency order)."""
         ctx = self.ctx
         stages = self.plan()
         names = self.check_stage(only)
@@ -174,7 +177,7 @@ class Study:
                 shutil.rmtree(out.parent, ignore_errors=True)
                 out.parent.mkdir(parents=True)
             st.run()
-            if only is not None:
+            if only is not None and not quiet_later:
                 later = [d.name for d in stages if st.name in self.upstream(d.name)]
                 if later:
                     log(
@@ -314,21 +317,24 @@ class Study:
 
                 members = [self._load(n) for n in spec.members]
                 ids = ",".join(m[1]["id"] for m in members)
+                routing = {}
+                if spec.extra.get("route") == "centroid":  # c-BTM: top-1 by domain centroid
+                    routing = dict(route="centroid", route_domains=list(s.experts))
                 rep = self._eval_cached(
                     spec.members[0],
-                    lambda members=members: evaluate_ensemble(
+                    lambda members=members, routing=routing: evaluate_ensemble(
                         [m[0] for m in members], r.data, r.seed, doms, batches,
-                        r.eval.batch_size, progress, tokenizer=dm.tokenizer, **how,
+                        r.eval.batch_size, progress, tokenizer=dm.tokenizer, **how, **routing,
                     ),
-                    f"{spec.name}:{ids}:{settings}",
+                    f"{spec.name}:{ids}:{settings}", tag=f"-{spec.name}",
                 )
                 if sets:
                     rep_sets = self._eval_cached(
                         spec.members[0],
-                        lambda members=members: evaluate_ensemble(
+                        lambda members=members, routing=routing: evaluate_ensemble(
                             [m[0] for m in members], sets_cfg, r.seed, sets, set_batches,
                             r.eval.batch_size, progress, tokenizer=dm.tokenizer,
-                            heldout_only=whole, **how,
+                            heldout_only=whole, **how, **routing,
                         ),
                         f"{spec.name}:{ids}:{sets_key}", tag=f"-sets-{spec.name}",
                     )

@@ -43,13 +43,44 @@ def split_sweep_override(overrides: list[str]) -> tuple[list[str], tuple[str, li
     return plain, sweep
 
 
+def _value_dict(value: str) -> dict | None:
+    """A swept value that sets several keys at once (a mapping, e.g. a model size:
+    {dim: 64, ffn_dim: 192}), else None."""
+    try:
+        got = json.loads(value)
+    except (TypeError, ValueError):
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def _value_overrides(key: str, value: str) -> list[str]:
+    """The recipe overrides one swept value makes: `key=value`, or for a mapping one per entry,
+    each `key.entry=v` (`key` "." sweeps keys of the whole recipe: {model.dim: 64,
+    study.budget_flops: 4e12} grows a model with its budget)."""
+    d = _value_dict(value)
+    if d is None:
+        return [f"{key}={value}"]
+    pre = "" if key == "." else f"{key}."
+    return [f"{pre}{k}={_as_override(v)}" for k, v in d.items()]
+
+
+def value_label(value: str) -> str:
+    """How a swept value is shown: a mapping as `k=v, k=v`, anything else as given."""
+    d = _value_dict(value)
+    return value if d is None else ", ".join(f"{k}={v}" for k, v in d.items())
+
+
 def _value_dir(key: str, value: Any) -> str:
+    d = _value_dict(str(value))
+    if d is not None:  # model={dim: 64, ffn_dim: 192} -> model=dim64_ffn_dim192
+        head = "" if key == "." else f"{key.rsplit('.', 1)[-1]}="
+        return head + "_".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in d.items())
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 class Sweep:
     def __init__(self, recipe_path: str | None, overrides: list[str], seeds: int | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, jobs: int = 1):
         plain, spec = split_sweep_override(list(overrides))
         base = load_recipe(recipe_path, plain)
         from moe.experiments import experiment_of
@@ -80,17 +111,21 @@ class Sweep:
         self.run_dir = Path(base.out_dir)
         self.recipe_path = recipe_path
         self.overwrite = overwrite or base.overwrite
+        self.jobs = jobs  # each value's seeds (or training stages) in up to N processes
         # every value's recipe loads (and its study plans) before anything trains
         self.recipes: list[Recipe] = []
         for v in values:
             where = f"sweep {key}={v}"
+            sets = _value_overrides(key, v)
             try:
-                r = load_recipe(recipe_path, [*plain, f"{key}={v}", "sweep.key=null",
+                r = load_recipe(recipe_path, [*plain, *sets, "sweep.key=null",
                                               "sweep.values=[]"])
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
-            if key not in _flat_keys(to_dict(r)):
-                raise ConfigError(f"{where}: {key!r} is not a recipe key")
+            known = _flat_keys(to_dict(r))
+            for k in [s.partition("=")[0] for s in sets]:
+                if k not in known:
+                    raise ConfigError(f"{where}: {k!r} is not a recipe key")
             r = _with_out_dir(r, str(self.run_dir / _value_dir(key, v)), self.overwrite)
             from moe.experiments.study import check_study
 
@@ -111,7 +146,8 @@ class Sweep:
     def plan(self) -> str:
         from moe.experiments.study.runner import Study
 
-        lines = [f"sweep {self.key} over {', '.join(self.values)} ({self.seeds} seed(s) each) "
+        over = "; ".join(value_label(v) for v in self.values)
+        lines = [f"sweep {self.key} over {over} ({self.seeds} seed(s) each) "
                  f"into {self.run_dir}"]
         for r in self.recipes:
             lines.append(Study(r, Path(r.out_dir)).describe_plan())
@@ -137,7 +173,7 @@ class Sweep:
             per_value = []
             for i, (v, r) in enumerate(zip(self.values, self.recipes), 1):
                 log(f"=== sweep {self.key}={v} ({i}/{len(self.values)})")
-                run_study(r, seeds=self.seeds, recipe_path=self.recipe_path)
+                run_study(r, seeds=self.seeds, recipe_path=self.recipe_path, jobs=self.jobs)
                 per_value.append(self._seed_results(Path(r.out_dir)))
             from moe.experiments.study.report import aggregate
 
@@ -198,7 +234,8 @@ def summarize(key: str, values: list[str], aggs: list[dict]) -> dict:
         ref = a.get("reference_arm")
         ref_model = (a.get("arms") or {}).get(ref)
         m = (a.get("models") or {}).get(ref_model) or {}
-        points.append({"value": v, "monolith_flops": m.get("train_flops"),
+        points.append({"value": value_label(v), "monolith_flops": m.get("train_flops"),
+                       "reference": _reference_cell(m, doms),
                        "budget": a.get("budget"), "n": a.get("n"),
                        "gains": g,
                        "epochs": {lb: (a["models"].get(name) or {}).get("epochs_by_domain")
@@ -214,12 +251,37 @@ def summarize(key: str, values: list[str], aggs: list[dict]) -> dict:
                 series.append((p["value"], delta.get("mean"), delta.get("half"),
                                g.get("verdict")))
             crossovers[lb][d] = crossover(series)
-    return {"key": key, "values": values, "domains": doms, "arms": labels,
+    return {"key": key, "values": [value_label(v) for v in values], "domains": doms, "arms": labels,
             "reference_arm": aggs[0].get("reference_arm"),
             "experts_arm": aggs[0].get("experts_arm"), "points": points,
             "crossovers": crossovers, "level": aggs[0].get("level", 0.95),
             "equivalence_margin": aggs[0].get("equivalence_margin", MARGIN),
             "comparisons": comparisons}
+
+
+def _reference_cell(m: dict, doms: list[str]) -> dict:
+    """The reference (compute-matched monolith) itself at one value: its size, tokens and
+    bpb per domain and mean (mean and interval over seeds): a size sweep at fixed FLOPs reads
+    its compute-optimal size from these."""
+    if not m:
+        return {}
+    bpb = {d: (m.get("bpb") or {}).get(d) for d in doms}
+    bpb["mean"] = m.get("bpb_mean")
+    params = m.get("total_params")
+    tokens = m.get("tokens")
+    return {"total_params": params, "tokens": tokens,
+            "tokens_per_param": tokens / params if params and tokens else None,
+            "epochs": m.get("epochs_by_domain"), "bpb": bpb}
+
+
+def best_value(points: list[dict]) -> int | None:
+    """Index of the value whose reference has the lowest mean bpb (None when unknown)."""
+    best, at = None, None
+    for i, p in enumerate(points):
+        m = (((p.get("reference") or {}).get("bpb") or {}).get("mean") or {}).get("mean")
+        if m is not None and not math.isnan(m) and (best is None or m < best):
+            best, at = m, i
+    return at
 
 
 def crossover(series: list[tuple]) -> dict[str, Any]:
@@ -265,8 +327,8 @@ def crossover(series: list[tuple]) -> dict[str, Any]:
 
 
 def run_sweep(recipe_path: str | None, overrides: list[str], seeds: int | None = None,
-              overwrite: bool = False, dry_run: bool = False) -> Path | str:
-    sw = Sweep(recipe_path, overrides, seeds=seeds, overwrite=overwrite)
+              overwrite: bool = False, dry_run: bool = False, jobs: int = 1) -> Path | str:
+    sw = Sweep(recipe_path, overrides, seeds=seeds, overwrite=overwrite, jobs=jobs)
     if dry_run:
         return sw.plan()
     return sw.run()

@@ -8,7 +8,14 @@ from helpers import DEBUG
 
 from moe.cli import main
 from moe.config import ConfigError
-from moe.experiments.study.sweep import crossover, split_sweep_override
+from moe.experiments.study.sweep import (
+    _value_dir,
+    _value_overrides,
+    best_value,
+    crossover,
+    split_sweep_override,
+    value_label,
+)
 
 QUIET = "trainer.enable_progress_bar=false"
 
@@ -45,6 +52,48 @@ def test_crossover_uses_the_sweeps_corrected_verdicts():
     got = crossover([("1", 0.05, 0.01, "loses (< margin)"), ("2", -0.05, 0.01, "wins")])
     assert got["significant"] and "both ends distinguishable after Holm" in got["summary"]
     assert not crossover([("1", 0.005, 0.001, "tie"), ("2", -0.05, 0.01, "wins")])["significant"]
+
+
+def test_a_mapping_value_sets_several_keys_at_once():
+    v = json.dumps({"dim": 64, "ffn_dim": 192})
+    assert _value_overrides("model", v) == ["model.dim=64", "model.ffn_dim=192"]
+    assert value_label(v) == "dim=64, ffn_dim=192" and value_label("200") == "200"
+    assert _value_dir("model", v) == "model=dim64_ffn_dim192"
+    grow = json.dumps({"model.dim": 64, "study.budget_flops": 4e12})
+    assert _value_overrides(".", grow) == ["model.dim=64", "study.budget_flops=4000000000000.0"]
+    assert _value_dir(".", grow) == "dim64_budget_flops4000000000000.0"
+    assert _value_overrides("study.budget_steps", "300") == ["study.budget_steps=300"]
+
+
+def test_the_size_sweeps_reference_table_marks_the_lowest_loss():
+    from moe.experiments.study.report.sweep import _reference_section
+
+    def point(v, bpb):
+        return {"value": v, "monolith_flops": 1e12, "gains": {},
+                "reference": {"total_params": 1000, "tokens": 20000, "tokens_per_param": 20.0,
+                              "epochs": {"text": 0.5}, "bpb": {
+                                  "text": {"mean": bpb, "half": 0.01},
+                                  "mean": {"mean": bpb, "half": 0.01}}}}
+
+    pts = [point("a", 2.5), point("b", 2.1), point("c", 2.3)]
+    assert best_value(pts) == 1
+    text = "\n".join(_reference_section({"points": pts, "domains": ["text"], "key": "model",
+                                          "reference_arm": "monolith"}))
+    assert "**2.100 ± 0.010**" in text and "**2.500" not in text
+    assert "compute-optimal" in text
+
+
+def test_a_size_sweep_plans_each_size_at_the_same_flops(tmp_path, capsys):
+    rec = tmp_path / "sizes.yaml"
+    rec.write_text(f"defaults: [{DEBUG / 'study.yaml'}]\nstudy: {{budget_flops: 5.0e10, "
+                   "arms: [seed, monolith]}\nsweep:\n  key: model\n  values:\n"
+                   "    - {dim: 32, ffn_dim: 96}\n    - {dim: 64, ffn_dim: 192}\n")
+    capsys.readouterr()
+    assert main(["sweep", str(rec), f"out_dir={tmp_path / 's'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dim=32, ffn_dim=96; dim=64, ffn_dim=192" in out
+    steps = [int(line.split()[1]) for line in out.splitlines() if line.startswith("budget:")]
+    assert len(steps) == 2 and steps[0] > steps[1]
 
 
 @pytest.mark.slow

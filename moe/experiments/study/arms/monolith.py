@@ -68,3 +68,62 @@ class MonolithData(Arm):
                 checkpoint="dense-data", role="monolith",
             )
         ]
+
+
+def _from_scratch(ctx, arm: str, name: str, ffn_mult: int, seed_offset: int) -> StageSpec:
+    """A dense model `ffn_mult` times the seed's FFN width, trained from scratch on the mixed
+    stream for the monolith's training FLOPs (fewer steps: each costs more), with a schedule of
+    its own (the recipe's warm-up, stable phase and cool-down)."""
+    from moe.config import ConfigError
+    from moe.experiments.study.budget import steps_for_budget, widened_model
+
+    r, b = ctx.recipe, ctx.budget
+    if r.init:
+        raise ConfigError(
+            f"study.arms: {arm} trains a wider model from scratch, which a study starting from "
+            "a pretrained `init:` cannot match; drop it from study.arms"
+        )
+    model = widened_model(r, ffn_mult)
+    steps = steps_for_budget(r, b, model)
+    return StageSpec(
+        name, "train", (),
+        lambda: ctx.train(name, "dense", steps, init=None, seed=r.seed + seed_offset,
+                          model=model),
+        steps=steps, tokens=steps * b.tokens_per_step,
+    )
+
+
+def _n_experts(ctx) -> int:
+    return len(ctx.study.experts) + int(ctx.study.generalist_expert)
+
+
+@register
+class MonolithParams(Arm):
+    name = "monolith_params"
+    label = "monolithic, parameter-matched"
+    description = ("a dense model with the BTX MoE's total parameters (FFN x experts), trained "
+                   "from scratch with the monolith's FLOPs")
+    order = 32
+
+    def stages(self, ctx):
+        return [_from_scratch(ctx, self.name, "dense-params", _n_experts(ctx), 3000)]
+
+    def models(self, ctx):
+        return [ModelSpec("dense-params", self.label, ("dense-params",),
+                          checkpoint="dense-params", role="monolith")]
+
+
+@register
+class MonolithActive(Arm):
+    name = "monolith_active"
+    label = "monolithic, inference-matched"
+    description = ("a dense model with the BTX MoE's active parameters per token (FFN x top-k), "
+                   "trained from scratch with the monolith's FLOPs")
+    order = 34
+
+    def stages(self, ctx):
+        return [_from_scratch(ctx, self.name, "dense-active", ctx.study.router_top_k, 4000)]
+
+    def models(self, ctx):
+        return [ModelSpec("dense-active", self.label, ("dense-active",),
+                          checkpoint="dense-active", role="monolith")]

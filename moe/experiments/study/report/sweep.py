@@ -36,11 +36,11 @@ def _gain(point: dict, label: str, domain: str) -> tuple[Any, Any, Any]:
 
 
 def _x(summary: dict) -> tuple[list[float], str, bool]:
-    """x values: the monolith's training FLOPs when known for every value (a compute sweep's
-    natural axis, log scale), else the swept values themselves when numeric."""
+    """x values: the monolith's training FLOPs when known for every value and not constant (a
+    compute sweep's natural axis, log scale), else the swept values themselves when numeric."""
     pts = summary["points"]
     flops = [p.get("monolith_flops") for p in pts]
-    if summary["key"] == "study.budget_steps" and all(is_num(f) and f > 0 for f in flops):
+    if all(is_num(f) and f > 0 for f in flops) and max(flops) / min(flops) >= 1.5:
         return [float(f) for f in flops], "training FLOPs of the compute-matched monolith", True
     try:
         xs = [float(v) for v in summary["values"]]
@@ -91,7 +91,7 @@ def render_sweep_report(summary: dict, plot: bool = False) -> str:
     ref = summary.get("reference_arm") or "the reference"
     level = int(round(100 * summary.get("level", 0.95)))
     lines = [f"# moe-forge sweep report: {key}", "",
-             f"- swept: `{key}` over {', '.join(summary['values'])}; {n} seed(s) per value",
+             f"- swept: `{key}` over {'; '.join(summary['values'])}; {n} seed(s) per value",
              f"- reference: {ref}; every cell is arm − reference in bits per byte, paired by "
              f"seed, mean and {level}% interval (\"[lo, hi]\": hierarchical bootstrap over "
              "seeds and held-out documents; \"± half-width\": Student t over seeds, where the "
@@ -113,6 +113,7 @@ def render_sweep_report(summary: dict, plot: bool = False) -> str:
         parts = [f"{d}: {(cross.get(d) or {}).get('summary', '-')}" for d in [*doms, "mean"]]
         lines.append(f"- **{label}**: " + "; ".join(parts))
     lines.append("")
+    lines += _reference_section(summary)
     if plot:
         lines += [f"![gain vs {key}]({PLOTS_DIR}/{SWEEP_PLOT})", ""]
     for d in [*doms, "mean"]:
@@ -143,6 +144,42 @@ def render_sweep_report(summary: dict, plot: bool = False) -> str:
         lines.append("")
     lines += ["## Reproduce", "", "```", summary.get("command", "moe sweep <recipe>"), "```", ""]
     return "\n".join(lines)
+
+
+def _reference_section(summary: dict) -> list[str]:
+    """The reference arm's own loss at each value, its size and tokens per parameter: at fixed
+    FLOPs over model sizes, the row with the lowest mean is the compute-optimal size."""
+    from moe.experiments.study.sweep import best_value
+
+    pts = summary["points"]
+    if not any(p.get("reference") for p in pts):
+        return []
+    doms = [*summary["domains"], "mean"]
+    best = best_value(pts)
+    rows = []
+    for i, p in enumerate(pts):
+        ref = p.get("reference") or {}
+        bpb = ref.get("bpb") or {}
+        cells = [format_mean_ci((bpb.get(d) or {}).get("mean"), (bpb.get(d) or {}).get("half"))
+                 for d in doms]
+        if i == best:
+            cells[-1] = f"**{cells[-1]}**"
+        ep = ref.get("epochs") or {}
+        rows.append([p["value"], format_num(ref.get("total_params"), 0),
+                     format_num(ref.get("tokens_per_param"), 1),
+                     format_num(max(ep.values()) if ep else None, 2),
+                     format_flops(p.get("monolith_flops")), *cells])
+    ref_name = summary.get("reference_arm") or "the reference"
+    out = ["## The reference itself", "",
+           f"The {ref_name} at each value: its parameters, training tokens per parameter, the "
+           "most epochs it read of any domain, its training FLOPs, and its bits per byte (mean "
+           "± 95% t half-width over seeds). The lowest mean is in bold: over model sizes at "
+           "fixed FLOPs, that is the compute-optimal size.", ""]
+    out.append(format_table(
+        [summary["key"], "parameters", "tokens/param", "max epochs", "FLOPs", *doms], rows,
+        ["l", "r", "r", "r", "r"] + ["r"] * len(doms)))
+    out.append("")
+    return out
 
 
 def write_sweep_report(summary: dict, run_dir: Path) -> Path:
