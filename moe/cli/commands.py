@@ -36,7 +36,7 @@ def cmd_run(args) -> int:
         from moe.experiments.study.arms import ARMS
 
         for name, arm in ARMS.items():  # in the report's order
-            print(f"{name:14s} {arm.description}")
+            print(f"{name:16s} {arm.description}")
         return 0
     if args.recipe is None:
         raise ConfigError("moe run needs a recipe file (or --list-arms)")

@@ -9,9 +9,8 @@ protocol (the default, as `moe eval`), x is a whole held-out document: each bran
 token in its window of the document, and the weights use everything before it in the document.
 
 `route="centroid"` is c-BTM's top-1 routing (Gururangan et al. 2023) with the domains as its
-clusters: each token is predicted by the one branch whose domain's unigram centroid (its
-training tokens' frequency vector, unit length) is nearest, in cosine similarity, to the token
-counts of the context before it. The router costs a lookup per token, so the ensemble's
+clusters: each token is predicted by the one branch whose domain's tf-idf centroid is nearest,
+in cosine similarity, to the tf-idf vector of the context before it (`centroids`). The router costs a lookup per token, so the ensemble's
 inference is one branch's; before any context (a document's first token) it takes the first
 branch.
 """
@@ -44,19 +43,35 @@ def ensemble_logprobs(token_logprobs_EBL: torch.Tensor, mask_BL: torch.Tensor) -
     return torch.logsumexp(log_w + lp, dim=0)  # (B, L)
 
 
-def centroids(train_tokens: list[np.ndarray], vocab_size: int) -> np.ndarray:
-    """(E, V): each domain's training-token frequencies as a unit vector (c-BTM's router)."""
-    out = np.zeros((len(train_tokens), vocab_size), dtype=np.float64)
-    for e, toks in enumerate(train_tokens):
-        counts = np.bincount(np.asarray(toks, dtype=np.int64), minlength=vocab_size)
-        out[e] = counts[:vocab_size] / max(float(np.linalg.norm(counts[:vocab_size])), 1e-12)
-    return out
+def centroids(train_tokens: list[np.ndarray], vocab_size: int, window: int = 512) -> np.ndarray:
+    """(E, V): c-BTM's router in tf-idf space, with each domain as a cluster: row e is domain e's
+    training-token frequencies weighted by idf and scaled to unit length, times idf again (the
+    context's counts are idf-weighted too), so that a context's cosine similarity to centroid e
+    is, up to a factor common to every e, the sum over its tokens x of row e at x.
+    idf = log(N / df), with N the `window`-token pieces of every domain's training stream and df
+    the pieces a token occurs in (at least 1): a token found in every piece (a space) weighs
+    nothing, rarer ones more."""
+    df = np.zeros(vocab_size, dtype=np.float64)
+    n_pieces = 0
+    tf = []
+    for toks in train_tokens:
+        t = np.asarray(toks, dtype=np.int64)
+        tf.append(np.bincount(t, minlength=vocab_size)[:vocab_size].astype(np.float64))
+        n = max(1, len(t) // window)
+        for piece in np.array_split(t, n):
+            df[np.unique(piece)] += 1
+        n_pieces += n
+    idf = np.log(n_pieces / np.maximum(df, 1.0))
+    out = np.stack([f * idf for f in tf])
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out * idf
 
 
 def centroid_routes(tokens: np.ndarray, cent: np.ndarray) -> np.ndarray:
     """(n,): the branch each position's token is predicted by: the centroid with the largest
-    cosine similarity to the counts of the tokens before it (the counts' norm is the same for
-    every branch, so only the dot products are compared); ties go to the lower index."""
+    cosine similarity to the context before it, `cent` as `centroids` makes it (the context
+    vector's norm is the same for every branch, so only the dot products are compared); ties go
+    to the lower index."""
     score = cent[:, np.asarray(tokens, dtype=np.int64)]  # (E, n): centroid weight of each token
     seen = np.cumsum(score, axis=1) - score  # exclusive: the context before position t
     return seen.argmax(axis=0)
@@ -147,6 +162,12 @@ def evaluate_ensemble(
                             "documents_total": len(docs),
                             "per_document": {"nats": per_doc.tolist(), "tokens": ntok,
                                              "bytes": nb}}  # fmt: skip
+            if cent is not None and dom in route_domains:
+                # the router's own accuracy: the share of this domain's tokens it sends to the
+                # branch of this domain
+                right = sum(int((centroid_routes(t, cent) == route_domains.index(dom)).sum())
+                            for t, _ in docs)  # fmt: skip
+                results[dom]["route_accuracy"] = right / max(toks, 1)
             continue
         nats, toks, nbytes = 0.0, 0, 0
         loader = dm.heldout_loader(dom, batch_size=batch_size, max_batches=max_batches)

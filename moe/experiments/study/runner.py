@@ -326,7 +326,8 @@ class Study:
                         [m[0] for m in members], r.data, r.seed, doms, batches,
                         r.eval.batch_size, progress, tokenizer=dm.tokenizer, **how, **routing,
                     ),
-                    f"{spec.name}:{ids}:{settings}", tag=f"-{spec.name}",
+                    f"{spec.name}:{ids}:{settings}{':tfidf' if routing else ''}",
+                    tag=f"-{spec.name}",
                 )
                 if sets:
                     rep_sets = self._eval_cached(

@@ -67,14 +67,18 @@ def _value_overrides(key: str, value: str) -> list[str]:
 def value_label(value: str) -> str:
     """How a swept value is shown: a mapping as `k=v, k=v`, anything else as given."""
     d = _value_dict(value)
-    return value if d is None else ", ".join(f"{k}={v}" for k, v in d.items())
+    return value if d is None else ", ".join(f"{k}={_short(v)}" for k, v in d.items())
+
+
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _value_dir(key: str, value: Any) -> str:
     d = _value_dict(str(value))
     if d is not None:  # model={dim: 64, ffn_dim: 192} -> model=dim64_ffn_dim192
         head = "" if key == "." else f"{key.rsplit('.', 1)[-1]}="
-        return head + "_".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in d.items())
+        return head + "_".join(f"{k.rsplit('.', 1)[-1]}{_short(v)}" for k, v in d.items())
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
@@ -98,7 +102,9 @@ class Sweep:
                     "the recipe"
                 )
             spec = (base.sweep.key, [_as_override(v) for v in base.sweep.values])
+            self.from_recipe = True
         key, values = spec
+        self.from_recipe = getattr(self, "from_recipe", False)
         if len(values) < 2:
             raise ConfigError(f"sweep {key}: give at least two values")
         if len(set(values)) != len(values):
@@ -180,9 +186,9 @@ class Sweep:
             # one Holm correction spans every value: each value's bootstrap resolves for all
             aggs = [aggregate(res, family=len(per_value)) for res in per_value]
             summary = summarize(self.key, self.values, aggs)
+            swept = "" if self.from_recipe else f" {self.key}={','.join(self.values)}"
             summary["command"] = (
-                f"moe sweep {self.recipe_path or ''} {self.key}={','.join(self.values)} "
-                f"--seeds {self.seeds}"
+                f"moe sweep {self.recipe_path or ''}{swept} --seeds {self.seeds}"
             )
             write_json(self.run_dir / "results.json", summary)
             from moe.experiments.study.report.sweep import write_sweep_report

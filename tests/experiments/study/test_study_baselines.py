@@ -49,14 +49,19 @@ def test_wider_baselines_match_the_moes_parameters_and_the_monoliths_flops():
 
 
 def test_centroid_routing_by_hand():
-    cent = centroids([np.array([0, 0, 1]), np.array([2, 2, 2, 1])], vocab_size=3)
-    # unit vectors of the counts (2, 1, 0) and (0, 1, 3)
-    np.testing.assert_allclose(cent[0], np.array([2, 1, 0]) / np.sqrt(5))
-    np.testing.assert_allclose(cent[1], np.array([0, 1, 3]) / np.sqrt(10))
-    toks = np.array([2, 0, 0, 0, 1])
-    # before t: {} -> tie -> 0; {2} -> 1; {2,0} -> 2/sqrt5 vs 3/sqrt10: 0.894 < 0.949 -> 1;
-    # {2,0,0}: 4/sqrt5=1.789 vs 0.949 -> 0; {2,0,0,0} -> 0
-    assert centroid_routes(toks, cent).tolist() == [0, 1, 1, 0, 0]
+    # two domains, four-token pieces: domain 0 = [0 0 1 3] (one piece), domain 1 = [2 2 1 3]
+    # [2 2 2 1] (two pieces); df over the 3 pieces: token 0: 1, 1: 3, 2: 2, 3: 2
+    cent = centroids([np.array([0, 0, 1, 3]), np.array([2, 2, 1, 3, 2, 2, 2, 1])], vocab_size=4,
+                     window=4)
+    idf = np.log(3 / np.array([1.0, 3.0, 2.0, 2.0]))  # ln 3, 0 (in every piece), ln 1.5, ln 1.5
+    row0 = np.array([2, 1, 0, 1]) * idf
+    row1 = np.array([0, 2, 5, 1]) * idf
+    np.testing.assert_allclose(cent[0], row0 / np.linalg.norm(row0) * idf)
+    np.testing.assert_allclose(cent[1], row1 / np.linalg.norm(row1) * idf)
+    # cent ~ [[1.080, 0, 0, 0.074], [0, 0, 0.397, 0.079]]; the context before each position:
+    # {} tie -> 0; {2} -> 1; {2,3} 0.074 < 0.477 -> 1; {2,3,0} 1.154 > 0.477 -> 0;
+    # {2,3,0,2} 1.154 > 0.874 -> 0; {2,3,0,2,2} 1.154 < 1.271 -> 1
+    assert centroid_routes(np.array([2, 3, 0, 2, 2, 2]), cent).tolist() == [0, 1, 1, 0, 0, 1]
 
 
 def test_centroid_ensemble_scores_each_token_with_its_routed_branch(tmp_path):
@@ -86,6 +91,8 @@ def test_centroid_ensemble_scores_each_token_with_its_routed_branch(tmp_path):
         total += sum(per[e][i][t] for t, e in enumerate(route))
     assert rep["domains"]["code"]["loss"] * rep["domains"]["code"]["tokens"] == pytest.approx(
         total, rel=1e-9)
+    right = sum(int((centroid_routes(t, cent) == 1).sum()) for t, _ in docs)
+    assert rep["domains"]["code"]["route_accuracy"] == right / rep["domains"]["code"]["tokens"]
     with pytest.raises(ConfigError, match="one domain per ensemble member"):
         evaluate_ensemble(models, data, 0, ["text"], route="centroid", route_domains=["text"])
 

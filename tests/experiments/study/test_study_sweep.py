@@ -61,7 +61,8 @@ def test_a_mapping_value_sets_several_keys_at_once():
     assert _value_dir("model", v) == "model=dim64_ffn_dim192"
     grow = json.dumps({"model.dim": 64, "study.budget_flops": 4e12})
     assert _value_overrides(".", grow) == ["model.dim=64", "study.budget_flops=4000000000000.0"]
-    assert _value_dir(".", grow) == "dim64_budget_flops4000000000000.0"
+    assert _value_dir(".", grow) == "dim64_budget_flops4e+12"
+    assert value_label(grow) == "model.dim=64, study.budget_flops=4e+12"
     assert _value_overrides("study.budget_steps", "300") == ["study.budget_steps=300"]
 
 
