@@ -10,9 +10,9 @@ token in its window of the document, and the weights use everything before it in
 
 `route="centroid"` is c-BTM's top-1 routing (Gururangan et al. 2023) with the domains as its
 clusters: each token is predicted by the one branch whose domain's tf-idf centroid is nearest,
-in cosine similarity, to the tf-idf vector of the context before it (`centroids`). The router costs a lookup per token, so the ensemble's
-inference is one branch's; before any context (a document's first token) it takes the first
-branch.
+in cosine similarity, to the tf-idf vector of the context before it (`centroids`). The router
+costs a lookup per token, so the ensemble's inference is one branch's; before any context (a
+document's first token) it takes the first branch.
 """
 
 from __future__ import annotations
