@@ -59,8 +59,12 @@ def test_reference_recipes_follow_the_issue():
     assert study.study.protocol == "fork" and study.study.seeds >= 3
     assert study.data.bytes_per_domain >= 1_000_000
     sweep = load_recipe(REPO / "recipes" / "sweep.yaml")
-    vals = [float(v) for v in sweep.sweep.values]
+    # the sweep grows the model with the budget: each value sets the budget and the size
+    assert sweep.sweep.key == "."
+    vals = [float(v["study.budget_flops"]) for v in sweep.sweep.values]
+    dims = [int(v["model.dim"]) for v in sweep.sweep.values]
     assert len(vals) >= 4 and max(vals) / min(vals) >= 10 and sweep.study.seeds >= 3
+    assert dims == sorted(dims) and dims[0] < dims[-1]
 
 
 

@@ -21,7 +21,7 @@ names with `moe.train.schedule.param_groups_by_name` (the rule `adamw_with_sched
 groups with) applied to the dense model that the run's `model/` config describes.
 
 The file `write_moe_adam_state` writes ({name: {exp_avg, exp_avg_sq, step}}) is what a recipe's
-`optim.init_state` names; `read_adam_state` and `load_adam_state` put it into a fresh optimizer
+`optim.init_state` names; `moe.train.init_state` reads it and puts it into a fresh optimizer
 (moe.train.module.LitLM does, for a run that is neither a resume nor a fork).
 """
 
@@ -37,9 +37,9 @@ from moe.io.checkpoint import read_config, read_meta, resolve_checkpoint, staged
 from moe.io.output import claim
 from moe.io.rundir import find_resume_ckpt
 from moe.model.transformer import Transformer
+from moe.train.init_state import MOMENTS, shape_of, torch_load
 from moe.train.schedule import param_groups_by_name
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 FFN_WEIGHTS = ("w1", "w3", "w2")
 
 PathLike = str | os.PathLike
@@ -76,41 +76,31 @@ def _meta_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-def _torch_load(path: Path, what: str) -> object:
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # not the zip layout mmap needs
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ConfigError(f"{what}: {path} is not a readable torch file ({first})") from None
-
-
-def _shape(t: torch.Tensor | tuple) -> list[int]:
-    return list(t.shape if isinstance(t, torch.Tensor) else t)
-
-
 def run_adam_state(path: PathLike) -> tuple[dict[str, dict], Transformer]:
     """A training run's AdamW state by parameter name ({name: {exp_avg, exp_avg_sq, step}},
     step a float) and its model (on the meta device: names and shapes). A parameter the run never
     updated (frozen) has no entry. `path`: `<run>/resume/last.ckpt` or the run directory."""
     ckpt, model_dir = _run_files(path)
     model = _meta_model(read_config(model_dir))
-    ck = _torch_load(ckpt, "optimizer state")
+    ck = torch_load(ckpt, "optimizer state")
     opts = ck.get("optimizer_states") if isinstance(ck, dict) else None
     if not opts or not isinstance(opts[0], dict) or not opts[0].get("state"):
-        raise ConfigError(f"optimizer state: {ckpt} holds no optimizer state (a Lightning "
-                          "checkpoint of `moe train` after at least one step is needed)")
+        raise ConfigError(
+            f"optimizer state: {ckpt} holds no optimizer state (a Lightning "
+            "checkpoint of `moe train` after at least one step is needed)"
+        )
     state, groups = opts[0]["state"], opts[0].get("param_groups") or []
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    saved = {k.removeprefix("model."): tuple(v.shape)
-             for k, v in (ck.get("state_dict") or {}).items() if k.startswith("model.")}
+    saved = {
+        k.removeprefix("model."): tuple(v.shape)
+        for k, v in (ck.get("state_dict") or {}).items()
+        if k.startswith("model.")
+    }
     if saved and saved != shapes:
-        raise ConfigError(f"optimizer state: {ckpt} trained another model than the one at "
-                          f"{model_dir} (parameter names or shapes differ)")
+        raise ConfigError(
+            f"optimizer state: {ckpt} trained another model than the one at "
+            f"{model_dir} (parameter names or shapes differ)"
+        )
     names = param_groups_by_name(model)
     if [len(g.get("params", ())) for g in groups] != [len(n) for n in names]:
         raise ConfigError(
@@ -125,16 +115,21 @@ def run_adam_state(path: PathLike) -> tuple[dict[str, dict], Transformer]:
             if not st:
                 continue  # never updated in that run
             if any(k not in st for k in (*MOMENTS, "step")):
-                raise ConfigError(f"optimizer state: {ckpt}: the state of {name} has no "
-                                  f"{'/'.join(MOMENTS)}/step (not AdamW's)")
+                raise ConfigError(
+                    f"optimizer state: {ckpt}: the state of {name} has no "
+                    f"{'/'.join(MOMENTS)}/step (not AdamW's)"
+                )
             for k in MOMENTS:
                 if tuple(st[k].shape) != shapes[name]:
                     raise ConfigError(
-                        f"optimizer state: {ckpt}: {k} of {name} is {_shape(st[k])}, the "
-                        f"parameter is {_shape(shapes[name])} (a sharded optimizer state?)"
+                        f"optimizer state: {ckpt}: {k} of {name} is {shape_of(st[k])}, the "
+                        f"parameter is {shape_of(shapes[name])} (a sharded optimizer state?)"
                     )
-            out[name] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
-                         "step": float(st["step"])}
+            out[name] = {
+                "exp_avg": st["exp_avg"],
+                "exp_avg_sq": st["exp_avg_sq"],
+                "step": float(st["step"]),
+            }
     return out, model
 
 
@@ -205,24 +200,30 @@ def moe_adam_state(
     the MoE (names, shapes, experts).
     """
     if shared not in ASSEMBLE_SHARED:
-        raise ConfigError(f"optimizer state: shared must be {' or '.join(ASSEMBLE_SHARED)}, "
-                          f"got {shared!r}")
+        raise ConfigError(
+            f"optimizer state: shared must be {' or '.join(ASSEMBLE_SHARED)}, got {shared!r}"
+        )
     if shared == "base" and base_ckpt is None:
-        raise ConfigError("optimizer state: shared=base needs base_ckpt (the base run's "
-                          "Lightning checkpoint)")
+        raise ConfigError(
+            "optimizer state: shared=base needs base_ckpt (the base run's Lightning checkpoint)"
+        )
     if len(branch_ckpts) != len(experts):
-        raise ConfigError(f"optimizer state: {len(branch_ckpts)} branch checkpoints for "
-                          f"{len(experts)} experts {list(experts)}")
+        raise ConfigError(
+            f"optimizer state: {len(branch_ckpts)} branch checkpoints for "
+            f"{len(experts)} experts {list(experts)}"
+        )
     moe_dir = resolve_checkpoint(moe_model_dir)
     mcfg = read_config(moe_dir)
     names = list(experts) + (["generalist"] if generalist_ckpt is not None else [])
     if list(mcfg.moe.experts) != names:
-        raise ConfigError(f"optimizer state: {moe_dir} has the experts {list(mcfg.moe.experts)}, "
-                          f"not {names}")
+        raise ConfigError(
+            f"optimizer state: {moe_dir} has the experts {list(mcfg.moe.experts)}, not {names}"
+        )
     made = (read_meta(moe_dir).get("assembled") or {}).get("shared")
     if made is not None and made != shared:
-        raise ConfigError(f"optimizer state: {moe_dir} was assembled with shared={made}, "
-                          f"not {shared}")
+        raise ConfigError(
+            f"optimizer state: {moe_dir} was assembled with shared={made}, not {shared}"
+        )
     moe = _meta_model(mcfg)
     target = {n: tuple(p.shape) for n, p in moe.named_parameters()}
     fs = mcfg.moe.shared_expert_ffn_dim
@@ -252,7 +253,8 @@ def moe_adam_state(
             expert_steps.setdefault(moe_name, []).append(s["step"])
             if fs:
                 means.setdefault(f"{stem}.shared.{weight}.weight", _Mean()).add(
-                    {k: _ffn_part(s[k], weight, fs, expert=False) for k in MOMENTS}, s["step"])
+                    {k: _ffn_part(s[k], weight, fs, expert=False) for k in MOMENTS}, s["step"]
+                )
         del st
     for moe_name, steps in expert_steps.items():
         out[moe_name]["step"] = torch.tensor(sum(steps) / len(steps), dtype=torch.float32)
@@ -275,14 +277,17 @@ def moe_adam_state(
             got["step"] = torch.tensor(0.0)
         for k in MOMENTS:
             if tuple(got[k].shape) != shape:
-                raise ConfigError(f"optimizer state: {k} of {name} came out {_shape(got[k])}, "
-                                  f"the MoE's parameter is {_shape(shape)}")
+                raise ConfigError(
+                    f"optimizer state: {k} of {name} came out {shape_of(got[k])}, "
+                    f"the MoE's parameter is {shape_of(shape)}"
+                )
             got[k] = got[k].contiguous()
         result[name] = got
     unplaced = sorted(set(out) - set(target))
     if unplaced:
-        raise ConfigError(f"optimizer state: {unplaced[0]} of the runs has no place in the MoE "
-                          f"at {moe_dir}")
+        raise ConfigError(
+            f"optimizer state: {unplaced[0]} of the runs has no place in the MoE at {moe_dir}"
+        )
     return result
 
 
@@ -297,12 +302,14 @@ def _check_dense(
     outside = {n: s for n, s in shapes.items() if ".ffn." not in n}
     want = {n: s for n, s in target.items() if ".ffn." not in n}
     if outside != want:
-        n = next((n for n in want if outside.get(n) != want[n]),
-                 next(iter(set(outside) - set(want)), "?"))
+        n = next(
+            (n for n in want if outside.get(n) != want[n]),
+            next(iter(set(outside) - set(want)), "?"),
+        )
         raise ConfigError(
             f"optimizer state: {src}'s model does not fit the MoE at {moe_dir} ({n} is "
-            f"{_shape(outside[n]) if n in outside else 'absent'} there, "
-            f"{_shape(want[n]) if n in want else 'absent'} in the MoE)"
+            f"{shape_of(outside[n]) if n in outside else 'absent'} there, "
+            f"{shape_of(want[n]) if n in want else 'absent'} in the MoE)"
         )
     for i in range(dense.config.n_layers):
         for w in FFN_WEIGHTS:
@@ -311,8 +318,8 @@ def _check_dense(
             want = (fs + e[1], e[0]) if w != "w2" else (e[1], fs + e[0])
             if d != want:
                 raise ConfigError(
-                    f"optimizer state: {src}'s layers.{i}.ffn.{w}.weight is {_shape(d)}; the "
-                    f"MoE's experts {_shape(e)} (shared expert {fs}) need {_shape(want)}"
+                    f"optimizer state: {src}'s layers.{i}.ffn.{w}.weight is {shape_of(d)}; the "
+                    f"MoE's experts {shape_of(e)} (shared expert {fs}) need {shape_of(want)}"
                 )
 
 
@@ -335,77 +342,3 @@ def write_moe_adam_state(
         with staged_file(out) as tmp:
             torch.save(state, tmp)
     return Path(out)
-
-
-# ----------------------------------------------------------------------------- loading it
-
-
-def read_adam_state(path: PathLike, what: str = "optim.init_state") -> dict[str, dict]:
-    """The file `write_moe_adam_state` wrote, checked for its layout (one-line ConfigErrors)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what}: no optimizer state file at {p} (write one with "
-                          "moe.surgery.optim_state.write_moe_adam_state)")
-    obj = _torch_load(p, what)
-    if not isinstance(obj, dict) or not obj:
-        raise ConfigError(f"{what}: {p} does not hold {{parameter name: AdamW state}}")
-    for name, st in obj.items():
-        if not isinstance(st, dict) or any(
-            not isinstance(st.get(k), torch.Tensor) for k in (*MOMENTS, "step")
-        ):
-            raise ConfigError(f"{what}: {p}: the entry {name!r} is not "
-                              "{exp_avg, exp_avg_sq, step} tensors")
-    return obj
-
-
-def check_adam_state(
-    model: torch.nn.Module, state: dict[str, dict], what: str = "optim.init_state"
-) -> None:
-    """Every parameter of `model` has an entry of its shape in `state`, and `state` names no
-    other parameter."""
-    params = dict(model.named_parameters())
-    missing = [n for n in params if n not in state]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConfigError(f"{what}: no AdamW state for {missing[0]}{more}; the file was made "
-                          "for another model")
-    extra = [n for n in state if n not in params]
-    if extra:
-        raise ConfigError(f"{what}: the file has state for {extra[0]}, which this model does "
-                          "not have; it was made for another model")
-    for name, p in params.items():
-        for k in MOMENTS:
-            if tuple(state[name][k].shape) != tuple(p.shape):
-                raise ConfigError(f"{what}: {k} of {name} is {_shape(state[name][k])}, the "
-                                  f"parameter is {_shape(p)}")
-
-
-def load_adam_state(
-    optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    state: dict[str, dict],
-    what: str = "optim.init_state",
-) -> None:
-    """Set `optimizer.state[p]` of every parameter of `model` from `state` (by name; moments
-    copied onto the parameter's device and dtype). The optimizer's hyper-parameters and LR
-    schedule are untouched: only AdamW's moments and step count carry over."""
-    check_adam_state(model, state, what)
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    for name, p in model.named_parameters():
-        g = group_of.get(id(p))
-        if g is None:
-            raise ConfigError(f"{what}: parameter {name} is not in the optimizer")
-        st = state[name]
-        on_device = g.get("capturable") or g.get("fused")
-        new = {
-            "step": torch.tensor(float(st["step"]), dtype=scalar,
-                                 device=p.device if on_device else "cpu"),
-            "exp_avg": torch.empty_like(p, memory_format=torch.preserve_format)
-            .copy_(st["exp_avg"]),
-            "exp_avg_sq": torch.empty_like(p, memory_format=torch.preserve_format)
-            .copy_(st["exp_avg_sq"]),
-        }
-        if g.get("amsgrad"):
-            new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
-        optimizer.state[p] = new

@@ -70,7 +70,7 @@ class LitLM(pl.LightningModule):
         # training starts unless the run resumes or forks (its checkpoint's state wins)
         self._init_state: dict | None = None
         if optim.init_state and not forked:
-            from moe.surgery.optim_state import check_adam_state, read_adam_state
+            from moe.train.init_state import check_adam_state, read_adam_state
 
             self._init_state = read_adam_state(optim.init_state)
             check_adam_state(self.model, self._init_state)
@@ -192,7 +192,7 @@ class LitLM(pl.LightningModule):
         # after Lightning restored a resume or fork checkpoint (if any), before the first step
         state, self._init_state = self._init_state, None
         if state is not None and self.trainer.ckpt_path is None:
-            from moe.surgery.optim_state import load_adam_state
+            from moe.train.init_state import load_adam_state
 
             load_adam_state(self.trainer.optimizers[0], self.model, state)
 

@@ -11,24 +11,31 @@ from helpers import DEBUG
 from moe.config import ConfigError, OptimConfig, load_recipe
 from moe.io.checkpoint import load_model
 from moe.surgery.experts import assemble_checkpoints
-from moe.surgery.optim_state import (
-    load_adam_state,
-    moe_adam_state,
-    read_adam_state,
-    run_adam_state,
-    write_moe_adam_state,
-)
+from moe.surgery.optim_state import moe_adam_state, run_adam_state, write_moe_adam_state
+from moe.train.init_state import load_adam_state, read_adam_state
 from moe.train.module import LitLM
 from moe.train.schedule import adamw_with_schedule, param_groups_by_name
 from moe.train.stages import train
 
 pytestmark = pytest.mark.slow
 
-TINY = ["trainer.enable_progress_bar=false", "overwrite=true", "data.domains=[text,code]",
-        "data.bytes_per_domain=20000", "data.seq_len=32", "data.batch_size=4",
-        "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=48",
-        "model.max_seq_len=64", "optim.warmup_steps=1", "trainer.limit_val_batches=1",
-        "trainer.val_check_interval=100", "trainer.checkpoint_every_n_steps=100"]
+TINY = [
+    "trainer.enable_progress_bar=false",
+    "overwrite=true",
+    "data.domains=[text,code]",
+    "data.bytes_per_domain=20000",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "model.dim=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.ffn_dim=48",
+    "model.max_seq_len=64",
+    "optim.warmup_steps=1",
+    "trainer.limit_val_batches=1",
+    "trainer.val_check_interval=100",
+    "trainer.checkpoint_every_n_steps=100",
+]
 EXPERTS = ["text", "code"]
 STEPS = {"text": 5, "code": 6}  # per-branch final steps (AdamW's counts), seed forks at 3
 
@@ -44,15 +51,24 @@ def runs(tmp_path_factory):
     seed = root / "seed"
     _train(seed, "dense.yaml", "trainer.max_steps=3")
     for dom in EXPERTS:
-        _train(root / f"branch-{dom}", "dense.yaml", "stage=branch", f"branch.domain={dom}",
-               f"trainer.max_steps={STEPS[dom]}", f"fork={seed}", f"init={seed / 'model'}")
+        _train(
+            root / f"branch-{dom}",
+            "dense.yaml",
+            "stage=branch",
+            f"branch.domain={dom}",
+            f"trainer.max_steps={STEPS[dom]}",
+            f"fork={seed}",
+            f"init={seed / 'model'}",
+        )
     branches = [root / f"branch-{d}" for d in EXPERTS]
     avg, base, gen = root / "btx-avg", root / "btx-base", root / "btx-gen"
     assemble_checkpoints([b / "model" for b in branches], avg, experts=EXPERTS)
-    assemble_checkpoints([b / "model" for b in branches], base, experts=EXPERTS,
-                         shared="base", base=seed / "model")
-    assemble_checkpoints([b / "model" for b in branches], gen, experts=EXPERTS,
-                         generalist=seed / "model")
+    assemble_checkpoints(
+        [b / "model" for b in branches], base, experts=EXPERTS, shared="base", base=seed / "model"
+    )
+    assemble_checkpoints(
+        [b / "model" for b in branches], gen, experts=EXPERTS, generalist=seed / "model"
+    )
     return dict(root=root, seed=seed, branches=branches, avg=avg, base=base, gen=gen)
 
 
@@ -89,8 +105,9 @@ def test_experts_shared_and_router_of_an_averaged_btx(runs):
 
 
 def test_shared_base_takes_the_seeds_moments(runs):
-    state = moe_adam_state(_ckpts(runs), runs["base"], EXPERTS, "base",
-                           base_ckpt=runs["seed"] / "resume" / "last.ckpt")
+    state = moe_adam_state(
+        _ckpts(runs), runs["base"], EXPERTS, "base", base_ckpt=runs["seed"] / "resume" / "last.ckpt"
+    )
     seed = run_adam_state(runs["seed"])[0]  # a run directory works too
     own0 = run_adam_state(_ckpts(runs)[0])[0]
     for name, st in state.items():
@@ -108,8 +125,7 @@ def test_shared_base_takes_the_seeds_moments(runs):
 
 def test_generalist_expert_comes_from_the_seeds_run(runs):
     seed_ckpt = runs["seed"] / "resume" / "last.ckpt"
-    state = moe_adam_state(_ckpts(runs), runs["gen"], EXPERTS, "average",
-                           generalist_ckpt=seed_ckpt)
+    state = moe_adam_state(_ckpts(runs), runs["gen"], EXPERTS, "average", generalist_ckpt=seed_ckpt)
     seed = run_adam_state(seed_ckpt)[0]
     own = [run_adam_state(c)[0] for c in _ckpts(runs)] + [seed]
     w2 = state["layers.1.ffn.w2"]
@@ -124,8 +140,9 @@ def test_generalist_expert_comes_from_the_seeds_run(runs):
 
 
 def test_load_into_an_optimizer_and_the_writer(runs, tmp_path):
-    out = write_moe_adam_state(_ckpts(runs), runs["avg"], EXPERTS, "average",
-                               out=tmp_path / "adam.pt")
+    out = write_moe_adam_state(
+        _ckpts(runs), runs["avg"], EXPERTS, "average", out=tmp_path / "adam.pt"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adam.pt"]  # no staging leftovers
     state = read_adam_state(out)
     moe = load_model(runs["avg"]).model
@@ -141,8 +158,7 @@ def test_load_into_an_optimizer_and_the_writer(runs, tmp_path):
     idx = sd["param_groups"][1]["params"][no_decay.index("norm.weight")]
     assert torch.equal(sd["state"][idx]["exp_avg_sq"], state["norm.weight"]["exp_avg_sq"])
     # a wrong shape or a missing name: one line each
-    bad = dict(state, **{"norm.weight": dict(state["norm.weight"],
-                                             exp_avg=torch.zeros(3))})
+    bad = dict(state, **{"norm.weight": dict(state["norm.weight"], exp_avg=torch.zeros(3))})
     with pytest.raises(ConfigError, match=r"exp_avg of norm.weight is \[3\]") as e:
         load_adam_state(opt, moe, bad)
     assert "\n" not in str(e.value)
@@ -154,11 +170,17 @@ def test_load_into_an_optimizer_and_the_writer(runs, tmp_path):
 def test_a_run_with_init_state_starts_from_those_moments(runs, tmp_path):
     """(d) The MoE's fine-tune (experts frozen: their state is never stepped) saves exactly the
     loaded moments for the experts; the trained router's step count went on from 0."""
-    path = write_moe_adam_state(_ckpts(runs), runs["avg"], EXPERTS, "average",
-                                out=tmp_path / "adam.pt")
+    path = write_moe_adam_state(
+        _ckpts(runs), runs["avg"], EXPERTS, "average", out=tmp_path / "adam.pt"
+    )
     state = read_adam_state(path)
-    _train(tmp_path / "moe", "router.yaml", f"init={runs['avg']}", "trainer.max_steps=1",
-           f"optim.init_state={path}")
+    _train(
+        tmp_path / "moe",
+        "router.yaml",
+        f"init={runs['avg']}",
+        "trainer.max_steps=1",
+        f"optim.init_state={path}",
+    )
     ck = torch.load(tmp_path / "moe" / "resume" / "last.ckpt", weights_only=True)
     moe = load_model(runs["avg"]).model
     saved = ck["optimizer_states"][0]
@@ -175,8 +197,14 @@ def test_a_run_with_init_state_starts_from_those_moments(runs, tmp_path):
     fresh = torch.load(tmp_path / "fresh" / "resume" / "last.ckpt", weights_only=True)
     assert len(fresh["optimizer_states"][0]["state"]) < len(saved["state"])
     # a resume continues its own checkpoint's state: the file is not loaded over it again
-    _train(tmp_path / "moe", "router.yaml", f"init={runs['avg']}", "trainer.max_steps=2",
-           f"optim.init_state={path}", f"resume={tmp_path / 'moe'}")
+    _train(
+        tmp_path / "moe",
+        "router.yaml",
+        f"init={runs['avg']}",
+        "trainer.max_steps=2",
+        f"optim.init_state={path}",
+        f"resume={tmp_path / 'moe'}",
+    )
     ck = torch.load(tmp_path / "moe" / "resume" / "last.ckpt", weights_only=True)
     router = names.index("layers.0.ffn.router.weight")
     assert float(ck["optimizer_states"][0]["state"][ids[router]]["step"]) == 2.0
@@ -185,8 +213,13 @@ def test_a_run_with_init_state_starts_from_those_moments(runs, tmp_path):
 def test_missing_or_unusable_files_are_one_line_errors(runs, tmp_path):
     # (e) a missing init_state: refused before the run directory is made
     with pytest.raises(ConfigError, match="optim.init_state: no optimizer state file") as e:
-        _train(tmp_path / "moe", "router.yaml", f"init={runs['avg']}", "trainer.max_steps=1",
-               f"optim.init_state={tmp_path / 'nope.pt'}")
+        _train(
+            tmp_path / "moe",
+            "router.yaml",
+            f"init={runs['avg']}",
+            "trainer.max_steps=1",
+            f"optim.init_state={tmp_path / 'nope.pt'}",
+        )
     assert "\n" not in str(e.value)
     assert not (tmp_path / "moe").exists()
     # a file for another model (the dense seed's parameters are not the MoE's)
@@ -194,12 +227,19 @@ def test_missing_or_unusable_files_are_one_line_errors(runs, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match="not a readable torch file"):
         read_adam_state(tmp_path / "junk.pt")
-    other = {n: {"exp_avg": torch.zeros(1), "exp_avg_sq": torch.zeros(1),
-                 "step": torch.tensor(0.0)} for n in ("a.weight",)}
+    other = {
+        n: {"exp_avg": torch.zeros(1), "exp_avg_sq": torch.zeros(1), "step": torch.tensor(0.0)}
+        for n in ("a.weight",)
+    }
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="no AdamW state for tok_emb.weight"):
-        LitLM(moe, dataclasses.replace(OptimConfig(), init_state=str(tmp_path / "other.pt")),
-              EXPERTS, max_steps=1, seq_len=32)
+        LitLM(
+            moe,
+            dataclasses.replace(OptimConfig(), init_state=str(tmp_path / "other.pt")),
+            EXPERTS,
+            max_steps=1,
+            seq_len=32,
+        )
     # a Lightning checkpoint without optimizer state
     ck = torch.load(_ckpts(runs)[0], weights_only=True)
     ck.pop("optimizer_states")
@@ -209,8 +249,12 @@ def test_missing_or_unusable_files_are_one_line_errors(runs, tmp_path):
 
     shutil.copytree(runs["branches"][0] / "model", tmp_path / "b" / "model")
     with pytest.raises(ConfigError, match="holds no optimizer state") as e:
-        moe_adam_state([tmp_path / "b" / "resume" / "last.ckpt", _ckpts(runs)[1]], runs["avg"],
-                       EXPERTS, "average")
+        moe_adam_state(
+            [tmp_path / "b" / "resume" / "last.ckpt", _ckpts(runs)[1]],
+            runs["avg"],
+            EXPERTS,
+            "average",
+        )
     assert "\n" not in str(e.value)
     # the experts named in another order than the MoE's
     with pytest.raises(ConfigError, match=r"has the experts \['text', 'code'\]"):
@@ -223,14 +267,27 @@ def test_a_shared_expert_takes_the_mean_of_the_branches_first_neurons(runs, tmp_
     from moe.surgery.experts import split_checkpoint
 
     fs = 8
-    split = split_checkpoint(runs["seed"] / "model", tmp_path / "split", EXPERTS,
-                             method="activation", shared_dim=fs, calib_batches=1)
+    split = split_checkpoint(
+        runs["seed"] / "model",
+        tmp_path / "split",
+        EXPERTS,
+        method="activation",
+        shared_dim=fs,
+        calib_batches=1,
+    )
     for dom in EXPERTS:
-        _train(tmp_path / f"branch-{dom}", "dense.yaml", "stage=branch", f"branch.domain={dom}",
-               "trainer.max_steps=2", f"init={split}")
+        _train(
+            tmp_path / f"branch-{dom}",
+            "dense.yaml",
+            "stage=branch",
+            f"branch.domain={dom}",
+            "trainer.max_steps=2",
+            f"init={split}",
+        )
     ckpts = [tmp_path / f"branch-{d}" / "resume" / "last.ckpt" for d in EXPERTS]
-    moe_dir = assemble_checkpoints([tmp_path / f"branch-{d}" / "model" for d in EXPERTS],
-                                   tmp_path / "btx", experts=EXPERTS)
+    moe_dir = assemble_checkpoints(
+        [tmp_path / f"branch-{d}" / "model" for d in EXPERTS], tmp_path / "btx", experts=EXPERTS
+    )
     state = moe_adam_state(ckpts, moe_dir, EXPERTS, "average")
     own = [run_adam_state(c)[0] for c in ckpts]
     for w in ("w1", "w3", "w2"):
