@@ -171,3 +171,30 @@ def test_every_control_is_built_and_matched_on_training_flops(tmp_path):
     w1 = init.layers[0].ffn.w1
     for e in range(w1.shape[0]):  # experts are stored (E, dim, ffn): the Linear's transpose
         assert torch.equal(w1[e], seed.layers[0].ffn.w1.weight.T)
+
+
+def test_reports_state_the_top1_routers_accuracy():
+    """A c-BTM model's route_accuracy reaches the one-seed and the N-seed report, averaged over
+    seeds, as a percentage per domain."""
+    from moe.experiments.study.report import aggregate, render_aggregate_report, render_report
+
+    def result(seed: int, acc_code: float) -> dict:
+        def ev(bpb: float, acc: float | None = None) -> dict:
+            return {d: {"bpb": bpb, **({"route_accuracy": acc if d == "code" else 1.0}
+                                       if acc is not None else {})}
+                    for d in ("text", "code")}  # fmt: skip
+
+        return {"name": "s", "seed": seed, "domains": ["text", "code"], "experts": ["text", "code"],
+                "arms": {"monolithic, compute-matched": "dense-compute",
+                         "c-BTM top-1 ensemble": "cbtm"},
+                "reference_arm": "monolithic, compute-matched",
+                "models": {
+                    "dense-compute": {"arm": "monolith", "eval": ev(2.0 + seed / 100)},
+                    "cbtm": {"arm": "cbtm", "eval": ev(2.1 + seed / 100, acc_code)}}}  # fmt: skip
+
+    one = render_report(result(0, 0.8))
+    assert "code 80.0%" in one and "text 100.0%" in one
+    agg = aggregate([result(0, 0.8), result(1, 0.9)])
+    assert agg["models"]["cbtm"]["route_accuracy"]["code"]["mean"] == pytest.approx(0.85)
+    assert "route_accuracy" not in agg["models"]["dense-compute"]
+    assert "code 85.0%" in render_aggregate_report(agg)

@@ -26,6 +26,7 @@ from moe.experiments.study.report.format import (
     format_seconds,
     format_table,
     is_num,
+    routing_accuracy_lines,
 )
 from moe.experiments.study.report.plots import BPB_PLOT, PLOTS_DIR, plot_aggregate
 from moe.experiments.study.report.results import (
@@ -107,6 +108,11 @@ def aggregate(results_list: list[dict], *, margin: float | None = None,
         for key in ("train_flops", "tokens", "active_params", "total_params",
                     "tokens_by_domain", "epochs_by_domain"):
             entry[key] = entries[0].get(key)
+        acc = {d: _stats(vals) for d in doms
+               if (vals := [v for m in entries if (v := model_bpb(m, d, "route_accuracy"))
+                            is not None])}  # fmt: skip
+        if acc:  # a top-1 routed ensemble (c-BTM): its router's accuracy
+            entry["route_accuracy"] = acc
         models[name] = entry
 
     gain: dict[str, dict[str, dict[str, Any]]] = {}
@@ -276,8 +282,9 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
     lines = [
         f"# moe-forge study report: {agg.get('name', 'run')} ({agg.get('n', 0)} seeds)",
         "",
-        f"- seeds: {seeds}; device: {agg.get('device', '-')}; total wall time "
-        f"{format_seconds(sum(walls)) if walls else '-'}",
+        f"- seeds: {seeds}; device: {agg.get('device', '-')}; run time summed over seeds "
+        f"{format_seconds(sum(walls)) if walls else '-'} (seeds run in parallel take less "
+        "wall time)",
         f"- domains: {', '.join(doms) or '-'}; "
         f"experts: {', '.join(agg.get('experts') or []) or '-'}; "
         f"split method: {agg.get('split_method', '-')}",
@@ -317,6 +324,9 @@ def render_aggregate_report(agg: dict, plot: bool = False) -> str:
                      "experts arm.")
     lines += ["", "## Per-domain bits per byte", ""]
     lines += _bpb_table(agg, arms)
+    lines += routing_accuracy_lines(
+        [(label, {d: st["mean"] for d, st in acc.items()}) for label, name in arms
+         if (acc := models[name].get("route_accuracy"))])  # fmt: skip
     if plot:
         lines += [f"![bits per byte by domain]({PLOTS_DIR}/{BPB_PLOT})", ""]
     lines += ["## Gains vs the compute-matched monolithic model", ""]

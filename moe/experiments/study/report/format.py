@@ -104,3 +104,15 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]],
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def routing_accuracy_lines(rows: Sequence[tuple[str, dict[str, float]]]) -> list[str]:
+    """Markdown lines for top-1 routed ensembles (c-BTM): the share of each domain's held-out
+    tokens its router sends to that domain's own expert. `rows`: (arm label, {domain: share})."""
+    out = []
+    for label, acc in rows:
+        cells = ", ".join(f"{d} {100 * v:.1f}%" for d, v in acc.items())
+        out += [f"Router of {label} (tf-idf centroids of each expert's training data, top-1): "
+                f"the share of each domain's held-out tokens sent to that domain's expert: "
+                f"{cells}.", ""]
+    return out

@@ -16,6 +16,7 @@ from moe.experiments.study.report.format import (
     format_seconds,
     format_table,
     is_num,
+    routing_accuracy_lines,
 )
 from moe.experiments.study.report.plots import (
     BPB_PLOT,
@@ -357,6 +358,12 @@ def render_report(results: dict, plots: dict[str, bool] | None = None) -> str:
         _bpb_section(results),
         "",
     ]
+    doms = domains(results)
+    lines += routing_accuracy_lines(
+        [(label, acc) for label, name in arm_table(results)
+         if (acc := {d: v for d in doms
+                     if (v := model_bpb(results["models"].get(name), d, "route_accuracy"))
+                     is not None})])  # fmt: skip
     if plots.get(BPB_PLOT):
         lines += [f"![bits per byte by domain]({PLOTS_DIR}/{BPB_PLOT})", ""]
     lines += ["## Gains vs the compute-matched monolithic model", "", _gains_section(results), ""]
