@@ -339,7 +339,8 @@ class Study:
                         ),
                         f"{spec.name}:{ids}:{sets_key}", tag=f"-sets-{spec.name}",
                     )
-                active = sum(records[n].active_params for n in spec.members)
+                # a top-1 routed ensemble (c-BTM) runs one member per token; a mixture runs all
+                active = (max if routing else sum)(records[n].active_params for n in spec.members)
                 total = sum(records[n].total_params for n in spec.members)
             by_dom: dict[str, int] = {}
             for n in spec.lineage:

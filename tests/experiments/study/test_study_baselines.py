@@ -153,6 +153,10 @@ def test_every_control_is_built_and_matched_on_training_flops(tmp_path):
         assert ms[a]["label"].endswith("assembled (before its fine-tune)") and ms[t]["label"]
     assert ms["moe-generalist"]["total_params"] > moe["total_params"]
     assert ms["cbtm"]["eval"]["text"]["bpb"] > 0
+    # c-BTM runs one branch per token, the BTM mixture all of them
+    assert ms["cbtm"]["active_params"] == ms["branch-text"]["active_params"]
+    assert ms["btm"]["active_params"] == ms["cbtm"]["total_params"] == 3 * ms["cbtm"][
+        "active_params"]
     # no stage warms up over more than a tenth of its own schedule
     for name in ("ft-code-1", "moe", "dense-params", "upcycle"):
         import yaml
