@@ -136,7 +136,9 @@ def test_every_registry_finds_its_members():
     from moe.model.init_dist import METHODS as INIT
     from moe.model.split import SPLIT_METHODS, SPLITS
 
-    assert MERGE.names() == ["dare_linear", "dare_ties", "linear", "passthrough", "slerp",
+    assert MERGE.names() == ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties",
+                             "della", "della_linear", "karcher", "linear", "model_stock",
+                             "multislerp", "nearswap", "nuslerp", "passthrough", "sce", "slerp",
                              "task_arithmetic", "ties"]  # fmt: skip
     assert set(STEPS) == {"topk", "dare", "lowrank", "int8", "int4", "bitdelta", "fp16"}
     assert SPLITS.names() == ["copy", "random", "kmeans", "activation"] == list(SPLIT_METHODS)

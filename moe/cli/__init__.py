@@ -24,6 +24,7 @@ from moe.cli.commands import (  # noqa: F401 (re-exported)
     cmd_data,
     cmd_delta,
     cmd_eval,
+    cmd_experts,
     cmd_export,
     cmd_generate,
     cmd_grow,
@@ -222,8 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --tasks: few-shot examples per request (default: the task's)")
     sp.add_argument("--device", default=None,
                     help="with --tasks: torch device (default: cuda when available, else cpu)")
+    sp.add_argument("--experts", metavar="A,B",
+                    help="an MoE with only these experts, in memory (the others dropped, their "
+                    "router rows removed; nothing written to the checkpoint)")
+    sp.add_argument("--expert-top-k", type=COUNT1, default=None, metavar="K",
+                    help="experts per token of a learned router, in memory (1..experts)")
     sp.add_argument("--json", help="write results here (default: eval.json in each directory, "
-                    "eval-data.json with --data, lm-eval.json with --tasks)")
+                    "eval-data.json with --data, eval-experts.json with --experts or "
+                    "--expert-top-k, lm-eval.json with --tasks)")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("split", help="split a dense checkpoint into domain experts")
@@ -361,8 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_retokenize)
 
-    sp = sub.add_parser("assemble", help="assemble dense branches into one MoE (Branch-Train-Mix)")
-    sp.add_argument("branches", nargs="+", help="branch checkpoints or run directories")
+    sp = sub.add_parser("assemble", help="assemble dense branches into one MoE (Branch-Train-Mix), "
+                        "or the MoE a mergekit-moe CONFIG.yaml describes")
+    sp.add_argument("branches", nargs="+", help="branch checkpoints or run directories, or one "
+                    "mergekit-moe config (.yaml/.yml: base_model, gate_mode, experts, ...)")
     sp.add_argument("--out", required=True, help="output checkpoint directory")
     sp.add_argument("--experts", help="names in branch order (default: the branch domains)")
     sp.add_argument(
@@ -380,8 +389,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="router rows random, or each domain's mean hidden state",
     )
     sp.add_argument("--seed", type=SEED, default=0)
+    sp.add_argument("--hf-out", metavar="HF_DIR", help="mergekit-moe config with moe-forge "
+                    "inputs: also write the Hugging Face export here")
+    sp.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                    help="mergekit-moe config: shard Hugging Face weights above SIZE (default 5GB)")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_assemble)
+
+    sp = sub.add_parser("experts", help="an MoE with experts dropped, kept or added, or another "
+                        "top-k, as a new checkpoint (FlexOlmo's opt-out; no training)")
+    sp.add_argument("checkpoint", help="MoE checkpoint or run directory")
+    sp.add_argument("--out", required=True, help="output checkpoint directory")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--drop", metavar="A,B", help="remove these experts")
+    group.add_argument("--keep", metavar="A,B", help="keep only these experts")
+    sp.add_argument("--add", action="append", metavar="NAME=CKPT[:EXPERT]",
+                    help="add expert NAME: expert EXPERT of MoE checkpoint CKPT, or the FFN of a "
+                    "dense CKPT, of the same lineage and shapes; repeatable")
+    sp.add_argument("--router-row", default="zero", choices=("zero", "domain_mean"),
+                    help="an added expert's router row: zero, or domain NAME's mean hidden "
+                    "state scaled to the other rows (default zero)")
+    sp.add_argument("--calib-batches", type=COUNT1, default=4,
+                    help="--router-row domain_mean: training batches of the domain")
+    sp.add_argument("--top-k", type=COUNT1, default=None,
+                    help="experts per token, learned router (default: the model's, clamped to "
+                    "the experts left)")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_experts)
 
     sp = sub.add_parser("merge", help="merge fine-tunes of one expert family (MERGE.yaml)")
     _listing(sp.add_argument("config", help="merge config YAML (models:, merge_method: one of "
@@ -433,9 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_import)
 
-    sp = sub.add_parser("export", help="export a checkpoint as Hugging Face Llama/Mixtral")
+    sp = sub.add_parser("export", help="export a checkpoint as Hugging Face Llama/Qwen2/Mixtral/"
+                        "Qwen2-MoE")
     sp.add_argument("checkpoint", help="checkpoint or run directory")
     sp.add_argument("--out", required=True, help="output Hugging Face directory")
+    sp.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                    help="shard the weights above SIZE, e.g. 5GB, 500MB (default 5GB)")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_export)
 
@@ -453,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=FLOAT, help="sample from the smallest set with mass >= p")
     sp.add_argument("--seed", type=SEED, help="sampling seed (sampling repeats with it)")
     sp.add_argument("--domain", help="domain (expert) for a domain-routed MoE")
+    sp.add_argument("--experts", metavar="A,B",
+                    help="an MoE with only these experts, in memory (nothing written)")
+    sp.add_argument("--expert-top-k", type=COUNT1, default=None, metavar="K",
+                    help="experts per token of a learned router, in memory (--top-k is the "
+                    "sampling option)")
     sp.add_argument("--show-routing", action="store_true",
                     help="print the text coloured by the expert of each token, per layer")
     sp.add_argument("--layer", type=COUNT0, help="show this layer only")
@@ -496,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
-    # a resume keeps the metrics logged before it (moe/train/stages.py `_csv_logger`)
+    # a resume keeps the metrics logged before it (moe/train/tracking.py `_csv_logger`)
     warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
     # a fork (a study's branches, the monolith) restores another run's state into a new dir
     warnings.filterwarnings("ignore", message="The dirpath has changed from")

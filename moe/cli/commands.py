@@ -81,7 +81,12 @@ def cmd_eval(args) -> int:
     doms = args.domains.split(",") if args.domains else None
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a directory; give a file name")
+    experts = _names(args.experts) if args.experts is not None else None
+    subset = experts is not None or args.expert_top_k is not None
     if args.tasks is not None:
+        if subset:
+            raise ConfigError("--experts and --expert-top-k belong to moe eval's own held-out "
+                              "evaluation, not to --tasks (write the subset with moe experts)")
         return _eval_tasks(args, doms)
     for flag, value in (("--include-path", args.include_path), ("--limit", args.limit),
                         ("--num-fewshot", args.num_fewshot), ("--device", args.device)):
@@ -95,12 +100,18 @@ def cmd_eval(args) -> int:
     if args.max_batches is not None:
         raise ConfigError("--max-batches was replaced by --max-docs N: moe eval scores whole "
                           "documents at the model's context (see moe eval --help)")
-    # results on other data never replace the checkpoint's own eval.json
-    name = "eval-data.json" if data is not None else "eval.json"
+    # results on other data, or of a subset of the experts, never replace the checkpoint's own
+    # eval.json
+    name = "eval" + ("-data" if data is not None else "") + ("-experts" if subset else "") + ".json"
     for path in args.checkpoints:
         # a missing checkpoint, or a context or stride it cannot take, before any work
-        check_protocol(args.context, args.stride, args.max_docs,
-                       read_config(resolve_checkpoint(path)).resolved().max_seq_len)
+        cfg = read_config(resolve_checkpoint(path)).resolved()
+        check_protocol(args.context, args.stride, args.max_docs, cfg.max_seq_len)
+        if subset:  # an unknown expert, none left, a top-k out of range: before any work
+            from moe.model.expert_subset import plan_experts
+
+            plan_experts(cfg, keep=experts, top_k=args.expert_top_k, where=str(path),
+                         keep_flag="--experts", k_flag="--expert-top-k")
     targets = [args.json] if args.json else [Path(p) / name for p in args.checkpoints]
     inputs = [*args.checkpoints, args.tokenizer, *(data.input_paths() if data else [])]
     with claim(targets, inputs):  # before evaluating: a refused output costs no work
@@ -116,7 +127,11 @@ def cmd_eval(args) -> int:
                 context=args.context,
                 stride=args.stride,
                 max_docs=args.max_docs,
+                experts=experts,
+                expert_top_k=args.expert_top_k,
             )
+            for note in rep.get("experts_subset", {}).get("notes", []):
+                print(f"note: {path}: {note}", file=sys.stderr)
             reports.append(rep)
         print(format_table(reports))
         _write_reports(args.json, targets, reports)
@@ -304,11 +319,52 @@ def cmd_retokenize(args) -> int:
 def cmd_assemble(args) -> int:
     from moe.surgery.experts import assemble_checkpoints
 
+    if len(args.branches) == 1 and Path(args.branches[0]).suffix in (".yaml", ".yml"):
+        return _assemble_config(args)
+    for flag, value in (("--hf-out", args.hf_out), ("--max-shard-size", args.max_shard_size)):
+        if value is not None:
+            raise ConfigError(f"{flag} belongs to assembling a mergekit-moe config (moe assemble "
+                              "CONFIG.yaml --out DIR)")
     out = assemble_checkpoints(
         args.branches, args.out, experts=_names(args.experts) if args.experts else None,
         shared=args.shared, base=args.base, router=args.router, top_k=args.top_k,
         router_init=args.router_init, seed=args.seed, overwrite=args.overwrite,
     )
+    print(out)
+    return 0
+
+
+def _assemble_config(args) -> int:
+    """`moe assemble CONFIG.yaml --out DIR`: the branch-assembly options do not apply."""
+    from moe.surgery.mergekit_moe import assemble_from_config
+
+    for flag, value, default in (("--experts", args.experts, None), ("--shared", args.shared,
+                                 "average"), ("--base", args.base, None), ("--router",
+                                 args.router, "learned"), ("--top-k", args.top_k, None),
+                                 ("--router-init", args.router_init, "random")):  # fmt: skip
+        if value != default:
+            raise ConfigError(f"{flag} belongs to assembling branches; a mergekit-moe config "
+                              "sets base_model, experts_per_token and gate_mode itself")
+    out = assemble_from_config(
+        args.branches[0], args.out, hf_out=args.hf_out, seed=args.seed, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size or "5GB",
+    )
+    print(out)
+    return 0
+
+
+def cmd_experts(args) -> int:
+    from moe.surgery.experts_subset import experts_checkpoint
+
+    notes: list[str] = []
+    out = experts_checkpoint(
+        args.checkpoint, args.out, keep=_names(args.keep) if args.keep is not None else None,
+        drop=_names(args.drop) if args.drop is not None else None, add=args.add,
+        top_k=args.top_k, router_row=args.router_row, calib_batches=args.calib_batches,
+        overwrite=args.overwrite, notes=notes,
+    )  # fmt: skip
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(out)
     return 0
 
@@ -366,7 +422,7 @@ def cmd_export(args) -> int:
     from moe.io.hf_export import export_hf
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    print(export_hf(ckpt, args.out, overwrite=args.overwrite))
+    print(export_hf(ckpt, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
     return 0
 
 
@@ -379,5 +435,7 @@ def cmd_generate(args) -> int:
         top_p=args.top_p, seed=args.seed, domain=args.domain, show_routing=args.show_routing,
         layer=args.layer, html=args.html, json_path=args.json, color=args.color,
         device=args.device, tokenizer=args.tokenizer,
+        experts=_names(args.experts) if args.experts is not None else None,
+        expert_top_k=args.expert_top_k,
     )  # fmt: skip
     return 0

@@ -39,6 +39,7 @@ from moe.config.schema import (  # noqa: F401 (re-exported)
     ROUTER_INITS,
     ROUTERS,
     SCHEDULES,
+    SCORINGS,
     SHARED_MODES,
     STAGES,
     STREAMS,
@@ -57,4 +58,5 @@ from moe.config.schema import (  # noqa: F401 (re-exported)
     StudyConfig,
     SweepConfig,
     TrainerConfig,
+    check_router_options,
 )

@@ -11,6 +11,7 @@ use omegaconf interpolation (`${model.max_seq_len}`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from moe.config.check import (
 )
 from moe.config.schema import (
     DOMAINS,
+    LOGGERS,
     ROUTERS,
     SCHEDULES,
     STAGES,
@@ -35,6 +37,8 @@ from moe.config.schema import (
     TRAINABLE,
     ModelConfig,
     Recipe,
+    TrainerConfig,
+    check_router_options,
 )
 
 # ----------------------------------------------------------------------------- loading
@@ -103,6 +107,11 @@ def validate(r: Recipe, where: str = "recipe") -> None:
 
     if r.stage not in STAGES:
         raise bad(f"stage: unknown stage {r.stage!r}; choose one of {', '.join(STAGES)}")
+    if r.model.moe.experts:  # before resolved() checks them too, to name the file
+        try:
+            check_router_options(r.model.moe)
+        except ConfigError as e:
+            raise bad(str(e)) from None
     m = r.model.resolved()
     d = r.data
     if not d.domains:
@@ -162,6 +171,7 @@ def validate(r: Recipe, where: str = "recipe") -> None:
                   "use trainer.strategy=ddp on CPU")
     if r.trainer.nan_policy not in ("stop", "skip"):
         raise bad(f"trainer.nan_policy: {r.trainer.nan_policy!r} is not one of stop, skip")
+    check_logger(r.trainer, where)
     if r.optim.trainable not in (None, *TRAINABLE):
         raise bad(f"optim.trainable: unknown set {r.optim.trainable!r}; choose one of "
                   f"{', '.join(TRAINABLE)}")
@@ -190,6 +200,22 @@ def validate(r: Recipe, where: str = "recipe") -> None:
     if r.fork is not None and r.resume is not None:
         raise bad("fork= and resume= exclude each other: resume continues this run, fork starts "
                   "a new one")
+
+
+def check_logger(t: TrainerConfig, where: str = "recipe") -> None:
+    """`trainer.logger` names a known tracker whose package is installed (looked up, not
+    imported), so a run that could not log is refused before anything is trained or written."""
+    if t.logger not in LOGGERS:
+        raise ConfigError(f"{where}: trainer.logger: unknown logger {t.logger!r}; choose one of "
+                          f"{', '.join(LOGGERS)}")
+    package = LOGGERS[t.logger]
+    if package is None:
+        return
+    spec = importlib.util.find_spec(package)
+    # a folder of that name in the working directory (W&B's own ./wandb) is no package
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"{where}: trainer.logger={t.logger} needs the {package} package: "
+                          "pip install 'moe-forge[track]'")
 
 
 def to_yaml(r: Any) -> str:

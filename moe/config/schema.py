@@ -39,11 +39,45 @@ class MoEConfig:
     router: str = "learned"  # learned (softmax top-k) | domain (hard, by the token's domain id)
     top_k: int = 2  # experts per token for the learned router
     shared_expert_ffn_dim: int = 0  # >0 adds an always-on shared expert of this hidden size
+    # the shared expert's output times sigmoid(g . x), a learned (1, D) gate (Qwen2-MoE's)
+    shared_expert_gate: bool = False
     normalize_weights: bool = True  # renormalise top-k weights to sum to 1
     load_balance_coef: float = 0.01  # Switch Transformer auxiliary loss weight
     z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
     jitter: float = 0.0  # multiplicative jitter on router input during training
     backend: str = "auto"  # auto | triton | torch | loop (see moe_kernels.moe_mlp)
+    # learned router options (moe/model/moe_layer.py; docs/architecture.md "Router options"):
+    # scores s = softmax over the E logits | sigmoid of each logit (DeepSeek-V3); top-k picks the
+    # highest s (+ the balancing bias), the weights are the chosen s, renormalised to sum 1 with
+    # normalize_weights. Sigmoid scores (or a bias) select on the torch path, not Triton's.
+    scoring: str = "softmax"
+    # auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias b, added to the scores for
+    # the top-k choice only, updated after every optimizer step by b_e += rate * sign(mean load -
+    # load_e) (a buffer: saved in the checkpoint, never trained). 0 = off
+    bias_update_rate: float = 0.0
+    # DeepSeek-V3's complementary sequence-wise balance loss: the Switch loss of each sequence
+    # alone (its own loads and mean scores), averaged over the batch, times this. 0 = off
+    seq_aux_coef: float = 0.0
+
+
+SCORINGS = ("softmax", "sigmoid")  # model.moe.scoring
+
+
+def check_router_options(m: MoEConfig) -> None:
+    """One-line ConfigError for a learned-router option out of range (model.moe.scoring,
+    bias_update_rate, seq_aux_coef, load_balance_coef, z_loss_coef), or set on a domain router,
+    which scores nothing."""
+    if m.scoring not in SCORINGS:
+        raise ConfigError(f"model.moe.scoring: unknown scoring {m.scoring!r}; choose one of "
+                          f"{', '.join(SCORINGS)}")
+    for key in ("bias_update_rate", "seq_aux_coef", "load_balance_coef", "z_loss_coef"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.moe.{key} must be 0 (off) or more, got {getattr(m, key)}")
+    if m.router == "domain":
+        for key, off in (("scoring", "softmax"), ("bias_update_rate", 0.0), ("seq_aux_coef", 0.0)):
+            if getattr(m, key) != off:
+                raise ConfigError(f"model.moe.{key}={getattr(m, key)} applies to the learned "
+                                  "router; router=domain sends each token to its domain's expert")
 
 
 @dataclass
@@ -103,9 +137,14 @@ class ModelConfig:
         if out.moe.expert_ffn_dim is not None and out.moe.expert_ffn_dim < 1:
             raise ConfigError("model.moe.expert_ffn_dim must be at least 1 (or null), got "
                               f"{out.moe.expert_ffn_dim}")
+        if out.moe.experts:
+            check_router_options(out.moe)
         if out.moe.shared_expert_ffn_dim < 0:
             raise ConfigError("model.moe.shared_expert_ffn_dim must be 0 (none) or more, got "
                               f"{out.moe.shared_expert_ffn_dim}")
+        if out.moe.shared_expert_gate and out.moe.shared_expert_ffn_dim < 1:
+            raise ConfigError("model.moe.shared_expert_gate: true needs a shared expert "
+                              "(model.moe.shared_expert_ffn_dim > 0)")
         if out.n_heads < 0 or out.n_kv_heads < 0 or (out.n_heads == 0) != (out.n_kv_heads == 0):
             raise ConfigError(
                 f"model.n_heads ({out.n_heads}) and n_kv_heads ({out.n_kv_heads}) must both be "
@@ -243,6 +282,22 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     deterministic: bool = False
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    # experiment tracking (moe/train/tracking.py): logs/metrics.csv is always written; this adds
+    # one tracker (csv: none), which gets the metrics, the recipe and the ledger. Each keeps its
+    # files under logger_dir/<tracker>/ (null: the run directory). wandb runs offline unless
+    # WANDB_MODE is set; mlflow uses a local SQLite store unless MLFLOW_TRACKING_URI is set.
+    logger: str = "csv"  # csv | tensorboard | wandb | mlflow
+    logger_dir: str | None = None
+    project: str = "moe-forge"  # the W&B project / MLflow experiment the runs are filed under
+
+
+# trainer.logger: each tracker and the package it needs (installed by the `track` extra)
+LOGGERS: dict[str, str | None] = {
+    "csv": None,
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+}
 
 
 @dataclass

@@ -213,15 +213,28 @@ def evaluate_checkpoint(
     context: int | None = None,
     stride: int | None = None,
     max_docs: int | None = None,
+    experts: list[str] | None = None,
+    expert_top_k: int | None = None,
 ) -> dict:
     """Evaluate a checkpoint on the held-out data of its own recipe, or on `data` (--data), under
     `protocol` (see evaluate_model). `tokenizer`: a tokenizer for a checkpoint imported without
-    one (--tokenizer)."""
+    one (--tokenizer). `experts` / `expert_top_k`: an MoE with only these experts, or another
+    top-k, in memory (moe.model.expert_subset; the report's `experts_subset` says so)."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if max_batches is not None and max_batches < 0:
         raise ConfigError(f"--max-batches must be 0 (all) or more, got {max_batches}")
     model, meta, tok, ckpt_dir = load_model(path, tokenizer=tokenizer, require_tokenizer=True)
+    subset = None
+    if experts is not None or expert_top_k is not None:
+        from moe.model.expert_subset import plan_experts, restrict_experts
+
+        full = list(model.config.moe.experts)
+        kept, k, notes = plan_experts(model.config, keep=experts, top_k=expert_top_k,
+                                      where=str(ckpt_dir), keep_flag="--experts",
+                                      k_flag="--expert-top-k")  # fmt: skip
+        restrict_experts(model, kept, k)
+        subset = {"experts": kept, "top_k": k, "of_experts": full, "notes": notes}
     if protocol == "rolling":  # before any corpus is built
         check_protocol(context, stride, max_docs, model.config.max_seq_len)
     cfg, seed = data_config_of(meta)
@@ -247,6 +260,8 @@ def evaluate_checkpoint(
     if data is not None:
         rep["data"] = data.describe()
     rep["tokenizer"] = tok.identity()
+    if subset is not None:
+        rep["experts_subset"] = subset
     rep.update(
         checkpoint=str(ckpt_dir),
         id=meta.get("id"),

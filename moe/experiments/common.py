@@ -56,7 +56,8 @@ def cached_run(out: Path, name: str, fn: Callable[[], dict], label: str,
 
 def recipe_changed(saved: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> bool:
     """Whether a run directory's recorded recipe differs from `recipe` in anything that changes
-    results: where it runs, its name, progress bars and the dotted keys in `ignore` do not."""
+    results: where it runs, its name, progress bars, the experiment tracker and the dotted keys
+    in `ignore` do not."""
     from omegaconf import OmegaConf
 
     old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
@@ -64,7 +65,8 @@ def recipe_changed(saved: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) ->
     for d in (old, new):
         for key in [*d]:
             if key.split(".")[0] in ("overwrite", "resume", "out_dir", "name", "sweep") or key in (
-                "trainer.enable_progress_bar", *ignore
+                "trainer.enable_progress_bar", "trainer.logger", "trainer.logger_dir",
+                "trainer.project", *ignore
             ) or any(key.startswith(f"{i}.") for i in ignore):
                 d.pop(key)
     # a field added to the schema since the run was recorded, at its default, changes nothing

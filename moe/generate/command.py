@@ -73,11 +73,15 @@ def generate_command(
     color: str = "auto",
     device: str = "auto",
     tokenizer: str | None = None,
+    experts: list[str] | None = None,
+    expert_top_k: int | None = None,
     out: Callable[[str], None] = print,
     err: Callable[[str], None] | None = None,
 ) -> Generation:
     """`moe generate`: everything checked before any output is written; then the text (or the
-    routing view) through `out`, notes through `err`, and the --html / --json files."""
+    routing view) through `out`, notes through `err`, and the --html / --json files.
+    `experts` / `expert_top_k`: an MoE with only these experts, or another top-k, in memory
+    (moe.model.expert_subset)."""
     from moe.generate import routing_view
     from moe.io.checkpoint import atomic_write_text, load_model, write_json
     from moe.io.output import claim
@@ -112,6 +116,15 @@ def generate_command(
         model, _, tok, ckpt_dir = load_model(checkpoint, tokenizer=tokenizer, device=device,
                                              require_tokenizer=True)  # fmt: skip
         model.eval()
+        if experts is not None or expert_top_k is not None:
+            from moe.model.expert_subset import plan_experts, restrict_experts
+
+            kept, k, notes = plan_experts(model.config, keep=experts, top_k=expert_top_k,
+                                          where=str(ckpt_dir), keep_flag="--experts",
+                                          k_flag="--expert-top-k")  # fmt: skip
+            restrict_experts(model, kept, k)
+            for note in notes:
+                err(f"note: {note}")
         m = model.config.moe
         if domain is not None and domain not in m.experts:
             what = f"experts: {', '.join(m.experts)}" if m.experts else "it is a dense model"

@@ -393,6 +393,7 @@ def _dim_fields(name: str, c: ModelConfig) -> tuple[str, ...]:
         "ffn.w2.weight": ("dim", "ffn_dim"),
         "ffn.w1": ("moe.experts", "dim", fe), "ffn.w3": ("moe.experts", "dim", fe),
         "ffn.w2": ("moe.experts", fe, "dim"), "ffn.router.weight": ("moe.experts", "dim"),
+        "ffn.score_bias": ("moe.experts",),
         "ffn.shared.w1.weight": ("moe.shared_expert_ffn_dim", "dim"),
         "ffn.shared.w3.weight": ("moe.shared_expert_ffn_dim", "dim"),
         "ffn.shared.w2.weight": ("dim", "moe.shared_expert_ffn_dim"),
@@ -455,6 +456,12 @@ def _missing_or_extra(missing: list[str], extra: list[str], layers: set[int],
     if w := has("ffn.router.weight"):
         return (f"moe.router is {c.moe.router} but the weights have "
                 f"{'a' if w == 'have' else 'no'} learned router")  # fmt: skip
+    if w := has("shared_gate.weight"):
+        return (f"moe.shared_expert_gate is {str(c.moe.shared_expert_gate).lower()} but the "
+                f"weights have {'a' if w == 'have' else 'no'} shared expert gate")  # fmt: skip
+    if w := has("ffn.score_bias"):
+        return (f"moe.bias_update_rate is {c.moe.bias_update_rate} but the weights have "
+                f"{'an' if w == 'have' else 'no'} aux-free balancing bias (ffn.score_bias)")
     if w := has("shared.w1.weight", "shared.w2.weight", "shared.w3.weight"):
         return (f"moe.shared_expert_ffn_dim is {c.moe.shared_expert_ffn_dim} but the weights "
                 f"have {'a' if w == 'have' else 'no'} shared expert")  # fmt: skip

@@ -290,7 +290,7 @@ def import_hf(
 
 def _import(src: Path, out: Path, overwrite: bool, source: str | os.PathLike | None) -> Path:
     """`import_hf` once its output is claimed."""
-    from moe.io.sources import TensorFile, hf_weight_files, is_hf_dir
+    from moe.io.sources import is_hf_dir
 
     gguf = _gguf_file(src, is_hf_dir(src))
     if gguf is not None:
@@ -305,6 +305,36 @@ def _import(src: Path, out: Path, overwrite: bool, source: str | os.PathLike | N
                 else "not a Hugging Face model directory (config.json + *.safetensors)"
             )
         )
+    hf, cfg, state = read_hf(src)
+    meta = make_meta(
+        kind="moe" if cfg.moe.experts else "dense",
+        family=None,
+        recipe=None,
+        hf_source=str(Path(source or src).resolve()),
+        hf_token_ids={k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        tokenizer=tokenizer_record(src),  # kind and content hash of the files carried below
+    )
+    tmp = staging_dir(out)
+    try:
+        save_checkpoint(tmp, state, cfg, meta)
+        tok = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+        if tok:
+            (tmp / TOKENIZER_DIR).mkdir()
+            for f in tok:
+                shutil.copy2(src / f, tmp / TOKENIZER_DIR / f)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_hf(src: Path) -> tuple[dict[str, Any], ModelConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face directory (config.json + safetensors) in memory: (its config.json, our
+    ModelConfig, the weights under our names), every name and shape checked against the config.
+    What `import_hf` writes; `moe assemble CONFIG.yaml` reads its inputs with it too."""
+    from moe.io.sources import TensorFile, hf_weight_files
+
     hf = _read_json(src / "config.json")
     cfg = model_config_from_hf(hf, src / "config.json")
 
@@ -344,27 +374,7 @@ def _import(src: Path, out: Path, overwrite: bool, source: str | os.PathLike | N
                 f"{src}: tensor {k} (our name) has shape {tuple(state[k].shape)}, config "
                 f"implies {shape}"
             )
-    meta = make_meta(
-        kind="moe" if cfg.moe.experts else "dense",
-        family=None,
-        recipe=None,
-        hf_source=str(Path(source or src).resolve()),
-        hf_token_ids={k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-        tokenizer=tokenizer_record(src),  # kind and content hash of the files carried below
-    )
-    tmp = staging_dir(out)
-    try:
-        save_checkpoint(tmp, state, cfg, meta)
-        tok = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-        if tok:
-            (tmp / TOKENIZER_DIR).mkdir()
-            for f in tok:
-                shutil.copy2(src / f, tmp / TOKENIZER_DIR / f)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return hf, cfg, state
 
 
 def _gguf_file(src: Path, hf_dir: bool) -> Path | None:
@@ -428,4 +438,4 @@ def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-__all__ = ["import_hf", "model_config_from_hf", "hf_name", "our_name"]
+__all__ = ["import_hf", "read_hf", "model_config_from_hf", "hf_name", "our_name"]

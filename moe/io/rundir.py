@@ -4,7 +4,9 @@ Layout of a training run directory:
     recipe.yaml      the resolved recipe
     model/           the final checkpoint (see moe.io.checkpoint)
     resume/last.ckpt Lightning's resume file (written atomically, loaded with weights_only)
-    logs/            CSV metrics (and TensorBoard events when installed)
+    logs/            CSV metrics (metrics.csv) and the recipe as hparams.yaml
+    tensorboard/, wandb/, mlflow/  the trainer.logger tracker's files (moe/train/tracking.py),
+                     when trainer.logger_dir is unset
 A job writing the run holds `../.NAME.lock` (moe.io.output.claim), taken before anything in
 the directory is touched.
 """

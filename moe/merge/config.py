@@ -42,6 +42,10 @@ from moe.config.check import (
 from moe.delta.merge_source import input_problem
 from moe.merge import registry
 from moe.merge.gradients import check_form, coerce, is_scalar, value_at
+from moe.merge.mergekit import check as check_mergekit
+from moe.merge.mergekit import check_raw as check_mergekit_raw
+from moe.merge.method_params import FORM_KEYS
+from moe.merge.method_params import check as check_method_params
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -54,6 +58,8 @@ class ModelParameters:
 
     weight: Any = None
     density: Any = None
+    gamma: Any = None  # breadcrumbs*: fraction of largest magnitudes dropped
+    epsilon: Any = None  # della*: keep probabilities span density ± epsilon
 
 
 @dataclass
@@ -89,6 +95,19 @@ class MergeParameters:
     scale: float = field(default=1.0, metadata={"yaml": "lambda"})  # λ: scales the task vector
     t: Any = None  # slerp interpolation factor (0 = first model, 1 = second)
     seed: int = 0  # DARE's random drop
+    # method-specific (mergekit's names; None = the method's default, refused by other methods;
+    # moe/merge/method_params.py, docs/merge.md)
+    gamma: Any = None  # breadcrumbs, breadcrumbs_ties (per-model default)
+    epsilon: Any = None  # della, della_linear (per-model default)
+    rescale: bool | None = None  # della, della_linear: divide kept entries by their keep prob.
+    select_topk: Any = None  # sce
+    filter_wise: bool | None = None  # model_stock
+    nuslerp_flatten: bool | None = None  # nuslerp
+    nuslerp_row_wise: bool | None = None  # nuslerp
+    normalize_weights: bool | None = None  # multislerp
+    eps: float | None = None  # multislerp
+    max_iter: int | None = None  # karcher
+    tol: float | None = None  # karcher
 
 
 @dataclass
@@ -104,6 +123,13 @@ class MergeConfig:
     expert: str | None = None  # MoE inputs: merge only this expert's slices
     allow_cross_family: bool = False  # skip the lineage (base/family) check, never the shape check
     out: str | None = None  # output directory (the `out` argument of merge() wins)
+    # mergekit's output keys (moe/merge/mergekit.py): the output's dtype (default: dtype), its
+    # tokenizer (base | union | a model directory; `tokenizer: {source: ...}` alike), its chat
+    # template (auto | Jinja text)
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
 
     def weight(self, i: int, name: str = "", p: float = 0.0) -> float:
         """Model i's weight for tensor `name` at gradient position `p` (gradients.py)."""
@@ -115,6 +141,14 @@ class MergeConfig:
     def t(self, name: str = "", p: float = 0.0) -> float:
         """slerp's t for tensor `name` (0.5 where no form gives one)."""
         return value_at(self.parameters.t, name, p, 0.5)
+
+    def method_params(self, name: str = "", p: float = 0.0, entries: list | None = None):
+        """Method-specific values for tensor `name` (`MethodParams.extra`); `entries`: the merged
+        models' parameters in order (default: `models:`'s)."""
+        from moe.merge.method_params import resolve
+
+        return resolve(self, name, p, [m.parameters for m in self.models] if entries is None
+                       else entries)  # fmt: skip
 
     def normalize(self) -> bool:
         n = self.parameters.normalize
@@ -160,6 +194,7 @@ def merge_config_from_dict(
         raw = d if isinstance(d, DictConfig) else OmegaConf.create(d)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    check_mergekit_raw(raw, where)  # mergekit keys not implemented: refused, saying why
     check_layer(raw, MergeConfig, where)  # sections' shapes, finite numbers
     _rename_lambda(raw, where)
     _check_entries(raw, where)
@@ -170,7 +205,7 @@ def merge_config_from_dict(
         raise explain(e, where, MergeConfig) from None
     for p in [obj.parameters] + [m.parameters for m in obj.models] + [
             s.parameters for sl in obj.slices for s in sl.sources]:  # fmt: skip
-        for k in ("weight", "density", "t"):
+        for k in ("weight", "density", "t", *FORM_KEYS):
             if hasattr(p, k):
                 setattr(p, k, coerce(getattr(p, k)))
     # values that came through interpolation; every weight scales float32 tensors, so a number
@@ -198,7 +233,8 @@ def load_merge_config(
             # the fields that take any form (t, weight, density) are not typed: NaN/inf here
             key, _, value = ov.partition("=")
             num = coerce(value)
-            if (key.rsplit(".", 1)[-1] in ("t", "weight", "density") and isinstance(num, float)
+            if (key.rsplit(".", 1)[-1] in ("t", "weight", "density", *FORM_KEYS)
+                    and isinstance(num, float)
                     and not math.isfinite(num)):  # fmt: skip
                 raise ConfigError(f"override {ov!r}: {key} must be a finite number, got {num}")
             raw = OmegaConf.merge(raw, layer)
@@ -218,6 +254,8 @@ def validate(c: MergeConfig, where: str = "merge config") -> None:
     except ConfigError as e:
         raise bad(str(e)) from None
     _check_forms(c, spec, bad)
+    check_mergekit(c, bad)  # dtype, out_dtype, tokenizer, chat_template, model references
+    check_method_params(c, spec, bad)
     if c.slices:
         from moe.merge.slices import validate_slices
 
@@ -269,8 +307,8 @@ def _check_forms(c: MergeConfig, spec, bad) -> None:
         except ConfigError as e:
             raise bad(str(e)) from None
         if key.endswith("density") and not spec.uses_density and _below_one(v):
-            raise bad(f"{key}: {c.merge_method} does not use density (ties, dare_linear and "
-                      "dare_ties do)")
+            users = ", ".join(n for n, m in registry.METHODS.items() if m.uses_density)
+            raise bad(f"{key}: {c.merge_method} does not use density ({users} do)")
 
 
 def _below_one(v: Any) -> bool:

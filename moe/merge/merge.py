@@ -23,18 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moe.config import ConfigError, model_config_from_dict, to_dict
 from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
 from moe.io.checkpoint import CheckpointError, make_meta, new_id, replace_dir, save_checkpoint
 from moe.io.output import claim
-from moe.io.sources import HF_INDEX, Source, open_source, page_tensor
+from moe.io.sources import HF_INDEX, Source, open_source, page_tensor, resolve_input
 from moe.merge import registry
 from moe.merge.config import MergeConfig, load_merge_config, validate
 from moe.merge.gradients import position
+from moe.merge.mergekit import output_dtype, tokenizer_choice, tokenizer_key
 from moe.merge.registry import MethodParams
+from moe.merge.vocab import map_inputs
 
 _EXPERT_TENSOR = re.compile(r"layers\.\d+\.ffn\.(w1|w3|w2)$")
 
@@ -45,6 +46,7 @@ _ARCH_FIELDS = (
 )  # fmt: skip
 _MOE_ARCH_FIELDS = (
     "experts", "expert_ffn_dim", "router", "top_k", "shared_expert_ffn_dim", "normalize_weights",
+    "scoring",
 )  # fmt: skip
 _HF_ARCH_FIELDS = (
     "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -127,8 +129,10 @@ def _short(digest: str | None) -> str:
 def check_lineage(base: Source | None, models: list[Source], expert: str | None) -> None:
     """Merged models must share a base model and an expert family (moe checkpoints only)."""
     inputs = ([base] if base is not None else []) + models
-    if any(s.meta is None for s in inputs):
-        return  # Hugging Face directories carry no lineage: names, shapes and config decide
+    if any(s.meta is None or _bare_import(s.meta) for s in inputs):
+        # Hugging Face directories, and models imported from them as is, carry no lineage (an
+        # import is its own base): names, shapes and config decide
+        return
     b0 = inputs[0].meta.get("base_id")
     for s in inputs[1:]:
         if s.meta.get("base_id") != b0:
@@ -153,6 +157,11 @@ def check_lineage(base: Source | None, models: list[Source], expert: str | None)
             f"expert: {expert!r} but the models are fine-tunes of expert family {fam0!r} "
             f"{_FAMILY_HINT}"
         )
+
+
+def _bare_import(meta: dict[str, Any]) -> bool:
+    """A checkpoint imported from Hugging Face (or GGUF) and not trained since."""
+    return bool(meta.get("hf_source")) and not meta.get("parents")
 
 
 def _expert_index(src: Source, expert: str | None) -> int | None:
@@ -216,25 +225,85 @@ def _lineage_meta(cfg: MergeConfig, base: Source | None, models: list[Source]) -
     )
 
 
-def _write_hf(out: Path, template: Source, tensors: dict[str, torch.Tensor], overwrite: bool,
-              dtype: str | None) -> None:  # fmt: skip
-    """HF output: weights + every non-weight file of the template, written to a temp dir first."""
+def hf_out_config(template: Source, dtype: str | None, tok: Any, **updates: Any
+                  ) -> dict[str, Any]:  # fmt: skip
+    """config.json of a merged Hugging Face directory: the template's, with `updates` (layer
+    count, vocab_size), the output dtype, and the special token ids of the model whose tokenizer
+    the output carries."""
+    cfg = dict(template.config)
+    cfg.update({k: v for k, v in updates.items() if v is not None})
+    if dtype is not None:  # transformers 4 reads torch_dtype, 5 writes dtype
+        for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+            cfg[key] = dtype
+    if isinstance(tok, Path) and tok.resolve() != template.path.resolve():
+        other = tok / "config.json"
+        if other.is_file():
+            ids = json.loads(other.read_text(encoding="utf-8"))
+            cfg.update({k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                        if k in ids})  # fmt: skip
+    return cfg
+
+
+def write_hf(out: Path, template: Source, tensors: dict[str, torch.Tensor],
+             config: dict[str, Any], tok: Any, chat: str | None) -> None:  # fmt: skip
+    """HF output, staged and renamed: the weights (sharded above 5GB, as transformers does),
+    `config`, the template's other non-weight files and the tokenizer `tok` (a directory of
+    files; anything else: none), with `chat` as its chat template."""
+    from moe.data.tokenizer import TOKENIZER_FILES
+    from moe.io.hf_files import DEFAULT_MAX_SHARD_SIZE, save_weights
+    from moe.merge.vocab import write_tokenizer_files
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{new_id()}")
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_weights(tensors, tmp, DEFAULT_MAX_SHARD_SIZE)
         for f in template.path.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != HF_INDEX:
+            if (f.is_file() and not f.name.endswith(".safetensors") and f.name != HF_INDEX
+                    and f.name not in TOKENIZER_FILES):  # fmt: skip
                 shutil.copy2(f, tmp / f.name)
-        if dtype is not None:
-            cfg = dict(template.config)
-            cfg["torch_dtype"] = dtype
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        gen = tok / "generation_config.json" if isinstance(tok, Path) else None
+        if gen is not None and gen.is_file():  # the token ids of the tokenizer's own model
+            shutil.copy2(gen, tmp / gen.name)
+        if isinstance(tok, Path):
+            write_tokenizer_files(tmp, tok, chat)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def output_tokenizer(cfg: MergeConfig, template: Source, chosen: Any, inputs: list[Source]
+                     ) -> tuple[Any, str | None]:  # fmt: skip
+    """(the tokenizer the output carries, its chat template or None), checked before any
+    weight is read: `chosen` (tokenizer_source's) or the template's own."""
+    from moe.merge.vocab import chat_template
+
+    tok = chosen if chosen is not None else carried_tokenizer(
+        template.path, int(template.config.get("vocab_size") or 0))
+    chat = chat_template(cfg.chat_template, inputs)
+    if chat is not None and not isinstance(tok, Path):
+        what = "no tokenizer" if tok is None else "moe-forge's byte tokenizer"
+        raise ConfigError(f"chat_template: the output carries {what}, which has no "
+                          "tokenizer_config.json to hold a chat template")
+    return tok, chat
+
+
+def write_checkpoint(target: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                     meta: dict[str, Any], overwrite: bool, tok: Any, chat: str | None
+                     ) -> Path:  # fmt: skip
+    """moe-forge output: `save_checkpoint`, the tokenizer given its chat template first."""
+    if chat is None:
+        return save_checkpoint(target, tensors, config, meta, overwrite=overwrite, tokenizer=tok)
+    import tempfile
+
+    from moe.merge.vocab import write_tokenizer_files
+
+    with tempfile.TemporaryDirectory(prefix="moe-merge-tokenizer-") as d:
+        write_tokenizer_files(Path(d), tok, chat)
+        return save_checkpoint(target, tensors, config, meta, overwrite=overwrite,
+                               tokenizer=Path(d))
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -303,15 +372,25 @@ def _merge(cfg: MergeConfig, target: Path, overwrite: bool, progress: bool) -> P
 
     models = [open_model(m.model, base) for m in cfg.models]
     inputs = ([base] if base is not None else []) + models
-    # one tokenizer: inputs whose tokenizers differ cannot be merged, whatever their shapes
-    check_same_tokenizer([(getattr(s, "tokenizer_dir", s.path),
-                           int(s.config.get("vocab_size") or 0)) for s in inputs],
-                         "merge")  # fmt: skip
+    choice = tokenizer_choice(cfg)
+    if choice is None:
+        # one tokenizer: inputs whose tokenizers differ cannot be merged, whatever their shapes
+        check_same_tokenizer([(getattr(s, "tokenizer_dir", s.path),
+                               int(s.config.get("vocab_size") or 0)) for s in inputs],
+                             "merge")  # fmt: skip
+    # tokenizer_source: every input's vocabulary rows mapped onto the output's (vocab.py)
+    inputs, chosen, vocab_size = map_inputs(choice, tokenizer_key(cfg), base, inputs)
+    base, models = (inputs[0], inputs[1:]) if base is not None else (None, inputs)
     check_compatible(inputs)
     if not cfg.allow_cross_family:
         check_lineage(base, models, cfg.expert)
     template = inputs[0]
     e = _expert_index(template, cfg.expert)
+    tok, chat = output_tokenizer(cfg, template, chosen, inputs)
+    order = list(range(len(models)))
+    if spec.name == "slerp" and cfg.base_model is not None:  # mergekit: t = 0 is base_model
+        base_path = resolve_input(cfg.base_model).resolve()
+        order.sort(key=lambda i: models[i].path.resolve() != base_path)
 
     n = len(models)
     n_layers = n_layers_of(template)
@@ -322,8 +401,9 @@ def _merge(cfg: MergeConfig, target: Path, overwrite: bool, progress: bool) -> P
         return dict(weights=[cfg.weight(i, name, p) for i in range(n)],
                     densities=[cfg.density(i, name, p) for i in range(n)],
                     normalize=cfg.normalize(), scale=cfg.parameters.scale, t=cfg.t(name, p),
-                    seed=cfg.parameters.seed)  # fmt: skip
-    out_dtype = getattr(torch, cfg.dtype) if cfg.dtype is not None else None
+                    seed=cfg.parameters.seed, extra=cfg.method_params(name, p))  # fmt: skip
+    out_name = output_dtype(cfg)
+    out_dtype = getattr(torch, out_name) if out_name is not None else None
     merged: dict[str, torch.Tensor] = {}
     release = _malloc_trim()
     for name in tqdm(template.names, desc="merge", unit="tensor", disable=not progress):
@@ -340,7 +420,7 @@ def _merge(cfg: MergeConfig, target: Path, overwrite: bool, progress: bool) -> P
         cdt = torch.float64 if t0.dtype == torch.float64 else torch.float32
         sl = e if expert_slice else None
         b = _operand(base, template, t0, name, sl, cdt) if base is not None else None
-        ts = [_operand(m, template, t0, name, sl, cdt) for m in models]
+        ts = [_operand(models[i], template, t0, name, sl, cdt) for i in order]
         res = spec.fn(b, ts, MethodParams(name=name, **params(name)))
         if not bool(torch.isfinite(res).all()):  # finite inputs, weights too large for them
             raise ConfigError(f"merge: {name} comes out with inf or NaN values; the weights "
@@ -357,9 +437,8 @@ def _merge(cfg: MergeConfig, target: Path, overwrite: bool, progress: bool) -> P
         release()
 
     if template.kind == "hf":
-        _write_hf(target, template, merged, overwrite, cfg.dtype)
+        config = hf_out_config(template, out_name, tok, vocab_size=vocab_size)
+        write_hf(target, template, merged, config, tok, chat)
         return target
-    return save_checkpoint(
-        target, merged, template.config, _lineage_meta(cfg, base, models), overwrite=overwrite,
-        tokenizer=carried_tokenizer(template.path, int(template.config.get("vocab_size") or 0)),
-    )
+    return write_checkpoint(target, merged, template.config, _lineage_meta(cfg, base, models),
+                            overwrite, tok, chat)

@@ -13,8 +13,10 @@ file names or lineage: `moe.merge.merge` does I/O and checks, so methods stay ha
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -34,9 +36,37 @@ class MethodParams:
     t: float = 0.5  # slerp interpolation factor
     seed: int = 0
     name: str = ""  # tensor name: seeds DARE's per-tensor generator
+    # method-specific values by mergekit's names (`Param`s): a list per model for a per-model
+    # parameter, else one value; a missing key takes the method's default
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def get(self, key: str, default: Any) -> Any:
+        """Method-specific parameter `key` (`default` when the caller gave none)."""
+        return self.extra.get(key, default)
+
+    def per_model(self, key: str, default: float) -> list[float]:
+        """Per-model parameter `key`, one value per merged model."""
+        v = self.extra.get(key)
+        return [default] * len(self.weights) if v is None else [float(x) for x in v]
 
 
 MergeFn = Callable[[torch.Tensor | None, list[torch.Tensor], MethodParams], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method-specific parameter, spelled as mergekit spells it (moe/merge/method_params.py
+    reads it from the config, range-checks it at load time and passes it in `MethodParams.extra`).
+
+    `default`'s type is the parameter's: a float may be any form of gradients.py (resolved per
+    tensor); a bool or an int is one value. `ok` / `rule` range-check every number given.
+    """
+
+    name: str
+    default: float | int | bool
+    ok: Callable[[float], bool] = lambda v: True
+    rule: str = "a number"
+    per_model: bool = False  # also under models[i].parameters (a mergekit tensor parameter)
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,11 @@ class MethodSpec:
     uses_density: bool
     exactly_two: bool = False  # slerp
     exactly_one: bool = False  # passthrough
+    params: tuple[Param, ...] = ()  # method-specific parameters
+    n_models: tuple[int, int | None] = (1, None)  # models merged (base excluded): min, max
+    uses_weight: bool = True  # False: `weight` is refused (the method computes its own)
+    # extra load-time check across fields: check(config, bad) raises bad("field: reason")
+    check: Callable[[Any, Callable[[str], Exception]], None] | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry(
@@ -63,10 +98,15 @@ def register(
     uses_density: bool = False,
     exactly_two: bool = False,
     exactly_one: bool = False,
+    params: tuple[Param, ...] = (),
+    n_models: tuple[int, int | None] = (1, None),
+    uses_weight: bool = True,
+    check: Callable[[Any, Callable[[str], Exception]], None] | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     def deco(fn: MergeFn) -> MergeFn:
         METHODS.register(name, MethodSpec(
-            name, fn, needs_base, normalize_default, uses_density, exactly_two, exactly_one
+            name, fn, needs_base, normalize_default, uses_density, exactly_two, exactly_one,
+            params, n_models, uses_weight, check,
         ))  # fmt: skip
         return fn
 

@@ -15,7 +15,9 @@ covering every layer of the models of a `models:` config gives exactly that conf
 
 Ranges may repeat or overlap across slices (that is what stacking is); a range must lie in its
 model ([a, b) with 0 <= a < b <= n_layers) and a slice's ranges must have one length. Inputs are
-moe-forge checkpoints (import Hugging Face models first) with the same per-layer architecture.
+moe-forge checkpoints (layers `layers.{i}.*`) or Hugging Face directories (`model.layers.{i}.*`),
+all of one kind, with the same per-layer architecture; the output is of the inputs' kind, its
+layer count (and a Hugging Face config's per-layer `layer_types`) that of the plan.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from moe.merge.config import _resolve
 from moe.merge.gradients import position
 from moe.merge.registry import MethodParams, MethodSpec
 
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^((?:model\.)?layers\.)(\d+)\.(.+)$")  # ours, or Hugging Face's
 
 
 def _weight(c, s, name: str, p: float) -> float:
@@ -117,45 +119,102 @@ def _roles(c, spec: MethodSpec, sl, name: str, p: float
     if spec.needs_base:
         b = next(k for k in idx if _same(sl.sources[k].model, c.base_model))
         idx = [k for k in idx if k != b]
+    elif spec.name == "slerp" and c.base_model is not None:  # mergekit: t = 0 is base_model
+        idx.sort(key=lambda k: not _same(sl.sources[k].model, c.base_model))
     return (b, idx, [_weight(c, sl.sources[k], name, p) for k in idx],
             [_density(c, sl.sources[k], name, p) for k in idx])  # fmt: skip
+
+
+def _check_tensors(srcs: list) -> None:
+    """Same tensors outside the layers and the same per-layer tensors (names and shapes) in every
+    source; the depths may differ."""
+    def layout(src) -> tuple[dict, dict]:
+        top, per_layer = {}, {}
+        for n in src.names:
+            m = _LAYER.match(n)
+            if m is None:
+                top[n] = tuple(src.shape(n))
+            else:
+                per_layer.setdefault(m.group(1) + m.group(3), tuple(src.shape(n)))
+        return top, per_layer
+
+    top0, layer0 = layout(srcs[0])
+    for s in srcs[1:]:
+        top, layer = layout(s)
+        for what, a, b in (("tensor", top0, top), ("per-layer tensor", layer0, layer)):
+            for n in sorted(set(a) | set(b)):
+                if a.get(n) != b.get(n):
+                    raise ConfigError(f"{what} {n} is {a.get(n) or 'absent'} in {srcs[0].path} "
+                                      f"but {b.get(n) or 'absent'} in {s.path}")  # fmt: skip
 
 
 def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
     """Run a `slices:` merge (after `moe.merge.merge` checked the output path)."""
     from moe.config import model_config_from_dict
-    from moe.data.tokenizer import carried_tokenizer, check_same_tokenizer
-    from moe.io.checkpoint import save_checkpoint
+    from moe.data.tokenizer import check_same_tokenizer
     from moe.io.sources import open_source
     from moe.merge import registry
-    from moe.merge.merge import _ARCH_FIELDS, _lineage_meta, check_lineage
+    from moe.merge.merge import (
+        _ARCH_FIELDS,
+        _HF_ARCH_FIELDS,
+        _lineage_meta,
+        check_lineage,
+        hf_out_config,
+        output_tokenizer,
+        write_checkpoint,
+        write_hf,
+    )
+    from moe.merge.mergekit import output_dtype, tokenizer_choice, tokenizer_key
+    from moe.merge.vocab import map_inputs
 
     spec = registry.get(c.merge_method)
     names = list(dict.fromkeys(s.model for sl in c.slices for s in sl.sources))
     sources = {m: open_source(m) for m in names}
-    for m, src in sources.items():
-        if src.kind == "hf":
-            raise ConfigError(f"slices: {m} is a Hugging Face directory; import it first "
-                              "(moe import) so its layers have moe-forge names")  # fmt: skip
+    for m in sources:
         if _same(m, target):
             raise ConfigError(f"output {target} is also an input of the merge")
     srcs = list(sources.values())
-    check_same_tokenizer([(s.path, int(s.config.get("vocab_size") or 0)) for s in srcs], "merge")
-    cfg0 = model_config_from_dict(srcs[0].config).resolved()
-    for s in srcs[1:]:  # every per-layer field must agree; the depths may differ
-        cfg = model_config_from_dict(s.config).resolved()
-        for k in [f for f in _ARCH_FIELDS if f != "n_layers"] + ["moe", "head_dim", "qkv_bias"]:
-            v0, v = getattr(cfg0, k), getattr(cfg, k)
-            if v != v0:
-                raise ConfigError(f"architecture differs: config {k} is {v0!r} in "
-                                  f"{srcs[0].path} but {v!r} in {s.path}")  # fmt: skip
+    for s in srcs[1:]:
+        if s.kind != srcs[0].kind:
+            raise ConfigError(f"slices: cannot stack a {srcs[0].kind} directory ({srcs[0].path}) "
+                              f"with a {s.kind} one ({s.path}); import Hugging Face models "
+                              "first (moe import) or export the checkpoints (moe export)")
+    hf = srcs[0].kind == "hf"
     base_name = next((m for m in names if c.base_model and _same(m, c.base_model)), None)
+    choice = tokenizer_choice(c)
+    if choice is None:
+        check_same_tokenizer([(s.path, int(s.config.get("vocab_size") or 0)) for s in srcs],
+                             "merge")  # fmt: skip
+    # tokenizer_source: every input's vocabulary rows mapped onto the output's (vocab.py)
+    srcs, chosen, vocab_size = map_inputs(
+        choice, tokenizer_key(c), sources[base_name] if base_name else None, srcs)
+    sources = dict(zip(names, srcs))
+    if hf:  # every per-layer field must agree; the depths may differ
+        a0 = {k: srcs[0].config.get(k) for k in _HF_ARCH_FIELDS if k != "num_hidden_layers"}
+        for s in srcs[1:]:
+            for k, v0 in a0.items():
+                if s.config.get(k) != v0:
+                    raise ConfigError(f"architecture differs: config {k} is {v0!r} in "
+                                      f"{srcs[0].path} but {s.config.get(k)!r} in {s.path}")
+    else:
+        cfg0 = model_config_from_dict(srcs[0].config).resolved()
+        for s in srcs[1:]:
+            cfg = model_config_from_dict(s.config).resolved()
+            for k in [f for f in _ARCH_FIELDS if f != "n_layers"] + ["moe", "head_dim",
+                                                                      "qkv_bias"]:  # fmt: skip
+                v0, v = getattr(cfg0, k), getattr(cfg, k)
+                if v != v0:
+                    raise ConfigError(f"architecture differs: config {k} is {v0!r} in "
+                                      f"{srcs[0].path} but {v!r} in {s.path}")  # fmt: skip
+    _check_tensors(srcs)
     base_src = sources[base_name] if base_name is not None else None
     models = [s for m, s in sources.items() if s is not base_src]
     if not c.allow_cross_family:
         check_lineage(base_src, models or [base_src], None)
     plan = _plan(c, sources)
     p0 = dict(normalize=c.normalize(), scale=c.parameters.scale, seed=c.parameters.seed)
+    out_name = output_dtype(c)
+    out_dtype = getattr(torch, out_name) if out_name is not None else None
 
     def merged(sl, names_k: list[str], out_name: str, p: float) -> torch.Tensor:
         """The method over one tensor per source of slice `sl` (names_k[k] from source k);
@@ -165,16 +224,21 @@ def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
         # computed in float32 (float64 inputs stay float64), as moe.merge.merge does
         ts = [t.double() if t.dtype == torch.float64 else t.float() for t in raw]
         base = ts[b] if b is not None else None
+        # method-specific values: per-model ones from the merged sources' parameters
+        extra = c.method_params(out_name, p, [sl.sources[k].parameters for k in idx])
         res = spec.fn(base, [ts[k] for k in idx], MethodParams(
-            weights=w, densities=d, name=names_k[idx[0]], t=c.t(out_name, p), **p0))  # fmt: skip
-        return res.to(raw[0].dtype)
+            weights=w, densities=d, name=names_k[idx[0]], t=c.t(out_name, p), extra=extra,
+            **p0))  # fmt: skip
+        return res.to(out_dtype or raw[0].dtype)
 
     first = c.slices[0]
     template = sources[first.sources[0].model]
-    layer_suffixes = sorted({m.group(2) for n in template.names if (m := _LAYER.match(n))})
+    tok, chat = output_tokenizer(c, template, chosen, srcs)
+    layer_parts = sorted({(m.group(1), m.group(3)) for n in template.names
+                          if (m := _LAYER.match(n))})  # fmt: skip
     out: dict[str, torch.Tensor] = {}
     todo = [n for n in template.names if not _LAYER.match(n)]
-    total = len(todo) + len(plan) * len(layer_suffixes)
+    total = len(todo) + len(plan) * len(layer_parts)
     with tqdm(total=total, desc="merge slices", unit="tensor", disable=not progress) as bar:
         for n in todo:
             out[n] = merged(first, [n] * len(first.sources), n, position(n, 0, len(plan)))
@@ -183,14 +247,21 @@ def merge_slices(c, target: Path, overwrite: bool, progress: bool) -> Path:
             # a gradient runs over the slice: j's place among the slice's output layers
             j0 = next(k for k, (i2, _) in enumerate(plan) if i2 == i)
             n_i = sum(1 for i2, _ in plan if i2 == i)
-            for suf in layer_suffixes:
-                name = f"layers.{j}.{suf}"
-                src_names = [f"layers.{layer}.{suf}" for _, layer in src_layers]
+            for pre, suf in layer_parts:
+                name = f"{pre}{j}.{suf}"
+                src_names = [f"{pre}{layer}.{suf}" for _, layer in src_layers]
                 out[name] = merged(c.slices[i], src_names, name, position(name, j0, n_i))
                 bar.update()
+    if hf:
+        types = [sources[src_layers[0][0]].config.get("layer_types") for _, src_layers in plan]
+        layer_types = None
+        if all(isinstance(t, list) for t in types):
+            layer_types = [t[layer] for t, (_, sl) in zip(types, plan) for layer in [sl[0][1]]]
+        config = hf_out_config(template, out_name, tok, num_hidden_layers=len(plan),
+                               layer_types=layer_types, vocab_size=vocab_size)  # fmt: skip
+        write_hf(target, template, out, config, tok, chat)
+        return target
     config = dict(template.config)
     config["n_layers"] = len(plan)
     meta = _lineage_meta(c, base_src, models or [base_src])  # its recipe: this config
-    return save_checkpoint(target, out, config, meta, overwrite=overwrite,
-                           tokenizer=carried_tokenizer(template.path, int(
-                               template.config.get("vocab_size") or 0)))  # fmt: skip
+    return write_checkpoint(target, out, config, meta, overwrite, tok, chat)

@@ -41,6 +41,7 @@ def count_params(config: ModelConfig) -> ParamCount:
         k = 1 if m.router == "domain" else m.top_k
         fe = m.expert_ffn_dim or c.ffn_dim
         shared = _ffn_params(c.dim, m.shared_expert_ffn_dim)
+        shared += c.dim if m.shared_expert_gate and m.shared_expert_ffn_dim else 0  # its gate
         router = c.dim * E if m.router == "learned" else 0
         per_layer_total += E * _ffn_params(c.dim, fe) + shared + router
         per_layer_active += k * _ffn_params(c.dim, fe) + shared + router

@@ -321,6 +321,8 @@ def reindex(
             t = cols(t, 1, write=False)
         elif rest == "ffn.shared.w2.weight":  # (C, Fs)
             t = cols(t, 0, write=True)
+        elif rest == "ffn.score_bias":  # (E,): one per expert, no width
+            pass
         else:
             raise ConfigError(f"width: tensor {name!r} is not one this model has")
         out[name] = t.contiguous()

@@ -26,7 +26,7 @@ import torch
 
 from moe.config import OptimConfig
 from moe.model.loss import linear_cross_entropy
-from moe.model.moe_layer import domain_to_expert
+from moe.model.moe_layer import domain_to_expert, update_router_biases
 from moe.model.transformer import IGNORE_INDEX, Transformer
 from moe.train.schedule import adamw_with_schedule
 
@@ -145,6 +145,7 @@ def train_steps(
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        update_router_biases(model)  # aux-free balancing biases, where the model has them
         if sched is not None:
             sched.step()
         done.losses.append(float(loss.detach()))

@@ -12,7 +12,7 @@ import torch
 from moe.config import ModelConfig, OptimConfig
 from moe.model.flops import train_flops_per_token
 from moe.model.loss import bits_per_byte
-from moe.model.moe_layer import domain_to_expert
+from moe.model.moe_layer import domain_to_expert, update_router_biases
 from moe.model.transformer import Transformer
 from moe.train.loop import lm_loss, set_trainable
 from moe.train.schedule import adamw_with_schedule
@@ -187,6 +187,12 @@ class LitLM(pl.LightningModule):
         opt, sched = adamw_with_schedule(self.model, self.optim, self.schedule_steps,
                                          self.schedule_start)  # fmt: skip
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # once per optimizer step (after gradient accumulation): then the aux-free balancing
+        # biases move by the loads that step's forwards counted (moe.model.moe_layer)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        update_router_biases(self.model)
 
     def on_train_start(self) -> None:
         # after Lightning restored a resume or fork checkpoint (if any), before the first step

@@ -14,9 +14,7 @@ Stages (recipe `stage:`):
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import sys
 import time
 from pathlib import Path
@@ -24,10 +22,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
 from moe.config import ConfigError, ModelConfig, Recipe, to_dict, to_yaml
+from moe.config.load import check_logger
 from moe.data.datamodule import DomainDataModule
 from moe.io.checkpoint import (
     atomic_write_text,
@@ -49,6 +47,7 @@ from moe.io.rundir import (
 from moe.model.transformer import Transformer
 from moe.train.module import LitLM
 from moe.train.signals import Interrupted, deferred, hold, pending
+from moe.train.tracking import Tracking, ledger
 
 
 @dataclasses.dataclass
@@ -311,44 +310,6 @@ def _strategy(name: str):
     return name
 
 
-def _csv_logger(run: Path, keep_before: int | None) -> CSVLogger:
-    """Metrics in `run/logs/metrics.csv`. On a resume the rows logged before its step are kept:
-    Lightning's CSV writer deletes an existing file when it opens, which would lose the history
-    of every resumed run. Rows at or after that step were logged by steps that the resume does
-    again, so they are dropped rather than repeated."""
-    logger = CSVLogger(str(run), name="logs", version="")
-    path = run / "logs" / "metrics.csv"
-    if keep_before is None or not path.is_file():
-        return logger
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        kept = [row for row in reader if (row.get("step") or "").isdigit()
-                and int(row["step"]) < keep_before]
-    writer = logger.experiment  # opening the writer deletes the old file
-    if kept and header:
-        buf = io.StringIO()
-        out = csv.DictWriter(buf, fieldnames=header)
-        out.writeheader()
-        out.writerows(kept)
-        atomic_write_text(path, buf.getvalue())
-        # the writer appends under this header (it rewrites the file when new keys appear)
-        writer.metrics_keys = header
-    return logger
-
-
-def _loggers(run: Path, keep_before: int | None = None) -> list:
-    loggers: list = [_csv_logger(run, keep_before)]
-    try:
-        import tensorboard  # noqa: F401
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run), name="logs", version="tb"))
-    except ImportError:
-        pass
-    return loggers
-
-
 def train(r: Recipe) -> Path:
     """Run one training stage; returns the final checkpoint directory (`out_dir/model`).
 
@@ -368,7 +329,9 @@ def train(r: Recipe) -> Path:
     writes = [run / "model", run / "logs", run / "resume", run / "recipe.yaml"]
     resume = resume_ckpt is not None
     inputs = [*recipe_inputs(r), fork_ckpt]
-    with claim(run, inputs, writes) if rank0 else contextlib.nullcontext():
+    check_logger(r.trainer)  # a tracker whose package is missing: refused before any work
+    with (claim(run, inputs, writes) if rank0 else contextlib.nullcontext(),
+          contextlib.ExitStack() as closing):
         if rank0:
             check_run_dir(run, overwrite=r.overwrite, resume=resume)
         start_ckpt = resume_ckpt or fork_ckpt
@@ -416,6 +379,9 @@ def train(r: Recipe) -> Path:
             # every check passed and the data is read: only now is the directory created (an
             # overwrite clears it), so a refused run leaves nothing behind
             prepare_run_dir(run, overwrite=r.overwrite, resume=resume)
+        # metrics.csv, and the trainer.logger tracker on rank 0 (moe/train/tracking.py)
+        tracking = Tracking(run, t, r.name, keep_before=start_step if resume and rank0 else None,
+                            rank0=rank0)  # fmt: skip
         ckpt_cb = ModelCheckpoint(
             dirpath=str(run / "resume"),
             save_last=True,
@@ -442,7 +408,7 @@ def train(r: Recipe) -> Path:
             callbacks=[ckpt_cb, SaveFinalStep(run / "resume" / "last.ckpt"),
                        StopOnSignal(run / "resume" / "last.ckpt")]
             + ([StageProgressBar(f"{r.name} [{r.stage}]")] if t.enable_progress_bar else []),
-            logger=_loggers(run, start_step if resume and rank0 else None),
+            logger=tracking.loggers,
             plugins=[AtomicCheckpointIO()],
             # every rank evaluates the same held-out batches: validation numbers do not depend
             # on the number of devices (training batches are dealt per rank by TrainBatches)
@@ -450,8 +416,11 @@ def train(r: Recipe) -> Path:
             enable_model_summary=False,
             default_root_dir=str(run),
         )
+        # the tracker's run is closed when the stage ends (finished, or failed on an exception)
+        closing.enter_context(tracking)
         if rank0 and trainer.is_global_zero:
             atomic_write_text(run / "recipe.yaml", to_yaml(r))
+            tracking.log_recipe(to_dict(r), to_yaml(r))
         t0 = time.perf_counter()
         # SIGTERM/SIGINT stop training at the end of the step in progress, with a resume file
         # written there, and no model (moe/train/signals.py)
@@ -496,6 +465,7 @@ def train(r: Recipe) -> Path:
             }
             save_checkpoint(out, weights, lit.model.config, meta, overwrite=True,
                             tokenizer=plan.tokenizer)
+            tracking.log_ledger(ledger(meta), step=global_step)
             print(
                 f"saved {out}  ({stage_tokens:,} tokens in {wall:.1f}s, "
                 f"{stage_tokens / max(wall, 1e-9):,.0f} tokens/s)",

@@ -116,7 +116,6 @@ def test_export_moe_to_mixtral(tmp_path, ids):
     "moe,why",
     [
         (MoEConfig(experts=["a", "b"], router="domain"), "domain id"),
-        (MoEConfig(experts=["a", "b"], shared_expert_ffn_dim=32), "shared expert"),
         (MoEConfig(experts=["a", "b"], top_k=2, normalize_weights=False), "renormalises"),
     ],
 )

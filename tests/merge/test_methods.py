@@ -33,7 +33,9 @@ def T(*rows):
 
 def test_registry_names_and_unknown():
     assert registry.names() == [
-        "dare_linear", "dare_ties", "linear", "passthrough", "slerp", "task_arithmetic", "ties"
+        "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
+        "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough",
+        "sce", "slerp", "task_arithmetic", "ties",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown method 'soup'"):
         registry.get("soup")
