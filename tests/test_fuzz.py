@@ -211,6 +211,7 @@ def _base_argv(path: tuple[str, ...], fx: dict[str, Path]) -> list[str] | None:
         ("shrink",): ["shrink", dense, "--out", out, "--ffn", "0.25"],
         ("retokenize",): None,  # trains a BPE tokenizer on the corpora: covered by its tests
         ("assemble",): ["assemble", *[str(b) for b in fx["branches"]], "--out", out],
+        ("experts",): ["experts", moe_ck, "--drop", "dna", "--out", out],
         ("delta", "compress"): ["delta", "compress", str(fx["delta"]), "topk:0.5",
                                 "-o", str(fx["tmp"] / "c.delta.safetensors")],
         ("delta", "apply"): ["delta", "apply", str(fx["dense"]), str(fx["delta"]), "-o", out],
