@@ -599,6 +599,18 @@ CASES: list[Case] = [
          lambda fx: ["eval", str(fx["dense"]), "--limit", "3"], "--limit belongs to --tasks"),
     Case("study-eval-context-zero", "study.eval_context 0",
          lambda fx: _study(fx, "study.eval_context=0"), "study.eval_context 0"),
+    # ------------------------------------------------------------------ #27: mergekit, experts, loggers
+    Case("merge-gamma-out-of-range", "merge config: breadcrumbs with gamma 2 (a fraction)",
+         lambda fx: _merge_yaml(fx, "gamma_two"), "gamma"),
+    Case("merge-parameter-of-another-method", "merge config: ties given sce's select_topk",
+         lambda fx: _merge_yaml(fx, "select_topk_on_ties"), "select_topk"),
+    Case("experts-drop-every-expert", "moe experts --drop naming every expert",
+         lambda fx: ["experts", str(fx["moe"]), "--drop", "text,code,dna",
+                     "--out", str(fx["tmp"] / "x")], "no expert"),
+    Case("experts-unknown-expert", "eval --experts naming an expert the model lacks",
+         lambda fx: ["eval", str(fx["moe"]), "--experts", "text,rna"], "rna"),
+    Case("train-unknown-logger", "recipe: trainer.logger naming no logger",
+         lambda fx: _train(fx, "trainer.logger=neptune"), "neptune"),
 ]
 
 
@@ -789,6 +801,11 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     two_code = f"  - model: {bc}\n  - model: {bc}\n"
     yaml("ok", f"merge_method: linear\nmodels:\n{two_code}")
     yaml("slerp_no_t", f"merge_method: slerp\nmodels:\n{two_code}")
+    base = fx["dense"] / "model"
+    yaml("gamma_two", f"merge_method: breadcrumbs\nbase_model: {base}\n"
+                      f"parameters: {{density: 0.5, gamma: 2}}\nmodels:\n{two_code}")
+    yaml("select_topk_on_ties", f"merge_method: ties\nbase_model: {base}\n"
+                                f"parameters: {{density: 0.5, select_topk: 0.5}}\nmodels:\n{two_code}")
     yaml("list", "- linear\n- ties\n")
     yaml("parameters_list", f"merge_method: linear\nparameters: [1, 2]\nmodels:\n{two_code}")
     yaml("models_mapping", f"merge_method: linear\nmodels: {{a: {bc}}}\n")

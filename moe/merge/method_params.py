@@ -81,7 +81,7 @@ def check(c: Any, spec: MethodSpec, bad: Callable[[str], Exception]) -> None:
             if not _is_set(v):
                 continue
             if key not in own:
-                raise bad(f"{where}: {c.merge_method} does not take {key} ({who} do)")
+                raise bad(f"{where}: {c.merge_method} does not take {key} (taken by {who})")
             prm = own[key]
             if isinstance(prm.default, bool):
                 continue  # the schema checked the type

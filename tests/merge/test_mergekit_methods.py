@@ -527,7 +527,7 @@ def test_other_methods_run_through_moe_merge(family, tmp_path, method, params, e
      "parameters.epsilon: density 0.8 ± epsilon 0.3 must stay in [0, 1]"),
     ("della_linear", 2, {"density": 0.5}, {"epsilon": 0.6}, "models[1].parameters.epsilon"),
     ("sce", 2, {"select_topk": 0.0}, {}, "parameters.select_topk must be in (0, 1]"),
-    ("ties", 2, {"gamma": 0.1}, {}, "ties does not take gamma (breadcrumbs, breadcrumbs_ties do)"),
+    ("ties", 2, {"gamma": 0.1}, {}, "ties does not take gamma (taken by breadcrumbs, breadcrumbs_ties)"),
     ("dare_ties", 2, {}, {"epsilon": 0.1}, "models[1].parameters.epsilon: dare_ties does not take"),
     ("breadcrumbs", 2, {"gama": 0.1}, {}, "unknown key 'parameters.gama'"),
     ("model_stock", 2, {}, {"weight": 2.0}, "model_stock does not use weight"),
