@@ -599,7 +599,7 @@ CASES: list[Case] = [
          lambda fx: ["eval", str(fx["dense"]), "--limit", "3"], "--limit belongs to --tasks"),
     Case("study-eval-context-zero", "study.eval_context 0",
          lambda fx: _study(fx, "study.eval_context=0"), "study.eval_context 0"),
-    # ------------------------------------------------------------------ #27: mergekit, experts, loggers
+    # ------------------------------------------------------- mergekit parameters, experts, loggers
     Case("merge-gamma-out-of-range", "merge config: breadcrumbs with gamma 2 (a fraction)",
          lambda fx: _merge_yaml(fx, "gamma_two"), "gamma"),
     Case("merge-parameter-of-another-method", "merge config: ties given sce's select_topk",
@@ -804,8 +804,8 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     base = fx["dense"] / "model"
     yaml("gamma_two", f"merge_method: breadcrumbs\nbase_model: {base}\n"
                       f"parameters: {{density: 0.5, gamma: 2}}\nmodels:\n{two_code}")
-    yaml("select_topk_on_ties", f"merge_method: ties\nbase_model: {base}\n"
-                                f"parameters: {{density: 0.5, select_topk: 0.5}}\nmodels:\n{two_code}")
+    yaml("select_topk_on_ties", f"merge_method: ties\nbase_model: {base}\nparameters: "
+                                f"{{density: 0.5, select_topk: 0.5}}\nmodels:\n{two_code}")
     yaml("list", "- linear\n- ties\n")
     yaml("parameters_list", f"merge_method: linear\nparameters: [1, 2]\nmodels:\n{two_code}")
     yaml("models_mapping", f"merge_method: linear\nmodels: {{a: {bc}}}\n")
