@@ -389,6 +389,8 @@ class SweepConfig:
 
     key: str | None = None  # e.g. study.budget_steps
     values: list[Any] = field(default_factory=list)
+    # how each value is named in the report (one per value; by default the value itself)
+    labels: list[str] = field(default_factory=list)
 
 
 @dataclass

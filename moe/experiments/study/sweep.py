@@ -110,6 +110,11 @@ class Sweep:
         if len(set(values)) != len(values):
             raise ConfigError(f"sweep {key}: a value is listed twice")
         self.key, self.values = key, values
+        self.labels = list(base.sweep.labels) if self.from_recipe else []
+        if self.labels and len(self.labels) != len(values):
+            raise ConfigError(f"sweep.labels: {len(self.labels)} labels for {len(values)} values")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError("sweep.labels: a label is listed twice")
         self.seeds = base.study.seeds if seeds is None else seeds
         if self.seeds < 1:
             raise ConfigError(f"--seeds must be at least 1, got {self.seeds}")
@@ -125,7 +130,7 @@ class Sweep:
             sets = _value_overrides(key, v)
             try:
                 r = load_recipe(recipe_path, [*plain, *sets, "sweep.key=null",
-                                              "sweep.values=[]"])
+                                              "sweep.values=[]", "sweep.labels=[]"])
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             known = _flat_keys(to_dict(r))
@@ -152,7 +157,7 @@ class Sweep:
     def plan(self) -> str:
         from moe.experiments.study.runner import Study
 
-        over = "; ".join(value_label(v) for v in self.values)
+        over = "; ".join(self.labels or [value_label(v) for v in self.values])
         lines = [f"sweep {self.key} over {over} ({self.seeds} seed(s) each) "
                  f"into {self.run_dir}"]
         for r in self.recipes:
@@ -185,7 +190,7 @@ class Sweep:
 
             # one Holm correction spans every value: each value's bootstrap resolves for all
             aggs = [aggregate(res, family=len(per_value)) for res in per_value]
-            summary = summarize(self.key, self.values, aggs)
+            summary = summarize(self.key, self.values, aggs, self.labels)
             swept = "" if self.from_recipe else f" {self.key}={','.join(self.values)}"
             summary["command"] = (
                 f"moe sweep {self.recipe_path or ''}{swept} --seeds {self.seeds}"
@@ -223,32 +228,46 @@ def _with_out_dir(r: Recipe, out_dir: str, overwrite: bool) -> Recipe:
     return dataclasses.replace(r, out_dir=out_dir, overwrite=overwrite)
 
 
-def summarize(key: str, values: list[str], aggs: list[dict]) -> dict:
-    """Per arm and domain: the gain over the reference at each value, and any crossover."""
+def summarize(key: str, values: list[str], aggs: list[dict],
+              labels: list[str] | None = None) -> dict:
+    """Per arm and domain: the gain over the reference at each value, and any crossover.
+    `labels` (sweep.labels) name the values in the report; by default each value itself."""
     doms = aggs[0]["domains"]
-    labels: list[str] = []
+    arms: list[str] = []
     for a in aggs:
-        labels += [lb for lb in a.get("gains", {}) if lb not in labels]
+        arms += [lb for lb in a.get("gains", {}) if lb not in arms]
     from moe.experiments.study.report.verdicts import MARGIN, holm_verdicts
 
     gains = [copy.deepcopy(a.get("gains") or {}) for a in aggs]
     # every verdict of the sweep is one family: Holm across all values, arms and domains
     comparisons = holm_verdicts([(g, a.get("equivalence_margin", MARGIN))
                                  for g, a in zip(gains, aggs)], aggs[0].get("alpha", 0.05))
+    shown = list(labels) if labels else [value_label(v) for v in values]
     points = []
-    for v, a, g in zip(values, aggs, gains):
+    for v, a, g in zip(shown, aggs, gains):
         ref = a.get("reference_arm")
         ref_model = (a.get("arms") or {}).get(ref)
         m = (a.get("models") or {}).get(ref_model) or {}
-        points.append({"value": value_label(v), "monolith_flops": m.get("train_flops"),
+        points.append({"value": v, "monolith_flops": m.get("train_flops"),
                        "reference": _reference_cell(m, doms),
                        "budget": a.get("budget"), "n": a.get("n"),
                        "gains": g,
                        "epochs": {lb: (a["models"].get(name) or {}).get("epochs_by_domain")
                                   for lb, name in (a.get("arms") or {}).items()}})
-    crossovers: dict[str, dict[str, Any]] = {}
-    for lb in labels:
-        crossovers[lb] = {}
+    return {"key": key, "values": shown, "settings": [value_label(v) for v in values],
+            "domains": doms, "arms": arms,
+            "reference_arm": aggs[0].get("reference_arm"),
+            "experts_arm": aggs[0].get("experts_arm"), "points": points,
+            "crossovers": crossovers_of(points, arms, doms), "level": aggs[0].get("level", 0.95),
+            "equivalence_margin": aggs[0].get("equivalence_margin", MARGIN),
+            "comparisons": comparisons}
+
+
+def crossovers_of(points: list[dict], arms: list[str], doms: list[str]) -> dict[str, dict]:
+    """Per arm and domain (and the mean), where the gain's sign changes along the points."""
+    out: dict[str, dict[str, Any]] = {}
+    for lb in arms:
+        out[lb] = {}
         for d in [*doms, "mean"]:
             series = []
             for p in points:
@@ -256,13 +275,21 @@ def summarize(key: str, values: list[str], aggs: list[dict]) -> dict:
                 delta = g.get("delta") or {}
                 series.append((p["value"], delta.get("mean"), delta.get("half"),
                                g.get("verdict")))
-            crossovers[lb][d] = crossover(series)
-    return {"key": key, "values": [value_label(v) for v in values], "domains": doms, "arms": labels,
-            "reference_arm": aggs[0].get("reference_arm"),
-            "experts_arm": aggs[0].get("experts_arm"), "points": points,
-            "crossovers": crossovers, "level": aggs[0].get("level", 0.95),
-            "equivalence_margin": aggs[0].get("equivalence_margin", MARGIN),
-            "comparisons": comparisons}
+            out[lb][d] = crossover(series)
+    return out
+
+
+def relabel(summary: dict, labels: list[str]) -> dict:
+    """A finished sweep's summary with its values shown under new labels (crossovers re-named)."""
+    if len(labels) != len(summary["points"]):
+        raise ConfigError(f"{len(labels)} labels for {len(summary['points'])} swept values")
+    out = copy.deepcopy(summary)
+    out.setdefault("settings", list(summary["values"]))
+    out["values"] = list(labels)
+    for p, lb in zip(out["points"], labels):
+        p["value"] = lb
+    out["crossovers"] = crossovers_of(out["points"], out["arms"], out["domains"])
+    return out
 
 
 def _reference_cell(m: dict, doms: list[str]) -> dict:

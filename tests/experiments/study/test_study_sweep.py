@@ -97,6 +97,40 @@ def test_a_size_sweep_plans_each_size_at_the_same_flops(tmp_path, capsys):
     assert len(steps) == 2 and steps[0] > steps[1]
 
 
+def test_sweep_labels_name_the_values_in_the_plan_and_the_report(tmp_path, capsys):
+    from moe.experiments.study.report.sweep import render_sweep_report
+    from moe.experiments.study.sweep import relabel
+
+    rec = tmp_path / "sizes.yaml"
+    body = (f"defaults: [{DEBUG / 'study.yaml'}]\nstudy: {{budget_flops: 5.0e10, "
+            "arms: [seed, monolith]}\nsweep:\n  key: model\n  values:\n"
+            "    - {dim: 32, ffn_dim: 96}\n    - {dim: 64, ffn_dim: 192}\n")
+    rec.write_text(body + "  labels: [small, large]\n")
+    capsys.readouterr()
+    assert main(["sweep", str(rec), f"out_dir={tmp_path / 's'}", "--dry-run"]) == 0
+    assert "over small; large" in capsys.readouterr().out
+    rec.write_text(body + "  labels: [small]\n")
+    assert main(["sweep", str(rec), f"out_dir={tmp_path / 's'}", "--dry-run"]) == 2
+    assert "sweep.labels: 1 labels for 2 values" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+    def point(v, gain):
+        g = {"delta": {"mean": gain, "half": 0.01}, "verdict": "wins" if gain < 0 else "loses"}
+        return {"value": v, "monolith_flops": 1e12, "n": 3, "gains": {"BTM": {"text": g}}}
+
+    summary = {"key": ".", "values": ["a=1, b=2", "a=2, b=4"], "domains": ["text"],
+               "arms": ["BTM"], "points": [point("a=1, b=2", 0.1), point("a=2, b=4", -0.1)],
+               "crossovers": {}}
+    out = relabel(summary, ["small", "large"])
+    assert out["settings"] == ["a=1, b=2", "a=2, b=4"] and out["values"] == ["small", "large"]
+    assert "between small and large" in out["crossovers"]["BTM"]["text"]["summary"]
+    report = render_sweep_report(out)
+    assert report.startswith("# moe-forge sweep report: a, b")
+    assert "over small (a=1, b=2); large (a=2, b=4)" in report and "| value |" in report
+    with pytest.raises(ConfigError, match="1 labels for 2"):
+        relabel(summary, ["one"])
+
+
 @pytest.mark.slow
 def test_a_sweep_runs_each_value_and_reports_the_gains(tmp_path):
     out = tmp_path / "sw"

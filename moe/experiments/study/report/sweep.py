@@ -45,9 +45,9 @@ def _x(summary: dict) -> tuple[list[float], str, bool]:
     try:
         xs = [float(v) for v in summary["values"]]
     except ValueError:
-        return list(range(len(pts))), summary["key"], False
+        return list(range(len(pts))), column(summary), False
     span = max(xs) / min(xs) if min(xs) > 0 else 0
-    return xs, summary["key"], span >= 8
+    return xs, column(summary), span >= 8
 
 
 def plot_sweep(summary: dict, path: Path) -> bool:
@@ -85,13 +85,33 @@ def plot_sweep(summary: dict, path: Path) -> bool:
     return True
 
 
+def column(summary: dict) -> str:
+    """The swept values' column heading: the key, or "value" when each value sets several keys
+    of the recipe (key ".")."""
+    return "value" if summary["key"] == "." else summary["key"]
+
+
+def _title(summary: dict) -> str:
+    if summary["key"] != ".":
+        return summary["key"]
+    first = (summary.get("settings") or summary["values"])[0]
+    return ", ".join(part.partition("=")[0] for part in first.split(", "))
+
+
+def _shown_values(summary: dict) -> list[str]:
+    """Each value as the report names it, with the settings it stands for when labelled."""
+    settings = summary.get("settings") or summary["values"]
+    return [v if v == s else f"{v} ({s})" for v, s in zip(summary["values"], settings)]
+
+
 def render_sweep_report(summary: dict, plot: bool = False) -> str:
-    key, doms = summary["key"], summary["domains"]
+    key, doms = column(summary), summary["domains"]
     n = summary["points"][0].get("n") or 1
     ref = summary.get("reference_arm") or "the reference"
     level = int(round(100 * summary.get("level", 0.95)))
-    lines = [f"# moe-forge sweep report: {key}", "",
-             f"- swept: `{key}` over {'; '.join(summary['values'])}; {n} seed(s) per value",
+    lines = [f"# moe-forge sweep report: {_title(summary)}", "",
+             f"- swept: `{summary['key']}` over {'; '.join(_shown_values(summary))}; {n} seed(s) "
+             "per value",
              f"- reference: {ref}; every cell is arm − reference in bits per byte, paired by "
              f"seed, mean and {level}% interval (\"[lo, hi]\": hierarchical bootstrap over "
              "seeds and held-out documents; \"± half-width\": Student t over seeds, where the "
@@ -176,7 +196,7 @@ def _reference_section(summary: dict) -> list[str]:
            "± 95% t half-width over seeds). The lowest mean is in bold: over model sizes at "
            "fixed FLOPs, that is the compute-optimal size.", ""]
     out.append(format_table(
-        [summary["key"], "parameters", "tokens/param", "max epochs", "FLOPs", *doms], rows,
+        [column(summary), "parameters", "tokens/param", "max epochs", "FLOPs", *doms], rows,
         ["l", "r", "r", "r", "r"] + ["r"] * len(doms)))
     out.append("")
     return out
