@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.merge.registry import MethodParams, Param, register, task_vectors, weighted_sum
+from moe.merge.registry import MethodParams, Param, linear_combination, register, task_vectors
 
 GAMMA = 0.01  # mergekit's default
 PARAMS = (Param("gamma", GAMMA, lambda g: 0.0 <= g < 1.0, "in [0, 1)", per_model=True),)
@@ -48,7 +48,4 @@ def sparsified(base: torch.Tensor | None, tensors: list[torch.Tensor], p: Method
 def breadcrumbs(
     base: torch.Tensor | None, tensors: list[torch.Tensor], p: MethodParams
 ) -> torch.Tensor:
-    delta = weighted_sum(sparsified(base, tensors, p), p.weights)
-    if p.normalize and abs(sum(p.weights)) >= 1e-8:  # mergekit: a zero sum divides by 1
-        delta /= sum(p.weights)
-    return base + p.scale * delta
+    return linear_combination(base, sparsified(base, tensors, p), p)

@@ -18,10 +18,10 @@ import torch
 from moe.delta.primitives import dare_keep_mask
 from moe.merge.registry import (
     MethodParams,
+    linear_combination,
     register,
     task_vectors,
     tensor_generator,
-    weighted_sum,
 )
 from moe.merge.ties import elect_and_merge
 
@@ -44,10 +44,7 @@ def _dropped(base: torch.Tensor | None, tensors: list[torch.Tensor], p: MethodPa
 def dare_linear(
     base: torch.Tensor | None, tensors: list[torch.Tensor], p: MethodParams
 ) -> torch.Tensor:
-    delta = weighted_sum(_dropped(base, tensors, p), p.weights)
-    if p.normalize:
-        delta /= sum(p.weights)
-    return base + p.scale * delta
+    return linear_combination(base, _dropped(base, tensors, p), p)
 
 
 @register("dare_ties", needs_base=True, normalize_default=True, uses_density=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moe.merge.della import PARAMS, check_epsilon, pruned
-from moe.merge.registry import MethodParams, register, weighted_sum
+from moe.merge.registry import MethodParams, linear_combination, register
 
 
 @register("della_linear", needs_base=True, normalize_default=False, uses_density=True,
@@ -17,7 +17,4 @@ from moe.merge.registry import MethodParams, register, weighted_sum
 def della_linear(
     base: torch.Tensor | None, tensors: list[torch.Tensor], p: MethodParams
 ) -> torch.Tensor:
-    delta = weighted_sum(pruned(base, tensors, p), p.weights)
-    if p.normalize and abs(sum(p.weights)) >= 1e-8:  # mergekit: a zero sum divides by 1
-        delta /= sum(p.weights)
-    return base + p.scale * delta
+    return linear_combination(base, pruned(base, tensors, p), p)

@@ -132,3 +132,13 @@ def weighted_sum(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tens
     for d, w in zip(deltas, weights):
         out.add_(d, alpha=w)
     return out
+
+
+def linear_combination(base: torch.Tensor, deltas: list[torch.Tensor],
+                       p: MethodParams) -> torch.Tensor:
+    """base + λ Σ_i w_i δ_i, divided by Σ_i w_i under normalize: the task-arithmetic family's
+    last step. A weight sum under 1e-8 divides by 1 (mergekit's rule), never by zero."""
+    delta = weighted_sum(deltas, p.weights)
+    if p.normalize and abs(sum(p.weights)) >= 1e-8:
+        delta /= sum(p.weights)
+    return base + p.scale * delta

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from moe.merge.registry import MethodParams, register, task_vectors, weighted_sum
+from moe.merge.registry import MethodParams, linear_combination, register, task_vectors
 
 
 @register("task_arithmetic", needs_base=True, normalize_default=False)
 def task_arithmetic(
     base: torch.Tensor | None, tensors: list[torch.Tensor], p: MethodParams
 ) -> torch.Tensor:
-    deltas = task_vectors(base, tensors)
-    delta = weighted_sum(deltas, p.weights)
-    if p.normalize:
-        delta /= sum(p.weights)
-    return base + p.scale * delta
+    return linear_combination(base, task_vectors(base, tensors), p)

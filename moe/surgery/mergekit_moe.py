@@ -116,15 +116,23 @@ def _prompts(v: Any, where: str) -> list[str]:
     return list(v)
 
 
+def _known_keys(d: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (expected {', '.join(allowed)})")
+
+
+def _model_dir(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}: expected a model directory")
+    return v
+
+
 def _expert(d: Any, where: str) -> ExpertSpec:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping with source_model")
-    unknown = sorted(set(d) - set(_EXPERT_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (expected {', '.join(_EXPERT_KEYS)})")
-    src = d.get("source_model")
-    if not isinstance(src, str) or not src:
-        raise ConfigError(f"{where}.source_model: expected a model directory")
+    _known_keys(d, _EXPERT_KEYS, f"{where}.")
+    src = _model_dir(d.get("source_model"), f"{where}.source_model")
     scale = d.get("residual_scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ConfigError(f"{where}.residual_scale: expected a number, got {scale!r}")
@@ -148,12 +156,8 @@ def load_moe_config(path: str | os.PathLike) -> MoEAssemblyConfig:
         raise ConfigError(f"{path}: not a readable YAML file ({first})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping (base_model:, experts:, ...)")
-    unknown = sorted(set(raw) - set(_TOP_KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: {unknown[0]}: unknown key (expected {', '.join(_TOP_KEYS)})")
-    base = raw.get("base_model")
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"{path}: base_model: expected a model directory")
+    _known_keys(raw, _TOP_KEYS, f"{path}: ")
+    base = _model_dir(raw.get("base_model"), f"{path}: base_model")
     if not isinstance(raw.get("experts"), list) or not raw["experts"]:
         raise ConfigError(f"{path}: experts: expected a list of at least one expert")
     experts = [_expert(e, f"{path}: experts[{i}]") for i, e in enumerate(raw["experts"])]
