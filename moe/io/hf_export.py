@@ -42,7 +42,13 @@ from moe.io.hf import (
     refuse_existing,
     staging_dir,
 )
-from moe.io.hf_files import DEFAULT_MAX_SHARD_SIZE, model_card, parse_size, save_weights
+from moe.io.hf_files import (
+    DEFAULT_MAX_SHARD_SIZE,
+    model_card,
+    parse_size,
+    save_weights,
+    study_row,
+)
 from moe.io.output import claim
 
 
@@ -316,7 +322,11 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
     with claim(out, [path]):  # moe/io/output.py
         ck = load_checkpoint(path)
         carried = path / TOKENIZER_DIR
-        return write_hf(out, ck.config, ck.state_dict, ck.meta, path,
+        meta = ck.meta
+        if meta.get("study") is None:
+            row = study_row(path)
+            meta = meta if row is None else {**meta, "study": row}
+        return write_hf(out, ck.config, ck.state_dict, meta, path,
                         tokenizer=carried if carried.is_dir() else None,
                         max_shard_size=max_shard_size)  # fmt: skip
 

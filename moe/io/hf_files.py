@@ -7,8 +7,8 @@
   the limit gets a shard of its own (tensors are never split).
 - `README.md`, a model card: YAML front matter (base_model, library_name, tags, pipeline_tag and
   a `moe_forge` mapping with the checkpoint's id, kind, parents, the merge or assembly config it
-  came from and the study row its meta records), then a short description with that config as a
-  YAML block.
+  came from and the study row: the meta's, else the row of the `moe run` results.json above the
+  checkpoint that names it), then a short description with that config as a YAML block.
 - `generation_config.json`: the BOS/EOS/PAD token ids (written by moe/io/hf_export.py).
 
 Sizes are given like transformers' `max_shard_size`: an int (bytes) or a string with a unit,
@@ -163,6 +163,34 @@ def model_card(cfg: ModelConfig, meta: dict[str, Any], architecture: str) -> str
         lines += ["", "## Study row", "", "```yaml",
                   yaml.safe_dump(meta["study"], sort_keys=False).rstrip(), "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def study_row(model_dir: Path, levels: int = 4) -> dict[str, Any] | None:
+    """The study row a checkpoint came from: a `results.json` of `moe run` found in the
+    checkpoint's run directory or up to `levels` folders above it, whose `models` entry points at
+    this checkpoint. Returns its study, seed, model, arm, training FLOPs and held-out bits per
+    byte per domain, or None when the checkpoint is not a study stage."""
+    model_dir = Path(model_dir).resolve()
+    for root in list(model_dir.parents)[:levels]:
+        f = root / "results.json"
+        if not f.is_file():
+            continue
+        try:
+            res = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        models = res.get("models") if isinstance(res, dict) else None
+        for name, m in (models or {}).items():
+            ck = isinstance(m, dict) and m.get("checkpoint")
+            if not isinstance(ck, str) or (root / ck).resolve() not in (model_dir,
+                                                                       model_dir.parent):
+                continue
+            bpb = {d: e["bpb"] for d, e in (m.get("eval") or {}).items()
+                   if isinstance(e, dict) and isinstance(e.get("bpb"), (int, float))}
+            return {"study": res.get("name"), "seed": res.get("seed"), "model": name,
+                    "arm": m.get("label") or m.get("arm"), "train_flops": m.get("train_flops"),
+                    "bpb": bpb, "results": str(f)}
+    return None
 
 
 def read_card(path: Path) -> dict[str, Any]:

@@ -121,6 +121,33 @@ def test_model_card_and_generation_config(tmp_path):
     assert "base_model" not in card and "merge" not in card["tags"] and "llama" in card["tags"]
 
 
+def test_a_study_stage_exports_with_its_study_row(tmp_path):
+    """A stage of `moe run` (runs/NAME/stages/STAGE/model) carries no study in its meta: the card
+    takes its row from the run's results.json (the row whose checkpoint is this model)."""
+    run = tmp_path / "study"
+    cfg = ModelConfig(size="debug")
+    save_checkpoint(run / "stages" / "moe" / "model", Transformer(cfg).state_dict(), cfg,
+                    make_meta())
+    save_checkpoint(run / "stages" / "seed" / "model", Transformer(cfg).state_dict(), cfg,
+                    make_meta())
+    models = {"seed": {"label": "seed", "checkpoint": "stages/seed/model", "train_flops": 1e9,
+                       "eval": {"text": {"bpb": 3.0}}},
+              "moe": {"label": "experts (BTX MoE)", "checkpoint": "stages/moe/model",
+                      "train_flops": 4e9, "eval": {"text": {"bpb": 2.5}, "dna": {"bpb": 1.9}}}}
+    (run / "results.json").write_text(json.dumps({"name": "study", "seed": 7, "models": models}))
+    card = read_card(export_hf(run / "stages" / "moe", tmp_path / "hf") / "README.md")
+    row = card["moe_forge"]["study"]
+    assert (row["study"], row["seed"], row["model"], row["arm"]) == (
+        "study", 7, "moe", "experts (BTX MoE)")
+    assert row["bpb"] == {"text": 2.5, "dna": 1.9} and row["train_flops"] == 4e9
+    text = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Study row" in text
+    # outside a study run: no row
+    save_checkpoint(tmp_path / "lone", Transformer(cfg).state_dict(), cfg, make_meta())
+    card = read_card(export_hf(tmp_path / "lone", tmp_path / "hf2") / "README.md")
+    assert "study" not in card["moe_forge"]
+
+
 @pytest.mark.parametrize("size,want", [("5GB", 5 * 10**9), ("100KB", 100_000),
                                        ("2MiB", 2 * 2**20), (1234, 1234), ("1.5GB", 1_500_000_000)])
 def test_parse_size(size, want):
