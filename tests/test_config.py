@@ -27,6 +27,20 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize("key,want", [
+    ("optim.learning_rate", "optim.lr"),               # another framework's name for the key
+    ("model.hidden_size", "model.dim"),
+    ("model.num_key_value_heads", "model.n_kv_heads"),
+    ("trainer.max_epochs", "trainer.max_steps"),
+    ("model.moe.num_experts_per_tok", "model.moe.top_k"),
+    ("optim.lrr", "optim.lr"),                         # a misspelling
+])  # fmt: skip
+def test_unknown_key_suggests_our_name_for_it(tmp_path, key, want):
+    p = write(tmp_path, "r.yaml", "name: x\n")
+    with pytest.raises(ConfigError, match=rf"did you mean '{want}'\?"):
+        load_recipe(p, [f"{key}=1"])
+
+
 def test_wrong_type(tmp_path):
     p = write(tmp_path, "r.yaml", "trainer:\n  max_steps: lots\n")
     with pytest.raises(ConfigError, match="trainer.max_steps"):

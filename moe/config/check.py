@@ -36,9 +36,22 @@ def _all_keys(schema: type, prefix: str = "") -> list[str]:
     return out
 
 
+# names other frameworks (transformers, Lightning) give our keys: suggested before spelling
+ALIASES = {"learning_rate": "lr", "hidden_size": "dim", "intermediate_size": "ffn_dim",
+           "num_hidden_layers": "n_layers", "num_layers": "n_layers",
+           "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+           "max_position_embeddings": "max_seq_len", "max_epochs": "max_steps",
+           "num_experts_per_tok": "top_k"}  # fmt: skip
+
+
 def _closest(key: str, schema: type) -> str:
-    # suggest the closest valid key, comparing full dotted paths and then last segments
+    # suggest the closest valid key: another framework's name for it, then the closest spelling
+    # of the full dotted path, then of its last segment
     keys = _all_keys(schema)
+    section, _, leaf = key.rpartition(".")
+    alias = f"{section}.{ALIASES[leaf]}" if section and leaf in ALIASES else ALIASES.get(leaf)
+    if alias in keys:
+        return f" (did you mean '{alias}'?)"
     hit = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not hit:
         leaf = key.rsplit(".", 1)[-1]
