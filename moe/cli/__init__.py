@@ -457,9 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_delta)
 
-    sp = sub.add_parser(
-        "import", help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral model or a GGUF file"
-    )
+    sp = sub.add_parser("import", help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral/"
+                        "Qwen2-MoE model or a GGUF file")
     sp.add_argument(
         "hf_dir", help="directory with config.json and *.safetensors, a .gguf file or its directory"
     )

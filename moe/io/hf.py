@@ -1,7 +1,8 @@
 """Hugging Face interop: import Llama-family directories (Llama incl. Llama 3 RoPE scaling,
-SmolLM2, Mistral without a sliding window, Qwen2/Qwen2.5 with q/k/v biases), Mixtral MoEs and GGUF
-files (de-quantized through transformers); export to LlamaForCausalLM, Qwen2ForCausalLM (q/k/v
-biases) or MixtralForCausalLM. Anything else is refused in one line naming the config field.
+SmolLM2, Mistral without a sliding window, Qwen2/Qwen2.5 with q/k/v biases), Mixtral MoEs,
+Qwen2-MoE MoEs (a gated shared expert; moe/io/hf_qwen_moe.py) and GGUF files (de-quantized through
+transformers); export to LlamaForCausalLM, Qwen2ForCausalLM (q/k/v biases), MixtralForCausalLM or
+Qwen2MoeForCausalLM. Anything else is refused in one line naming the config field.
 
 Neither direction needs `transformers` to run: configs are written as JSON and weights are renamed
 tensor by tensor (transformers, the `hf` extra, is needed only to load the result). Our RoPE uses
@@ -26,6 +27,7 @@ MoE with the learned router → Mixtral, in the per-expert layout every transfor
     layers.{i}.ffn.w3[e] (C, Fe)          ...block_sparse_moe.experts.{e}.w3.weight = w3[e].T
     layers.{i}.ffn.w2[e] (Fe, C)          ...block_sparse_moe.experts.{e}.w2.weight = w2[e].T
 Mixtral's router is softmax → top-k → renormalise, which is ours with normalize_weights: true.
+Qwen2-MoE's names are in moe/io/hf_export.py's docstring; moe/io/hf_qwen_moe.py reads them back.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +151,7 @@ _DENSE_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
-_MOE_TYPES = {"mixtral": "MixtralForCausalLM"}
+_MOE_TYPES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def _model_type(hf: dict[str, Any], where: Path) -> str:
@@ -160,7 +163,8 @@ def _model_type(hf: dict[str, Any], where: Path) -> str:
     if mt not in _DENSE_TYPES and mt not in _MOE_TYPES:
         raise ConfigError(
             f"{where}: model_type {mt!r} (architectures {archs}) is not supported; only "
-            f"Llama-family models ({', '.join(_DENSE_TYPES)}) and Mixtral MoEs can be imported"
+            f"Llama-family models ({', '.join(_DENSE_TYPES)}) and the Mixtral and Qwen2-MoE "
+            "mixtures can be imported"
         )
     return mt
 
@@ -204,7 +208,7 @@ def _check_full_attention(hf: dict[str, Any], model_type: str, where: Path) -> N
     (it covers max_position_embeddings, the longest sequence the model is given)."""
     window = hf.get("sliding_window")
     sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen2_moe"):
         used = bool(hf.get("use_sliding_window")) or bool(sliding)
     else:
         used = window is not None or bool(sliding)
@@ -217,10 +221,9 @@ def _check_full_attention(hf: dict[str, Any], model_type: str, where: Path) -> N
 
 
 def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
-    """Our ModelConfig for a Llama, Mistral, Qwen2 (or Mixtral) config.json; refuses, in one line
-    naming the field, what our model cannot compute exactly."""
+    """Our ModelConfig for a Llama, Mistral, Qwen2 (or Mixtral, Qwen2-MoE) config.json; refuses,
+    in one line naming the field, what our model cannot compute exactly."""
     model_type = _model_type(hf, where)
-    mixtral = model_type in _MOE_TYPES
     _check_full_attention(hf, model_type, where)
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
@@ -235,8 +238,12 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
     # a head size other than hidden_size / heads (a pruned model's) is kept explicitly
     head_dim = None if head_dim is None or head_dim * heads == dim else int(head_dim)
     rope_theta, rope_scaling = _rope(hf, where)
-    moe = MoEConfig()
-    if mixtral:
+    moe, qkv_bias = MoEConfig(), model_type == "qwen2"
+    if model_type == "qwen2_moe":  # moe/io/hf_qwen_moe.py
+        from moe.io.hf_qwen_moe import qwen2_moe_config
+
+        moe, qkv_bias = qwen2_moe_config(hf, where)
+    if model_type == "mixtral":
         n = int(hf["num_local_experts"])
         # expert names survive a round trip through our own export; others get positional names
         names = hf.get("moe_forge_experts") or [f"expert{e}" for e in range(n)]
@@ -256,11 +263,12 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
         n_heads=heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=head_dim,
-        ffn_dim=int(hf["intermediate_size"]),
+        # an MoE's only FFN size (Qwen2-MoE's dense intermediate_size is never used)
+        ffn_dim=moe.expert_ffn_dim or int(hf["intermediate_size"]),
         max_seq_len=int(hf.get("max_position_embeddings") or 2048),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        qkv_bias=model_type == "qwen2",
+        qkv_bias=qkv_bias,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
@@ -278,7 +286,8 @@ def import_hf(
     source: str | os.PathLike | None = None,
 ) -> Path:
     """Import a Hugging Face directory (config.json + safetensors) as a checkpoint: a Llama,
-    Mistral or Qwen2 dense model, or a Mixtral MoE (per-expert layout) as a learned-router MoE.
+    Mistral or Qwen2 dense model, or a Mixtral (per-expert layout) or Qwen2-MoE (with its shared
+    expert) as a learned-router MoE.
     A GGUF file (or a directory holding one) is de-quantized through transformers first. Tokenizer
     files are carried into `out/tokenizer/`. `source` is recorded as meta.hf_source (default:
     `hf_dir`). Returns `out`."""
@@ -338,28 +347,20 @@ def read_hf(src: Path) -> tuple[dict[str, Any], ModelConfig, dict[str, torch.Ten
     hf = _read_json(src / "config.json")
     cfg = model_config_from_hf(hf, src / "config.json")
 
-    state: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (layer, w) -> {e: (in, out)}
+    files = hf_weight_files(src)
     opened: dict[Path, TensorFile] = {}
-    for hname, fpath in hf_weight_files(src).items():
-        if fpath not in opened:
-            opened[fpath] = TensorFile(fpath)
-        m = _HF_EXPERT.match(hname) if cfg.moe.experts else None
-        if m:
-            # nn.Linear layout (out, in) → kernel layout (in, out)
-            t = opened[fpath].read(hname).T.contiguous()
-            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
-            continue
-        g = _HF_GATE.match(hname) if cfg.moe.experts else None
-        name = f"layers.{g.group(1)}.ffn.router.weight" if g else our_name(hname)
-        if name is None:
-            continue
-        state[name] = opened[fpath].read(hname)
-    for (layer, w), by_e in experts.items():
-        E = len(cfg.moe.experts)
-        if sorted(by_e) != list(range(E)):
-            raise ConfigError(f"{src}: layer {layer} {w} has experts {sorted(by_e)}, expected {E}")
-        state[f"layers.{layer}.ffn.{w}"] = torch.stack([by_e[e] for e in range(E)])
+
+    def read(hname: str) -> torch.Tensor:
+        if files[hname] not in opened:
+            opened[files[hname]] = TensorFile(files[hname])
+        return opened[files[hname]].read(hname)
+
+    if _model_type(hf, src / "config.json") == "qwen2_moe":  # moe/io/hf_qwen_moe.py
+        from moe.io.hf_qwen_moe import qwen2_moe_state
+
+        state = qwen2_moe_state(hf, cfg.moe, cfg.qkv_bias, {h: read(h) for h in files}, src)
+    else:
+        state = _llama_state(cfg, list(files), read, src)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: the head is the embedding
     shapes = _param_shapes(cfg)
@@ -375,6 +376,32 @@ def read_hf(src: Path) -> tuple[dict[str, Any], ModelConfig, dict[str, torch.Ten
                 f"implies {shape}"
             )
     return hf, cfg, state
+
+
+def _llama_state(
+    cfg: ModelConfig, names: list[str], read: Callable[[str], torch.Tensor], src: Path
+) -> dict[str, torch.Tensor]:
+    """Llama (or Mixtral) tensors `names`, read with `read`, under our names."""
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (layer, w) -> {e: (in, out)}
+    for hname in names:
+        m = _HF_EXPERT.match(hname) if cfg.moe.experts else None
+        if m:
+            # nn.Linear layout (out, in) → kernel layout (in, out)
+            t = read(hname).T.contiguous()
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+            continue
+        g = _HF_GATE.match(hname) if cfg.moe.experts else None
+        name = f"layers.{g.group(1)}.ffn.router.weight" if g else our_name(hname)
+        if name is None:
+            continue
+        state[name] = read(hname)
+    for (layer, w), by_e in experts.items():
+        E = len(cfg.moe.experts)
+        if sorted(by_e) != list(range(E)):
+            raise ConfigError(f"{src}: layer {layer} {w} has experts {sorted(by_e)}, expected {E}")
+        state[f"layers.{layer}.ffn.{w}"] = torch.stack([by_e[e] for e in range(E)])
+    return state
 
 
 def _gguf_file(src: Path, hf_dir: bool) -> Path | None:

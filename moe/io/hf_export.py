@@ -15,7 +15,9 @@ Qwen2-MoE always gates its shared expert: y = Σ_k p_k E_k(x) + σ(g·x) S(x). O
 g = 0 and the down projection doubled: σ(0) · (2 W2) h = 0.5 · 2 · W2 h, and scaling by a power of
 two is exact in floating point, so the exported model computes ours bit for bit in that term.
 Qwen2-MoE's attention has q/k/v biases; a model without them is written with zero biases.
-`norm_topk_prob` carries normalize_weights (Mixtral always renormalises).
+`norm_topk_prob` carries normalize_weights (Mixtral always renormalises). The config's
+moe_forge_experts, moe_forge_shared_expert_gate and moe_forge_qkv_bias (ignored by transformers)
+let `moe import` (moe/io/hf_qwen_moe.py) read the result back bit for bit.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def hf_config(cfg: ModelConfig, meta: dict[str, Any], dtype: str) -> dict[str, A
             output_router_logits=False,
             moe_forge_experts=list(m.experts),
             moe_forge_shared_expert_gate=m.shared_expert_gate,
+            moe_forge_qkv_bias=cfg.qkv_bias,  # import drops the zero biases written for none
         )
         return c
     c.update(
