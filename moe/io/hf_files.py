@@ -189,7 +189,7 @@ def study_row(model_dir: Path, levels: int = 4) -> dict[str, Any] | None:
                    if isinstance(e, dict) and isinstance(e.get("bpb"), (int, float))}
             return {"study": res.get("name"), "seed": res.get("seed"), "model": name,
                     "arm": m.get("label") or m.get("arm"), "train_flops": m.get("train_flops"),
-                    "bpb": bpb, "results": str(f)}
+                    "bpb": bpb}
     return None
 
 
